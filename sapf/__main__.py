@@ -1,0 +1,3 @@
+from sapf.cli import main
+
+main()

@@ -1,0 +1,236 @@
+"""The `sapf` command line: a thin Typer layer over the engine.
+
+Imports of the engine (and so of PyTorch) happen inside the commands: `sapf sample --onnx`
+must run on a box that has onnxruntime but no PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sapf.errors import SapfError
+
+app = typer.Typer(
+    name="sapf",
+    help="Differentially private image synthesis across organisations (DP-SAPF).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def command(*args, **kwargs):
+    """Register a command whose SapfError becomes one line on stderr and exit code 2."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except SapfError as e:
+                typer.echo(f"sapf: error: {e}", err=True)
+                raise typer.Exit(2)
+            except KeyboardInterrupt:
+                typer.echo("sapf: interrupted; nothing partial was left in --out", err=True)
+                raise typer.Exit(130)
+
+        return app.command(*args, **kwargs)(wrapper)
+
+    return deco
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@command()
+def pretrain(
+    out: Path = typer.Option(..., "--out", help="Model directory to write (diffusers layout)."),
+    data: str = typer.Option("digits", help="Public data: digits, mnist5k, an image folder or an .npz."),
+    image_size: int = typer.Option(28, help="Image side in pixels."),
+    steps: int = typer.Option(3000, help="Optimiser steps."),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine)."),
+    widths: str = typer.Option("32,64,64", help="UNet channels per level, comma-separated."),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+):
+    """Train a public class-conditional generator non-privately (public data only)."""
+    from sapf.engine.data import load_dataset
+    from sapf.engine.model import save_generator
+    from sapf.engine.pretrain import PretrainConfig, pretrain as run_pretrain
+    from sapf.engine.sampling import sample
+    from sapf.outputs import atomic_output_dir, check_output_dir, write_json, write_samples
+    from sapf.plots import plot_curve
+
+    if steps < 1 or batch_size < 1:
+        raise SapfError("--steps and --batch-size must be at least 1")
+    try:
+        levels = [int(w) for w in widths.split(",")]
+    except ValueError:
+        raise SapfError(f"--widths must be comma-separated integers, got '{widths}'") from None
+    if len(levels) < 2 or any(w < 1 for w in levels) or image_size % 2 ** (len(levels) - 1):
+        raise SapfError(f"--widths needs at least 2 levels and --image-size divisible by 2^(levels-1)")
+    check_output_dir(out, force)
+    cfg = PretrainConfig(data=data, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         block_out_channels=levels, norm_num_groups=math.gcd(8, *levels), attention_head_dim=min(32, levels[-1]))
+    ds = load_dataset(data, image_size, 1)
+    gen, hist = run_pretrain(cfg, ds)
+    with atomic_output_dir(out, force) as tmp:
+        save_generator(gen, tmp)
+        write_json(tmp / "config.json", {"command": "pretrain", **cfg.to_dict(), "parameters": hist["parameters"],
+                                         "wall_time_s": round(hist["wall_time_s"], 1)})
+        plot_curve(tmp / "loss.png", {"loss": hist["loss"]}, "step", "noise-prediction MSE", "pretraining", smooth=25)
+        images, labels = sample(gen, 100, steps=50, seed=seed)
+        write_samples(tmp / "samples", images, labels)
+    _say(f"wrote {out} ({hist['parameters']:,} parameters, {hist['wall_time_s']:.0f} s); grid: {out}/samples/grid.png")
+
+
+@command()
+def sample(
+    out: Path = typer.Option(..., "--out", help="Directory for PNGs, grid.png and samples.npz."),
+    num: int = typer.Option(100, "--num", help="Number of images."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model dir or run dir (default: the shipped public model)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Sample from an exported ONNX file with onnxruntime instead."),
+    class_label: Optional[int] = typer.Option(None, "--class-label", help="Only this class (default: class-balanced)."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda: run on CPU if CUDA is missing."),
+    batch_size: int = typer.Option(256),
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+):
+    """Generate images with DDIM from a model directory or an ONNX file."""
+    from sapf.outputs import atomic_output_dir, check_output_dir, write_samples
+
+    if num < 1:
+        raise SapfError("--num must be at least 1")
+    if model is not None and onnx is not None:
+        raise SapfError("give --model or --onnx, not both")
+    if device not in ("cpu", "cuda"):
+        raise SapfError(f"--device must be cpu or cuda, not '{device}'")
+    check_output_dir(out, force)
+    meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "seed": seed, "device": device}
+    if onnx is not None:
+        from sapf.export.onnx_sampler import OnnxSampler
+
+        sampler = OnnxSampler(onnx, device=device, allow_cpu_fallback=allow_cpu_fallback)
+        images, labels = sampler.sample(num, class_label, steps, seed, batch_size)
+        meta.update(onnx=str(onnx), provider=sampler.provider)
+    else:
+        from sapf.engine.model import load_generator
+        from sapf.engine.sampling import sample as torch_sample
+
+        if device != "cpu":
+            raise SapfError("the torch sampler runs on CPU here; use --onnx FILE --device cuda for GPUs")
+        gen = load_generator(_model_dir(model))
+        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size)
+        meta.update(model=gen.source)
+    with atomic_output_dir(out, force) as tmp:
+        write_samples(tmp, images, labels, meta)
+    _say(f"wrote {num} images to {out} (grid: {out}/grid.png)")
+
+
+def _epsilon(value: str) -> float:
+    try:
+        eps = float(value)
+    except ValueError:
+        raise SapfError(f"--epsilon must be a number or inf, got '{value}'") from None
+    if math.isnan(eps):
+        raise SapfError("--epsilon must be a number or inf")
+    return eps
+
+
+_BASE_HELP = "Public base model dir (default: the shipped public model)."
+
+
+@command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Run directory to write."),
+    data: str = typer.Option("mnist5k", help="Private data: mnist5k, an image folder (one sub-folder per class) or an .npz."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_HELP),
+    epsilon: str = typer.Option("10", help="Target ε for the whole run (inf: non-private upper bound)."),
+    delta: Optional[float] = typer.Option(None, help="Target δ (default 1/(N ln N))."),
+    selection: str = typer.Option("saliency", help="saliency (DP-SAPF) | attention | random | full."),
+    top_fraction: float = typer.Option(0.3, help="Share of candidate matrices to fine-tune (saliency, random)."),
+    candidates: str = typer.Option("attention", help="Candidate matrices: attention projections, or all Linear/Conv2d."),
+    selection_budget: float = typer.Option(0.1, help="Share of ε given to the saliency query."),
+    steps: Optional[int] = typer.Option(None, help="DP-SGD steps (default 300)."),
+    epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),
+    batch_size: int = typer.Option(64, help="Expected (Poisson) batch size."),
+    multiplicity: int = typer.Option(4, help="Noise/timestep replicas per example (averaged before clipping)."),
+    clip: float = typer.Option(1.0, help="Per-example clipping norm C."),
+    lr: float = typer.Option(2e-3),
+    rank: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: int = typer.Option(8, help="LoRA alpha."),
+    ema_decay: float = typer.Option(0.0, help="EMA of the trained weights (0: off)."),
+    holdout: float = typer.Option(0.2, help="Share of the data kept out of training for evaluation (0: none)."),
+    accountant: str = typer.Option("rdp", help="rdp or prv."),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+):
+    """Fine-tune the public generator on private data under (ε, δ)-DP."""
+    from sapf.engine.run import TrainConfig, train as run_train
+
+    eps = _epsilon(epsilon)
+    cfg = TrainConfig(
+        data=data, base_model=str(base_model) if base_model else None, holdout=holdout, epsilon=eps, delta=delta,
+        accountant=accountant, selection=selection, candidates=candidates, top_fraction=top_fraction,
+        selection_budget=selection_budget, steps=steps, epochs=epochs, batch_size=batch_size, multiplicity=multiplicity,
+        clip=clip, lr=lr, rank=rank, lora_alpha=lora_alpha, ema_decay=ema_decay, seed=seed,
+    )
+    if not math.isfinite(eps):
+        _say("ε = inf: training WITHOUT differential privacy (the non-private upper bound)")
+    s = run_train(cfg, out, force)
+    _say(
+        f"wrote {out}: {s['trainable_parameters']:,} trainable parameters, {s['steps']} steps, "
+        f"ε spent {s['epsilon_spent']:.3f}; grid: {out}/grid.png; sample: sapf sample --model {out} --num 64 --out OUT"
+    )
+
+
+@command()
+def select(
+    out: Path = typer.Option(..., "--out", help="Directory for selection.json and privacy.json."),
+    data: str = typer.Option("mnist5k", help="Private data: mnist5k, an image folder or an .npz."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_HELP),
+    epsilon: str = typer.Option("1", help="ε spent on the query alone."),
+    delta: Optional[float] = typer.Option(None, help="Target δ (default 1/(N ln N))."),
+    top_fraction: float = typer.Option(0.3),
+    candidates: str = typer.Option("attention"),
+    score: str = typer.Option("sqnorm", help="sqnorm (Σ‖ĝ‖², sensitivity C²) or norm (Σ‖ĝ‖, sensitivity C)."),
+    clip: float = typer.Option(1e-2, help="Clipping norm C of the per-example gradient over all candidates."),
+    sample_rate: float = typer.Option(1.0, help="Poisson sample rate of the query."),
+    holdout: float = typer.Option(0.2),
+    accountant: str = typer.Option("rdp"),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False),
+):
+    """Run the noisy saliency query alone and write selection.json."""
+    from sapf.engine.run import TrainConfig, select_only
+
+    cfg = TrainConfig(data=data, base_model=str(base_model) if base_model else None, holdout=holdout,
+                      epsilon=_epsilon(epsilon), delta=delta, accountant=accountant, top_fraction=top_fraction,
+                      candidates=candidates, score=score, selection_clip=clip, selection_sample_rate=sample_rate, seed=seed)
+    sel = select_only(cfg, out, force)
+    _say(f"selected {len(sel.selected)} of {len(sel.candidates)} matrices; wrote {out}/selection.json")
+
+
+def _model_dir(path: Optional[Path]) -> Optional[Path]:
+    """A run dir holds its merged generator in model/; accept either."""
+    if path is not None and (path / "model" / "unet").is_dir():
+        return path / "model"
+    return path
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

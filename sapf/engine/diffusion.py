@@ -1,0 +1,27 @@
+"""The DDPM noise-prediction objective, shared by pretraining, the saliency query and DP training."""
+
+from __future__ import annotations
+
+import torch
+
+
+def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None):
+    """Draw a timestep and Gaussian noise per row of `x0`; return (x_t, t, noise)."""
+    b = x0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return scheduler.add_noise(x0, noise, t), t, noise
+
+
+def predict(unet, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    conditional = bool(getattr(unet.config, "num_class_embeds", None))
+    return unet(xt, t, class_labels=labels if conditional else None).sample
+
+
+def per_example_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return (pred - noise).pow(2).flatten(1).mean(1)
+
+
+def diffusion_loss(unet, scheduler, x0, labels, generator=None) -> torch.Tensor:
+    xt, t, noise = add_noise(scheduler, x0, generator)
+    return per_example_loss(predict(unet, xt, t, labels), noise).mean()

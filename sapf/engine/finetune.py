@@ -1,0 +1,179 @@
+"""DP fine-tuning of the public generator: peft LoRA on the chosen matrices (or all weights),
+trained with Opacus DP-SGD — Poisson sampling, per-example clipping, Gaussian noise — and
+augmentation multiplicity. The loop is meant to be read in one sitting.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from sapf.engine.data import ImageDataset
+from sapf.engine.diffusion import add_noise, per_example_loss
+from sapf.engine.model import Generator
+from sapf.engine.persample import average_replicas, replicate, trainable_parameters, wrap_for_per_sample_grads
+from sapf.engine.privacy import PrivacyLedger
+from sapf.engine.progress import progress_bar
+from sapf.errors import SapfError
+
+
+@dataclass
+class DPSGDConfig:
+    steps: int = 300
+    batch_size: int = 64  # expected (Poisson) batch size
+    multiplicity: int = 4
+    clip: float = 1.0
+    lr: float = 2e-3
+    ema_decay: float = 0.0  # 0: no EMA
+    seed: int = 0
+
+
+def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int = 8, lora_alpha: int = 8) -> nn.Module:
+    """A model whose trainable parameters are exactly what the strategy fine-tunes.
+
+    LoRA: peft adapters on `selected`, base frozen. The class embedding stays trainable as a
+    peft ``modules_to_save`` copy — a LoRA on nn.Embedding gets no per-sample gradient in Opacus.
+    Full: a copy of the UNet with every weight trainable.
+    """
+    unet = copy.deepcopy(gen.unet)
+    if strategy == "full":
+        for p in unet.parameters():
+            p.requires_grad_(True)
+        return unet.train()
+    from peft import LoraConfig, get_peft_model
+
+    if not selected:
+        raise SapfError("no matrices selected for LoRA")
+    known = {n for n, _ in unet.named_modules()}
+    missing = [n for n in selected if n not in known]
+    if missing:
+        raise SapfError(f"module(s) not in the model: {', '.join(missing[:3])}")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha,
+        # Anchored full names: peft would otherwise also match names that merely end the same way.
+        target_modules=selected,
+        modules_to_save=["class_embedding"] if gen.num_classes else None,
+        lora_dropout=0.0,
+        init_lora_weights="gaussian",
+    )
+    model = get_peft_model(unet, cfg)
+    return model.train()
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a site sends: LoRA matrices and the trainable class-embedding copy."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, state)
+
+
+def merged_generator(gen: Generator, model: nn.Module, strategy: str) -> Generator:
+    """A plain diffusers UNet with the adapters merged in (peft merge_and_unload)."""
+    unet = copy.deepcopy(model)
+    unet = unet if strategy == "full" else unet.merge_and_unload()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return Generator(unet.eval(), gen.scheduler, gen.source)
+
+
+@dataclass
+class TrainHistory:
+    loss: list[float] = field(default_factory=list)
+    epsilon: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    steps: int = 0
+
+
+def dp_finetune(
+    gen: Generator,
+    model: nn.Module,
+    data: ImageDataset,
+    cfg: DPSGDConfig,
+    noise_multiplier: float,
+    ledger: PrivacyLedger | None,
+    show_progress: bool = True,
+    label: str = "train",
+) -> TrainHistory:
+    """Train `model`'s trainable parameters on `data`; private iff noise_multiplier > 0.
+
+    Private: Poisson batches with rate B/N, per-example gradients averaged over K replicas,
+    clipped to C, summed, noised with N(0, σ²C²) and divided by B (Opacus DPOptimizer); every
+    step is recorded in `ledger`. Non-private (ε = ∞): uniform batches of B, plain AdamW.
+    """
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    n, K = len(data), cfg.multiplicity
+    if cfg.batch_size > n:
+        raise SapfError(f"--batch-size {cfg.batch_size} is larger than the data ({n} examples)")
+    if K < 1:
+        raise SapfError("--multiplicity must be at least 1")
+    private = noise_multiplier > 0
+    params = [p for _, p in trainable_parameters(model)]
+    torch.manual_seed(cfg.seed)
+    torch_gen = torch.Generator().manual_seed(cfg.seed)
+    conditional = gen.num_classes > 0
+    net = wrap_for_per_sample_grads(model) if private else model
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    q = cfg.batch_size / n
+    if private:
+        optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip,
+                                expected_batch_size=cfg.batch_size, generator=torch_gen)
+        batches = iter(UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch_gen, steps=cfg.steps))
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        batches = (torch.from_numpy(rng.choice(n, cfg.batch_size, replace=False)) for _ in range(cfg.steps))
+    ema = None
+    if cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
+    x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    hist, t0 = TrainHistory(), time.time()
+    with progress_bar(label, cfg.steps, show_progress) as bar:
+        for step in range(cfg.steps):
+            idx = torch.as_tensor(next(batches), dtype=torch.long)
+            if len(idx) == 0:  # an empty Poisson batch still releases noise (and is accounted)
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape))
+                loss = float("nan")
+            else:
+                x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
+                xt, t, noise = add_noise(gen.scheduler, x0, torch_gen)
+                pred = net(xt, t, class_labels=y if conditional else None).sample
+                loss_t = per_example_loss(pred, noise).mean()
+                loss_t.backward()
+                loss = loss_t.item()
+                if private:
+                    average_replicas(params, K)  # mean over replicas *before* clipping: sensitivity stays C
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if private and ledger is not None:
+                ledger.record("dp-sgd", noise_multiplier, q, 1)
+            if ema is not None:
+                ema.step(params)
+            hist.loss.append(loss)
+            eps = ledger.epsilon() if (private and ledger is not None and (step % 10 == 9 or step == cfg.steps - 1)) else None
+            if eps is not None:
+                hist.epsilon.append(eps)
+            bar.advance(loss=float(np.nanmean(hist.loss[-20:])) if not math.isnan(loss) else loss,
+                        **({"ε": hist.epsilon[-1]} if hist.epsilon else {}))
+    if ema is not None:
+        ema.copy_to(params)
+    if private:
+        net._close()
+    hist.wall_time_s, hist.steps = time.time() - t0, cfg.steps
+    return hist

@@ -1,0 +1,202 @@
+"""One privacy ledger per dataset holder, and noise calibration against a target (ε, δ).
+
+Every release computed from private data — the saliency query, every DP-SGD step, any
+later pre-query — is a (subsampled) Gaussian mechanism recorded here, in order. ε is always
+recomputed from the whole history with an Opacus accountant, and ``privacy.json`` lists that
+history so anyone can recompute ε with an independent accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sapf.errors import SapfError
+from sapf.outputs import read_json, write_json
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass
+class Mechanism:
+    """A Gaussian mechanism run `steps` times; sample_rate 1.0 means no subsampling."""
+
+    name: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int = 1
+
+
+def _accountant(kind: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if kind == "rdp":
+        return RDPAccountant()
+    if kind == "prv":
+        return PRVAccountant()
+    raise SapfError(f"unknown accountant '{kind}' (rdp or prv)")
+
+
+def epsilon_of(mechanisms: list[Mechanism], delta: float, accountant: str = "rdp") -> float:
+    """ε of the composition of `mechanisms` at δ (0 for an empty history, ∞ if any is noiseless)."""
+    live = [m for m in mechanisms if m.steps > 0]
+    if not live:
+        return 0.0
+    if any(m.noise_multiplier <= 0 for m in live):
+        return math.inf
+    acc = _accountant(accountant)
+    acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in live]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyLedger:
+    target_epsilon: float
+    delta: float
+    accountant: str = "rdp"
+    mechanisms: list[Mechanism] = field(default_factory=list)
+
+    def record(self, name: str, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record a release; consecutive runs of the same mechanism are merged into one entry."""
+        last = self.mechanisms[-1] if self.mechanisms else None
+        if last and (last.name, last.noise_multiplier, last.sample_rate) == (name, noise_multiplier, sample_rate):
+            last.steps += steps
+        else:
+            self.mechanisms.append(Mechanism(name, float(noise_multiplier), float(sample_rate), int(steps)))
+
+    def epsilon(self) -> float:
+        return epsilon_of(self.mechanisms, self.delta, self.accountant)
+
+    def would_spend(self, extra: list[Mechanism]) -> float:
+        return epsilon_of(self.mechanisms + extra, self.delta, self.accountant)
+
+    def to_dict(self) -> dict:
+        eps = self.epsilon()
+        return {
+            "target_epsilon": self.target_epsilon,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "epsilon_spent": eps,
+            "mechanisms": [asdict(m) for m in self.mechanisms],
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrivacyLedger":
+        d = read_json(path)
+        return cls(d["target_epsilon"], d["delta"], d["accountant"], [Mechanism(**m) for m in d["mechanisms"]])
+
+
+def default_delta(n: int) -> float:
+    """δ = 1 / (N ln N): below 1/N, as a meaningful δ must be."""
+    return 1.0 / (n * math.log(n)) if n > 2 else 0.1 / max(n, 1)
+
+
+def check_privacy_args(epsilon: float, delta: float | None, n: int) -> float:
+    """Validate (ε, δ) for a dataset of `n` examples; return δ (defaulted)."""
+    if n < 2:
+        raise SapfError(f"need at least 2 private examples, got {n}")
+    if not epsilon > 0:
+        raise SapfError(f"--epsilon must be > 0 (or inf for non-private), got {epsilon}")
+    delta = default_delta(n) if delta is None else delta
+    if not 0 < delta < 1.0 / n:
+        raise SapfError(f"--delta must lie in (0, 1/N) = (0, {1.0 / n:.3g}) for N={n}, got {delta}")
+    return delta
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: list[Mechanism] | None = None,
+    accountant: str = "rdp",
+    max_sigma: float = 5000.0,
+) -> float:
+    """The smallest noise multiplier σ (to 0.1%) such that prior + `steps` × Gaussian(σ, q) meets ε.
+
+    Refuses (SapfError) when no σ up to `max_sigma` meets the target, e.g. when the prior
+    mechanisms already spend it.
+    """
+    prior = list(prior or [])
+    spent = epsilon_of(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise SapfError(f"the earlier releases already spend ε={spent:.3g} of the target {target_epsilon:.3g}")
+
+    def eps(sigma: float) -> float:
+        return epsilon_of(prior + [Mechanism("candidate", sigma, sample_rate, steps)], delta, accountant)
+
+    hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2
+        if hi > max_sigma:
+            raise SapfError(
+                f"no noise level up to σ={max_sigma:g} meets ε={target_epsilon:g} with {steps} steps at sample rate "
+                f"{sample_rate:.3g}; train fewer steps, use a smaller batch or a larger ε"
+            )
+    lo = 0.0
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        if mid > 0 and eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@dataclass
+class PrivacyPlan:
+    """Noise for the whole planned run, fixed before any private data is touched."""
+
+    target_epsilon: float
+    delta: float
+    accountant: str
+    selection_noise: float  # σ_s of the saliency query (0: no query, or non-private)
+    selection_sample_rate: float
+    train_noise: float  # σ of DP-SGD (0: non-private)
+    train_sample_rate: float
+    train_steps: int
+    extra: list[Mechanism] = field(default_factory=list)  # other pre-queries, in order
+
+    def planned(self) -> list[Mechanism]:
+        out = list(self.extra)
+        if self.selection_noise > 0:
+            out.append(Mechanism("saliency-query", self.selection_noise, self.selection_sample_rate, 1))
+        if self.train_noise > 0:
+            out.append(Mechanism("dp-sgd", self.train_noise, self.train_sample_rate, self.train_steps))
+        return out
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.target_epsilon)
+
+
+def plan_privacy(
+    target_epsilon: float,
+    delta: float,
+    train_sample_rate: float,
+    train_steps: int,
+    with_selection_query: bool,
+    selection_budget: float = 0.1,
+    selection_sample_rate: float = 1.0,
+    accountant: str = "rdp",
+    prior: list[Mechanism] | None = None,
+) -> PrivacyPlan:
+    """Split the budget: the saliency query gets ε·`selection_budget` on its own; DP-SGD's σ is
+    then calibrated so that the composition of everything meets the target exactly."""
+    if not math.isfinite(target_epsilon):
+        return PrivacyPlan(target_epsilon, delta, accountant, 0.0, selection_sample_rate, 0.0, train_sample_rate, train_steps)
+    if with_selection_query and not 0 < selection_budget < 1:
+        raise SapfError(f"the selection's share of the budget must lie in (0, 1), got {selection_budget}")
+    prior = list(prior or [])
+    extra = list(prior)
+    sel = 0.0
+    if with_selection_query:
+        sel = calibrate_noise(target_epsilon * selection_budget, delta, selection_sample_rate, 1, prior, accountant)
+        prior = prior + [Mechanism("saliency-query", sel, selection_sample_rate, 1)]
+    train = calibrate_noise(target_epsilon, delta, train_sample_rate, train_steps, prior, accountant) if train_steps else 0.0
+    return PrivacyPlan(target_epsilon, delta, accountant, sel, selection_sample_rate, train, train_sample_rate,
+                       train_steps, extra)

@@ -1,0 +1,179 @@
+"""`sapf train` / `sapf select` end to end: plan the privacy budget, select, fine-tune, write.
+
+Order matters: the whole privacy plan (noise for the query and for every DP-SGD step) is
+fixed and checked before any gradient of private data is computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
+from sapf.engine.finetune import DPSGDConfig, dp_finetune, make_trainable, merged_generator
+from sapf.engine.model import Generator, check_data_fits, count_parameters, load_generator, save_generator
+from sapf.engine.privacy import PrivacyLedger, PrivacyPlan, calibrate_noise, check_privacy_args, plan_privacy
+from sapf.engine.saliency import STRATEGIES, SaliencyQuery, Selection, choose_matrices, top_count
+from sapf.errors import SapfError
+from sapf.outputs import atomic_output_dir, check_output_dir, write_json
+
+# The built-in sensitive set is split once, the same way everywhere (training, evaluation,
+# benchmarks), so that the holdout is never trained on.
+SPLIT_SEED = 0
+DEFAULT_HOLDOUT = 0.2
+
+
+@dataclass
+class TrainConfig:
+    data: str = "mnist5k"
+    base_model: str | None = None  # None: the shipped public model
+    holdout: float = DEFAULT_HOLDOUT  # share of the data kept out of training (0: train on all)
+    epsilon: float = 10.0
+    delta: float | None = None  # None: 1/(N ln N)
+    accountant: str = "rdp"
+    selection: str = "saliency"
+    candidates: str = "attention"
+    top_fraction: float = 0.3
+    selection_budget: float = 0.1  # share of ε for the saliency query alone
+    selection_clip: float = 1e-2
+    selection_sample_rate: float = 1.0
+    selection_multiplicity: int = 1  # the ranking needs no replicas; they would only cost time
+    score: str = "sqnorm"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64
+    multiplicity: int = 4
+    clip: float = 1.0
+    lr: float = 2e-3
+    rank: int = 8
+    lora_alpha: int = 8
+    ema_decay: float = 0.0
+    seed: int = 0
+
+    def dpsgd(self, steps: int) -> DPSGDConfig:
+        return DPSGDConfig(steps, self.batch_size, self.multiplicity, self.clip, self.lr, self.ema_decay, self.seed)
+
+    def query(self) -> SaliencyQuery:
+        return SaliencyQuery(self.selection_clip, self.selection_multiplicity, self.selection_sample_rate, self.score,
+                             max(self.batch_size, 128), self.candidates)
+
+
+DEFAULT_STEPS = 300
+
+
+def training_steps(cfg: TrainConfig, n: int) -> int:
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise SapfError("give --steps or --epochs, not both")
+    if cfg.epochs is not None:
+        if cfg.epochs <= 0:
+            raise SapfError("--epochs must be > 0")
+        return max(1, int(math.ceil(cfg.epochs * n / cfg.batch_size)))
+    steps = DEFAULT_STEPS if cfg.steps is None else cfg.steps
+    if steps < 1:
+        raise SapfError("--steps must be at least 1")
+    return steps
+
+
+def load_private_data(spec: str, gen: Generator, holdout: float) -> ImageDataset:
+    ds = load_dataset(spec, gen.image_size, gen.channels)
+    check_data_fits(gen, ds.num_classes, ds.channels)
+    if holdout > 0:
+        ds, _ = train_holdout_split(ds, holdout, SPLIT_SEED)
+    return ds
+
+
+def validate(cfg: TrainConfig, n: int) -> None:
+    if cfg.selection not in STRATEGIES:
+        raise SapfError(f"unknown --selection '{cfg.selection}' ({', '.join(STRATEGIES)})")
+    top_count(2, cfg.top_fraction)
+    if cfg.batch_size < 1 or cfg.batch_size > n:
+        raise SapfError(f"--batch-size must be between 1 and the number of examples ({n}), got {cfg.batch_size}")
+    if cfg.multiplicity < 1:
+        raise SapfError("--multiplicity must be at least 1")
+    if cfg.clip <= 0 or cfg.selection_clip <= 0:
+        raise SapfError("clipping norms must be > 0")
+    if not 0 < cfg.selection_sample_rate <= 1:
+        raise SapfError("--selection-sample-rate must lie in (0, 1]")
+    if cfg.rank < 1:
+        raise SapfError("--rank must be at least 1")
+
+
+def plan(cfg: TrainConfig, n: int, train: bool = True) -> PrivacyPlan:
+    """Fix every noise multiplier for the run (refusing a plan that cannot meet the target)."""
+    delta = check_privacy_args(cfg.epsilon, cfg.delta, n)
+    steps = training_steps(cfg, n) if train else 0
+    return plan_privacy(cfg.epsilon, delta, cfg.batch_size / n, steps, cfg.selection == "saliency",
+                        cfg.selection_budget, cfg.selection_sample_rate, cfg.accountant)
+
+
+def select_only(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool = True) -> Selection:
+    """`sapf select`: the saliency query alone, spending the whole --epsilon on it."""
+    check_output_dir(out, force)
+    gen = load_generator(cfg.base_model)
+    data = load_private_data(cfg.data, gen, cfg.holdout)
+    validate(cfg, len(data))
+    if cfg.selection != "saliency":
+        raise SapfError("sapf select runs the saliency query; other strategies need no selection step")
+    delta = check_privacy_args(cfg.epsilon, cfg.delta, len(data))
+    sigma = calibrate_noise(cfg.epsilon, delta, cfg.selection_sample_rate, 1, accountant=cfg.accountant) if math.isfinite(cfg.epsilon) else 0.0
+    ledger = PrivacyLedger(cfg.epsilon, delta, cfg.accountant)
+    sel = choose_matrices("saliency", gen, data, cfg.query(), cfg.top_fraction, sigma, ledger, cfg.seed, show_progress)
+    with atomic_output_dir(out, force) as tmp:
+        write_json(tmp / "selection.json", sel.to_dict())
+        write_json(tmp / "privacy.json", ledger.to_dict())
+        write_json(tmp / "config.json", {"command": "select", **asdict(cfg)})
+    return sel
+
+
+def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool = True, sample_grid: bool = True) -> dict:
+    """`sapf train`: plan → select → DP fine-tune → write adapter/, model/, JSONs and a grid."""
+    check_output_dir(out, force)
+    gen = load_generator(cfg.base_model)
+    data = load_private_data(cfg.data, gen, cfg.holdout)
+    n = len(data)
+    validate(cfg, n)
+    pp = plan(cfg, n)  # before any private gradient is computed
+    steps = training_steps(cfg, n)
+    ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
+    sel = choose_matrices(cfg.selection, gen, data, cfg.query(), cfg.top_fraction, pp.selection_noise, ledger,
+                          cfg.seed, show_progress)
+    model = make_trainable(gen, cfg.selection, sel.selected, cfg.rank, cfg.lora_alpha)
+    trainable = count_parameters(model, trainable_only=True)
+    hist = dp_finetune(gen, model, data, cfg.dpsgd(steps), pp.train_noise, ledger, show_progress)
+    merged = merged_generator(gen, model, cfg.selection)
+    summary = {
+        "examples": n,
+        "steps": steps,
+        "trainable_parameters": trainable,
+        "selected_matrices": len(sel.selected) if cfg.selection != "full" else None,
+        "train_noise_multiplier": pp.train_noise,
+        "selection_noise_multiplier": pp.selection_noise,
+        "epsilon_spent": ledger.epsilon(),
+        "wall_time_s": round(hist.wall_time_s, 2),
+        "final_loss": float(np.nanmean(hist.loss[-50:])),
+    }
+    with atomic_output_dir(out, force) as tmp:
+        if cfg.selection != "full":
+            model.save_pretrained(tmp / "adapter")
+        save_generator(merged, tmp / "model")
+        write_json(tmp / "selection.json", sel.to_dict())
+        write_json(tmp / "privacy.json", ledger.to_dict())
+        write_json(tmp / "config.json", {"command": "train", **asdict(cfg), "base_model_resolved": gen.source,
+                                         "resolved_steps": steps, "resolved_delta": pp.delta})
+        write_json(tmp / "metrics.json", {**summary, "loss": hist.loss, "epsilon": hist.epsilon})
+        _write_pictures(tmp, merged, hist, cfg.seed, sample_grid)
+    return summary
+
+
+def _write_pictures(out: Path, gen: Generator, hist, seed: int, sample_grid: bool) -> None:
+    from sapf.engine.sampling import sample
+    from sapf.outputs import class_grid, save_png
+    from sapf.plots import plot_curve
+
+    plot_curve(out / "loss.png", {"loss": hist.loss}, "step", "noise-prediction MSE", "fine-tuning", smooth=20)
+    if sample_grid:
+        images, labels = sample(gen, 100, steps=50, seed=seed, show_progress=False)
+        save_png(out / "grid.png", class_grid(images, labels))

@@ -1,0 +1,182 @@
+"""Which weight matrices to fine-tune: the noisy saliency query (DP-SAPF) and its baselines.
+
+The query. For each private example i, take the gradient g_i of the diffusion loss with
+respect to every candidate matrix of the *public* model (mean over the example's K replicas),
+clip the whole vector over all candidates to norm C: ĝ_i = g_i · min(1, C/‖g_i‖). Then
+
+    score_j = Σ_i ‖ĝ_ij‖²        ("sqnorm", the reference implementation's score), or
+    score_j = Σ_i ‖ĝ_ij‖         ("norm").
+
+Sensitivity (add/remove one example changes the score vector by v with v_j = ‖ĝ_ij‖² or ‖ĝ_ij‖):
+    sqnorm: ‖v‖₂ ≤ ‖v‖₁ = Σ_j ‖ĝ_ij‖² = ‖ĝ_i‖² ≤ C²
+    norm:   ‖v‖₂ = sqrt(Σ_j ‖ĝ_ij‖²) = ‖ĝ_i‖ ≤ C
+so adding N(0, (σ_s·Δ)²) to every score, Δ = C² or C, is a Gaussian mechanism with noise
+multiplier σ_s (subsampled when the query uses a Poisson sample of the data).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from sapf.engine.data import ImageDataset
+from sapf.engine.diffusion import add_noise, per_example_loss
+from sapf.engine.model import Generator
+from sapf.engine.persample import average_replicas, clear_grad_samples, per_sample_norms, replicate, wrap_for_per_sample_grads
+from sapf.engine.privacy import PrivacyLedger
+from sapf.errors import SapfError
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+STRATEGIES = ("saliency", "attention", "random", "full")
+SCORES = ("sqnorm", "norm")
+
+
+def candidate_modules(unet: nn.Module, include: str = "attention") -> list[str]:
+    """Names of candidate weight matrices (module names, as peft's target_modules wants them).
+
+    ``attention``: every attention projection. ``all``: also every other Linear and Conv2d.
+    """
+    if include not in ("attention", "all"):
+        raise SapfError(f"unknown candidate set '{include}' (attention or all)")
+    names = []
+    for name, mod in unet.named_modules():
+        is_attn = isinstance(mod, nn.Linear) and any(name == p or name.endswith("." + p) for p in ATTENTION_PROJECTIONS)
+        if is_attn or (include == "all" and isinstance(mod, (nn.Linear, nn.Conv2d))):
+            names.append(name)
+    if not names:
+        raise SapfError("the model has no candidate matrices (no attention projections); use --candidates all")
+    return names
+
+
+def score_sensitivity(score: str, clip: float) -> float:
+    if score == "sqnorm":
+        return clip**2
+    if score == "norm":
+        return clip
+    raise SapfError(f"unknown score '{score}' ({', '.join(SCORES)})")
+
+
+def top_count(num_candidates: int, top_fraction: float) -> int:
+    if not 0 < top_fraction <= 1:
+        raise SapfError(f"--top-fraction must lie in (0, 1], got {top_fraction}")
+    return max(1, int(round(top_fraction * num_candidates)))
+
+
+@dataclass
+class SaliencyQuery:
+    """The query's settings; noise_multiplier comes from the privacy plan (0 = non-private)."""
+
+    clip: float = 1e-2
+    multiplicity: int = 1
+    sample_rate: float = 1.0
+    score: str = "sqnorm"
+    batch_size: int = 64
+    candidates: str = "attention"
+
+
+def _clipped_block_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, names: list[str],
+                          torch_gen: torch.Generator, rng: np.random.Generator, show_progress: bool) -> tuple[np.ndarray, int]:
+    """Σ over a Poisson sample of the clipped per-example block scores. Private: never returned
+    to callers except through :func:`noisy_saliency_scores`, which adds the noise."""
+    from sapf.engine.progress import progress_bar
+
+    unet = copy.deepcopy(gen.unet).train()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    modules = dict(unet.named_modules())
+    weights = [modules[n].weight for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    gsm = wrap_for_per_sample_grads(unet)
+    conditional = gen.num_classes > 0
+    member = rng.random(len(data)) < q.sample_rate if q.sample_rate < 1 else np.ones(len(data), bool)
+    idx_all = np.flatnonzero(member)
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    K = q.multiplicity
+    n_batches = math.ceil(len(idx_all) / q.batch_size)
+    with progress_bar("saliency query", n_batches, show_progress) as bar:
+        for b in range(0, len(idx_all), q.batch_size):
+            idx = torch.from_numpy(idx_all[b : b + q.batch_size])
+            x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
+            xt, t, noise = add_noise(gen.scheduler, x0, torch_gen)
+            pred = gsm(xt, t, class_labels=y if conditional else None).sample
+            per_example_loss(pred, noise).mean().backward()
+            average_replicas(weights, K)
+            factor = (q.clip / (per_sample_norms(weights) + 1e-12)).clamp(max=1.0)  # (B,)
+            for j, w in enumerate(weights):
+                block = w.grad_sample.flatten(1).norm(dim=1) * factor  # ‖ĝ_ij‖
+                totals[j] += (block.pow(2) if q.score == "sqnorm" else block).sum().double()
+            clear_grad_samples(weights)
+            bar.advance()
+    gsm._close()
+    return totals.numpy(), int(len(idx_all))
+
+
+def noisy_saliency_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
+                          ledger: PrivacyLedger | None, seed: int, show_progress: bool = True) -> tuple[list[str], np.ndarray, int]:
+    """Run the DP saliency query: (candidate names, noisy scores, examples used). Recorded in `ledger`."""
+    names = candidate_modules(gen.unet, q.candidates)
+    sens = score_sensitivity(q.score, q.clip)
+    if q.multiplicity < 1:
+        raise SapfError("--multiplicity must be at least 1")
+    rng = np.random.default_rng([seed, 1])
+    torch_gen = torch.Generator().manual_seed(seed)
+    raw, used = _clipped_block_scores(gen, data, q, names, torch_gen, rng, show_progress)
+    noisy = raw + rng.normal(0.0, noise_multiplier * sens, size=raw.shape) if noise_multiplier > 0 else raw
+    if ledger is not None and noise_multiplier > 0:
+        ledger.record("saliency-query", noise_multiplier, q.sample_rate, 1)
+    return names, noisy, used
+
+
+def select_top(names: list[str], scores: np.ndarray, top_fraction: float) -> list[str]:
+    k = top_count(len(names), top_fraction)
+    order = np.argsort(-np.asarray(scores), kind="stable")[:k]
+    return [names[i] for i in sorted(order)]
+
+
+@dataclass
+class Selection:
+    """What was chosen and how; written as ``selection.json``."""
+
+    strategy: str
+    candidates: list[str]
+    selected: list[str]
+    scores: list[float] | None = None  # noisy
+    noise_multiplier: float = 0.0
+    clip: float | None = None
+    sample_rate: float | None = None
+    examples_used: int = 0
+    score: str | None = None
+    multiplicity: int | None = None
+    top_fraction: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sensitivity"] = score_sensitivity(self.score, self.clip) if self.score and self.clip else None
+        return d
+
+
+def choose_matrices(strategy: str, gen: Generator, data: ImageDataset | None, q: SaliencyQuery, top_fraction: float,
+                    noise_multiplier: float, ledger: PrivacyLedger | None, seed: int, show_progress: bool = True) -> Selection:
+    """One interface for every strategy; only ``saliency`` touches private data."""
+    if strategy not in STRATEGIES:
+        raise SapfError(f"unknown selection '{strategy}' ({', '.join(STRATEGIES)})")
+    names = candidate_modules(gen.unet, q.candidates)
+    if strategy == "saliency":
+        names, scores, used = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, seed, show_progress)
+        return Selection(strategy, names, select_top(names, scores, top_fraction), [float(s) for s in scores],
+                         noise_multiplier, q.clip, q.sample_rate, used, q.score, q.multiplicity, top_fraction)
+    if strategy == "attention":
+        return Selection(strategy, names, candidate_modules(gen.unet, "attention"))
+    if strategy == "random":
+        k = top_count(len(names), top_fraction)
+        pick = np.random.default_rng([seed, 2]).choice(len(names), k, replace=False)
+        return Selection(strategy, names, [names[i] for i in sorted(pick)], top_fraction=top_fraction)
+    return Selection(strategy, names, [n for n, _ in gen.unet.named_parameters()])

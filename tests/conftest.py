@@ -1,0 +1,43 @@
+"""Shared tiny fixtures: a 16x16 UNet of the real architecture and small real-data files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = dict(image_size=16, channels=1, num_classes=10, block_out_channels=(8, 16), layers_per_block=1,
+            attention_head_dim=8, norm_num_groups=4)
+
+
+def tiny_generator(seed: int = 0):
+    from sapf.engine.model import Generator, build_scheduler, build_unet
+
+    torch.manual_seed(seed)
+    return Generator(build_unet(**TINY), build_scheduler())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from sapf.engine.model import save_generator
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    save_generator(tiny_generator(), d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def mnist_small_npz(tmp_path_factory):
+    """120 real MNIST digits (12 a class) as an .npz of uint8 28x28 images."""
+    from sapf.engine.data import load_dataset
+
+    ds = load_dataset("mnist5k", 28, 1)
+    idx = np.concatenate([np.flatnonzero(ds.labels == k)[:12] for k in range(10)])
+    images = ((ds.images[idx, 0] + 1) * 127.5).round().astype(np.uint8)
+    path = tmp_path_factory.mktemp("data") / "mnist_small.npz"
+    np.savez(path, images=images, labels=ds.labels[idx])
+    return path

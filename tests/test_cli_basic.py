@@ -1,0 +1,56 @@
+import numpy as np
+from typer.testing import CliRunner
+
+from sapf.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("pretrain", "sample", "train", "select"):
+        assert cmd in r.output
+
+
+def test_pretrain_then_sample(tmp_path):
+    m = tmp_path / "model"
+    r = run("pretrain", "--data", "digits", "--image-size", 16, "--widths", "8,16", "--steps", 10, "--batch-size", 8,
+            "--out", m)
+    assert r.exit_code == 0, r.output
+    for f in ("unet/config.json", "scheduler/scheduler_config.json", "config.json", "loss.png", "samples/grid.png"):
+        assert (m / f).exists(), f
+    s = tmp_path / "s"
+    r = run("sample", "--model", m, "--num", 6, "--steps", 3, "--seed", 4, "--out", s)
+    assert r.exit_code == 0, r.output
+    z = np.load(s / "samples.npz")
+    assert z["images"].shape == (6, 16, 16) and z["images"].dtype == np.uint8 and z["labels"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert len(list(s.glob("*_class*.png"))) == 6 and (s / "grid.png").exists()
+    # An existing --out is refused without --force, and left untouched.
+    before = (s / "samples.npz").read_bytes()
+    r = run("sample", "--model", m, "--num", 2, "--steps", 2, "--out", s)
+    assert r.exit_code != 0 and "--force" in r.output and "Traceback" not in r.output
+    assert (s / "samples.npz").read_bytes() == before
+    r = run("sample", "--model", m, "--num", 2, "--steps", 2, "--out", s, "--force")
+    assert r.exit_code == 0 and np.load(s / "samples.npz")["images"].shape[0] == 2
+
+
+def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
+    cases = [
+        ("sample", "--model", tiny_model_dir, "--num", 0, "--out", tmp_path / "a"),
+        ("sample", "--model", tmp_path, "--num", 2, "--out", tmp_path / "b"),
+        ("sample", "--model", tiny_model_dir, "--num", 2, "--class-label", 12, "--out", tmp_path / "c"),
+        ("pretrain", "--data", tmp_path / "nope", "--out", tmp_path / "d"),
+        ("pretrain", "--data", "digits", "--widths", "8,x", "--out", tmp_path / "e"),
+    ]
+    for args in cases:
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("sapf: error:"), r.output
+        assert "Traceback" not in r.output
+    assert not any((tmp_path / x).exists() for x in "abcde")

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from sapf.engine.data import load_dataset, partition, train_holdout_split
+from sapf.errors import SapfError
+
+
+def test_mnist5k_is_the_real_5000_digits():
+    ds = load_dataset("mnist5k", 28, 1)
+    assert ds.images.shape == (5000, 1, 28, 28) and ds.images.dtype == np.float32
+    assert np.bincount(ds.labels).tolist() == [500] * 10
+    assert ds.images.min() == -1.0 and ds.images.max() == 1.0
+    # Real digits: mostly background with a stroke in the middle.
+    assert (ds.images[:, :, :3, :] == -1).mean() > 0.99 and (ds.images[:, :, 10:18, 10:18] > 0).mean() > 0.2
+
+
+def test_digits_are_upscaled_to_model_size():
+    ds = load_dataset("digits", 16, 1)
+    assert ds.images.shape == (1797, 1, 16, 16) and ds.num_classes == 10
+    assert -1.0 <= ds.images.min() < -0.9 and 0.9 < ds.images.max() <= 1.0
+
+
+def _write_folder(root, n_per_class=3, classes=("cat", "dog"), size=20, mode="L"):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            shape = (size, size) if mode == "L" else (size, size, 3)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+
+
+def test_image_folder_any_size_to_model_size(tmp_path):
+    _write_folder(tmp_path, mode="RGB")
+    ds = load_dataset(str(tmp_path), 16, 1)
+    assert ds.images.shape == (6, 1, 16, 16) and ds.class_names == ["cat", "dog"]
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert load_dataset(str(tmp_path), 16, 3).images.shape == (6, 3, 16, 16)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    _write_folder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(SapfError, match="broken.png"):
+        load_dataset(str(tmp_path), 16, 1)
+
+
+def test_empty_folders_are_refused(tmp_path):
+    with pytest.raises(SapfError, match="no class sub-folders"):
+        load_dataset(str(tmp_path), 16, 1)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(SapfError, match="no images"):
+        load_dataset(str(tmp_path), 16, 1)
+    with pytest.raises(SapfError, match="neither a built-in"):
+        load_dataset(str(tmp_path / "missing"), 16, 1)
+
+
+def test_npz(tmp_path, mnist_small_npz):
+    ds = load_dataset(str(mnist_small_npz), 16, 1)
+    assert ds.images.shape == (120, 1, 16, 16) and ds.num_classes == 10
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros(3))
+    with pytest.raises(SapfError, match="'images'"):
+        load_dataset(str(bad), 16, 1)
+
+
+def test_split_is_seeded_stratified_and_disjoint():
+    ds = load_dataset("mnist5k", 28, 1)
+    a_train, a_hold = train_holdout_split(ds, 1000, seed=0)
+    b_train, b_hold = train_holdout_split(ds, 1000, seed=0)
+    c_train, c_hold = train_holdout_split(ds, 1000, seed=1)
+    assert len(a_train) == 4000 and len(a_hold) == 1000
+    assert np.array_equal(a_hold.images, b_hold.images) and not np.array_equal(a_hold.images, c_hold.images)
+    assert np.bincount(a_hold.labels).tolist() == [100] * 10
+    flat = lambda d: {x.tobytes() for x in d.images}  # noqa: E731
+    assert not flat(a_train) & flat(a_hold)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_partition_deterministic_and_complete(scheme):
+    ds = load_dataset("digits", 8, 1)
+    parts = partition(ds, 4, scheme, alpha=0.5, seed=3)
+    again = partition(ds, 4, scheme, alpha=0.5, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    allidx = np.concatenate(parts)
+    assert sorted(allidx.tolist()) == list(range(len(ds)))  # every example exactly once
+    assert all(len(p) > 0 for p in parts)
+    if scheme == "iid":
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert all(len(np.unique(ds.labels[p])) == 10 for p in parts)  # label coverage
+    else:
+        other = partition(ds, 4, scheme, alpha=0.5, seed=4)
+        assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+        # Label skew: some site's class histogram is far from uniform.
+        skews = [np.bincount(ds.labels[p], minlength=10).max() / len(p) for p in parts]
+        assert max(skews) > 0.2

@@ -1,0 +1,61 @@
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from sapf.engine.privacy import (Mechanism, PrivacyLedger, calibrate_noise, check_privacy_args, default_delta,
+                                 epsilon_of, plan_privacy)
+from sapf.errors import SapfError
+
+
+def test_ledger_epsilon_equals_an_accountant_on_the_same_history(tmp_path):
+    ledger = PrivacyLedger(10.0, 1e-5)
+    ledger.record("saliency-query", 4.0, 1.0)
+    for _ in range(50):
+        ledger.record("dp-sgd", 1.1, 0.016)
+    assert [(m.name, m.steps) for m in ledger.mechanisms] == [("saliency-query", 1), ("dp-sgd", 50)]
+    acc = RDPAccountant()
+    acc.step(noise_multiplier=4.0, sample_rate=1.0)
+    for _ in range(50):
+        acc.step(noise_multiplier=1.1, sample_rate=0.016)
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    d = ledger.to_dict()
+    assert set(d) >= {"target_epsilon", "delta", "accountant", "epsilon_spent", "mechanisms"}
+    assert d["mechanisms"][1] == {"name": "dp-sgd", "noise_multiplier": 1.1, "sample_rate": 0.016, "steps": 50}
+    ledger.save(tmp_path / "p.json")
+    assert PrivacyLedger.load(tmp_path / "p.json").epsilon() == pytest.approx(ledger.epsilon())
+    # An independent accountant (PRV) recomputes from the written history alone.
+    prv = PRVAccountant()
+    prv.history = [(m["noise_multiplier"], m["sample_rate"], m["steps"]) for m in d["mechanisms"]]
+    assert prv.get_epsilon(1e-5) <= d["epsilon_spent"] * 1.05
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_calibrated_noise_meets_the_target_tightly(accountant):
+    prior = [Mechanism("saliency-query", 5.0, 1.0, 1)]
+    sigma = calibrate_noise(8.0, 1e-5, 0.02, 200, prior, accountant)
+    eps = epsilon_of(prior + [Mechanism("dp-sgd", sigma, 0.02, 200)], 1e-5, accountant)
+    assert eps <= 8.0
+    assert epsilon_of(prior + [Mechanism("dp-sgd", sigma * 0.98, 0.02, 200)], 1e-5, accountant) > 8.0
+
+
+def test_plan_splits_the_budget_and_the_total_meets_it():
+    p = plan_privacy(10.0, 1e-5, 64 / 4000, 300, True, selection_budget=0.1)
+    sel_only = epsilon_of([Mechanism("s", p.selection_noise, 1.0, 1)], 1e-5)
+    assert sel_only == pytest.approx(1.0, rel=0.01)
+    total = epsilon_of(p.planned(), 1e-5)
+    assert 9.9 <= total <= 10.0
+    assert plan_privacy(math.inf, 1e-5, 0.01, 10, True).planned() == []
+
+
+def test_refusals():
+    with pytest.raises(SapfError, match="delta"):
+        check_privacy_args(10, 1 / 100, 100)
+    with pytest.raises(SapfError, match="epsilon"):
+        check_privacy_args(0, None, 100)
+    d = check_privacy_args(10, None, 4000)
+    assert d == pytest.approx(default_delta(4000)) and d < 1 / 4000
+    with pytest.raises(SapfError, match="already spend"):
+        calibrate_noise(1.0, 1e-5, 0.1, 10, [Mechanism("x", 0.3, 1.0, 5)])
+    with pytest.raises(SapfError, match="no noise level"):
+        calibrate_noise(1e-4, 1e-5, 1.0, 10**6, max_sigma=50)
