@@ -93,6 +93,7 @@ def merged_generator(gen: Generator, model: nn.Module, strategy: str) -> Generat
 class TrainHistory:
     loss: list[float] = field(default_factory=list)
     epsilon: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     steps: int = 0
 
@@ -145,6 +146,7 @@ def dp_finetune(
     hist, t0 = TrainHistory(), time.time()
     with progress_bar(label, cfg.steps, show_progress) as bar:
         for step in range(cfg.steps):
+            t_step = time.perf_counter()
             idx = torch.as_tensor(next(batches), dtype=torch.long)
             if len(idx) == 0:  # an empty Poisson batch still releases noise (and is accounted)
                 for p in params:
@@ -165,6 +167,7 @@ def dp_finetune(
                 ledger.record("dp-sgd", noise_multiplier, q, 1)
             if ema is not None:
                 ema.step(params)
+            hist.step_times.append(time.perf_counter() - t_step)
             hist.loss.append(loss)
             eps = ledger.epsilon() if (private and ledger is not None and (step % 10 == 9 or step == cfg.steps - 1)) else None
             if eps is not None:

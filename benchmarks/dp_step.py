@@ -1,0 +1,91 @@
+"""Per-step time and peak memory of DP fine-tuning on the default public model (batch 64).
+
+Each configuration runs in its own process so that peak RSS is its own. Writes
+benchmarks/results/dp_step.json and prints a markdown table.
+
+    python benchmarks/dp_step.py [--steps 4] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CONFIGS = [  # (name, strategy, private)
+    ("non-DP LoRA (saliency set)", "saliency", False),
+    ("DP-SAPF LoRA (saliency set)", "saliency", True),
+    ("DP-LoRA (all attention)", "attention", True),
+    ("DP full fine-tuning", "full", True),
+]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _one(args) -> dict:
+    name, strategy, private, selected, K, steps, batch = args
+    import torch
+
+    from sapf.engine.data import load_dataset
+    from sapf.engine.finetune import DPSGDConfig, dp_finetune, make_trainable
+    from sapf.engine.model import count_parameters, load_generator
+
+    torch.set_num_threads(2)
+    gen = load_generator(None)
+    data = load_dataset("mnist5k", 28, 1)
+    model = make_trainable(gen, strategy, selected)
+    base_rss = _rss_mb()
+    hist = dp_finetune(gen, model, data, DPSGDConfig(steps=steps, batch_size=batch, multiplicity=K),
+                       noise_multiplier=1.0 if private else 0.0, ledger=None, show_progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"config": name, "K": K, "trainable_params": count_parameters(model, trainable_only=True),
+            "step_s": statistics.median(hist.step_times[1:]), "peak_mem_mb": round(peak - base_rss, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    a = ap.parse_args()
+    from common import save, table
+
+    from sapf.engine.data import load_dataset
+    from sapf.engine.model import load_generator
+    from sapf.engine.saliency import SaliencyQuery, choose_matrices
+
+    gen = load_generator(None)
+    data = load_dataset("mnist5k", 28, 1).subset(range(0, 5000, 5))
+    sal = choose_matrices("saliency", gen, data, SaliencyQuery(), 0.3, 0.0, None, seed=0, show_progress=False).selected
+    att = choose_matrices("attention", gen, None, SaliencyQuery(), 0.3, 0.0, None, seed=0).selected
+    jobs = [(n, s, p, sal if s == "saliency" else att, K, a.steps, a.batch_size) for K in (1, 4) for n, s, p in CONFIGS]
+    ctx = mp.get_context("spawn")
+    rows = []
+    for job in jobs:
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(_one, (job,)))
+        print(rows[-1], flush=True)
+    ratios = {}
+    for K in (1, 4):
+        r = {row["config"]: row for row in rows if row["K"] == K}
+        sapf, nondp, full = r[CONFIGS[1][0]], r[CONFIGS[0][0]], r[CONFIGS[3][0]]
+        ratios[f"K={K}"] = {
+            "dp_sapf_vs_nondp_time": sapf["step_s"] / nondp["step_s"],
+            "full_vs_dp_sapf_time": full["step_s"] / sapf["step_s"],
+            "full_vs_dp_sapf_memory": full["peak_mem_mb"] / max(sapf["peak_mem_mb"], 1e-9),
+        }
+    save("dp_step", rows, {"batch_size": a.batch_size, "selected": sal, "ratios": ratios})
+    print(table(rows, ["config", "K", "trainable_params", "step_s", "peak_mem_mb"]))
+    for k, v in ratios.items():
+        print(k, {n: round(x, 2) for n, x in v.items()})
+
+
+if __name__ == "__main__":
+    main()
