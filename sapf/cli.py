@@ -221,6 +221,44 @@ def select(
     _say(f"selected {len(sel.selected)} of {len(sel.candidates)} matrices; wrote {out}/selection.json")
 
 
+@command()
+def federate(
+    out: Path = typer.Option(Path("runs/federate"), "--out", help="Run directory."),
+    clients: int = typer.Option(4, "--clients", help="Number of simulated sites."),
+    data: str = typer.Option("mnist5k", help="Dataset the sites' partitions come from."),
+    partition: str = typer.Option("iid", help="iid or dirichlet (label skew)."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
+    rounds: int = typer.Option(4, help="Training rounds."),
+    local_steps: int = typer.Option(25, help="DP-SGD steps per site per round."),
+    epsilon: str = typer.Option("10", help="Target ε per site for the whole run."),
+    delta: Optional[float] = typer.Option(None, help="δ (default: 1/(n ln n) of each site's n)."),
+    batch_size: int = typer.Option(32, help="Expected (Poisson) batch size per site."),
+    multiplicity: int = typer.Option(2, help="Replicas per example (averaged before clipping)."),
+    top_fraction: float = typer.Option(0.3),
+    lr: float = typer.Option(3e-3),
+    min_clients: int = typer.Option(2, help="Fewest valid replies a round may go on with."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_HELP),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+):
+    """Fine-tune the public generator across simulated sites with Flower (DP-SAPF)."""
+    from sapf.federation.simulation import federate as run_federate
+    from sapf.federation.task import FederationConfig
+
+    cfg = FederationConfig(
+        data=data, partition=partition, alpha=alpha, num_sites=clients, base_model=str(base_model) if base_model else "",
+        epsilon=_epsilon(epsilon), delta=delta or 0.0, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
+        multiplicity=multiplicity, top_fraction=top_fraction, lr=lr, min_clients=min(min_clients, clients), seed=seed,
+        out=str(out),
+    )
+    status = run_federate(cfg, force=force, resume=resume)
+    eps = ", ".join(f"{k} ε={v:.2f}" for k, v in sorted(status["site_epsilon"].items()))
+    _say(f"done. outputs in {out}/: model/ (diffusers), adapter/ (peft), model.onnx, grid.png, comparison.png "
+         f"(public | federated), privacy/ ({eps})")
+    _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
+
+
 def _model_dir(path: Optional[Path]) -> Optional[Path]:
     """A run dir holds its merged generator in model/; accept either."""
     if path is not None and (path / "model" / "unet").is_dir():

@@ -13,9 +13,9 @@ def add_noise(scheduler, x0: torch.Tensor, generator: torch.Generator | None = N
     return scheduler.add_noise(x0, noise, t), t, noise
 
 
-def predict(unet, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    conditional = bool(getattr(unet.config, "num_class_embeds", None))
-    return unet(xt, t, class_labels=labels if conditional else None).sample
+def predict(net, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """`net` is a UNet or a wrapper of one (peft, Opacus); labels None for an unconditional model."""
+    return net(xt, t, class_labels=labels).sample
 
 
 def per_example_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

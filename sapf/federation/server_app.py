@@ -1,0 +1,215 @@
+"""The server: a Flower ServerApp that sums noisy saliency scores, averages DP-LoRA adapters,
+checkpoints every round and writes the merged generator.
+
+Policy on faults: a round goes on with the replies that arrive (within ``round_timeout``) as
+long as at least ``min_clients`` of them are valid; a reply that is an error, or has wrong
+keys, wrong shapes or non-finite values, is logged and left out, never averaged in. With
+fewer than ``min_clients`` valid replies the run stops, keeping the last round's checkpoint,
+and ``sapf federate --resume RUN_DIR`` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file, save_file
+
+from sapf.engine.finetune import load_lora_state, lora_state, make_trainable, merged_generator
+from sapf.engine.model import count_parameters, save_generator
+from sapf.engine.saliency import candidate_modules, select_top
+from sapf.errors import SapfError
+from sapf.federation.task import FederationConfig, base_generator, recompute_epsilon, validate_update, weighted_average
+from sapf.outputs import atomic_output_dir, read_json, write_json
+
+log = logging.getLogger("sapf.server")
+ROUND_TIMEOUT = 3600.0
+
+
+def say(msg: str) -> None:
+    print(f"[sapf server] {msg}", file=sys.stderr, flush=True)
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
+    t0 = time.time()
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= n:
+            return sorted(nodes)[:n]
+        if time.time() - t0 > timeout:
+            raise SapfError(f"only {len(nodes)} of {n} sites connected within {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def _write_site_reports(out: Path, replies: list[Message]) -> None:
+    for r in replies:
+        if r.has_error() or "privacy" not in r.content:
+            continue
+        rec = r.content["privacy"]
+        report = json.loads(str(rec["report"]))
+        write_json(out / "privacy" / f"{rec['site']}.json", report)
+
+
+def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: list[str]) -> dict:
+    msgs = [Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=n, message_type="query.saliency",
+                    group_id="saliency") for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
+    scores, noise, examples = [], [], []
+    for r in replies:
+        if r.has_error():
+            say(f"saliency: site {r.metadata.src_node_id} replied with an error: {r.error.reason}")
+            continue
+        s = r.content["scores"]["scores"].numpy() if "scores" in r.content else None
+        if s is None or s.shape != (len(names),) or not np.isfinite(s).all():
+            say(f"saliency: site {r.metadata.src_node_id} sent a malformed score vector; left out")
+            continue
+        scores.append(s)
+        noise.append(float(r.content["metrics"]["noise_multiplier"]))
+        examples.append(int(r.content["metrics"]["examples"]))
+    if len(scores) < cfg.min_clients:
+        raise SapfError(f"saliency round: {len(scores)} valid replies, fewer than --min-clients {cfg.min_clients}")
+    total = np.sum(scores, axis=0)
+    return {"strategy": "saliency", "candidates": names, "selected": select_top(names, total, cfg.top_fraction),
+            "scores": total.tolist(), "sites": len(scores), "site_noise_multipliers": noise, "site_examples": examples,
+            "clip": cfg.selection_clip, "score": "sqnorm", "sensitivity_per_site": cfg.selection_clip**2,
+            "top_fraction": cfg.top_fraction, "replies": replies}
+
+
+def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selected: list[str],
+                   state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
+    config = ConfigRecord({**cfg.to_record(), "selected": selected, "round": rnd})
+    msgs = [Message(RecordDict({"config": config, "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=n,
+                    message_type="train", group_id=f"round-{rnd}") for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
+    updates, weights, losses, eps = [], [], [], []
+    for r in replies:
+        node = r.metadata.src_node_id
+        if r.has_error():
+            say(f"round {rnd}: site {node} replied with an error: {r.error.reason}")
+            continue
+        try:
+            update = r.content["adapter"].to_torch_state_dict()
+            n = int(r.content["metrics"]["examples"])
+        except (KeyError, ValueError, TypeError) as e:
+            say(f"round {rnd}: site {node} sent a malformed reply ({e}); left out")
+            continue
+        why = validate_update(update, state) or (None if n > 0 else "no examples")
+        if why:
+            say(f"round {rnd}: site {node} reply rejected: {why}")
+            continue
+        updates.append(update)
+        weights.append(n)
+        losses.append(float(r.content["metrics"]["loss"]))
+        eps.append(float(r.content["metrics"]["epsilon"]))
+    if len(updates) < cfg.min_clients:
+        raise SapfError(f"round {rnd}: {len(updates)} valid replies, fewer than --min-clients {cfg.min_clients}; "
+                        f"the last checkpoint is kept (resume with --resume)")
+    metrics = {"round": rnd, "replies": len(updates), "loss": float(np.average(losses, weights=weights)),
+               "max_site_epsilon": max(eps), "examples": int(sum(weights))}
+    return weighted_average(updates, weights), metrics, replies
+
+
+def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torch.Tensor], history: list[dict]) -> None:
+    ck = out / "checkpoint"
+    ck.mkdir(parents=True, exist_ok=True)
+    tmp = ck / ".adapter.tmp.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(ck / "adapter.safetensors")
+    write_json(ck / "state.json", {"round": rnd, "selection": selection, "history": history})  # written last
+
+
+def run_server(grid: Grid, cfg: FederationConfig) -> None:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = base_generator(cfg)
+    nodes = wait_for_nodes(grid, cfg.min_clients if cfg.num_sites <= 0 else cfg.num_sites)
+    say(f"{len(nodes)} sites connected")
+    ck = out / "checkpoint" / "state.json"
+    if ck.exists():  # resume
+        st = read_json(ck)
+        selection, start, history = st["selection"], st["round"] + 1, st["history"]
+        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha)
+        state = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+        say(f"resuming after round {st['round']}")
+    else:
+        names = candidate_modules(gen.unet, cfg.candidates)
+        sel = saliency_round(grid, cfg, nodes, names)
+        _write_site_reports(out, sel.pop("replies"))
+        selection, start, history = sel, 1, []
+        write_json(out / "selection.json", selection)
+        say(f"saliency: {selection['sites']} sites; selected {len(selection['selected'])} of {len(names)} matrices")
+        torch.manual_seed(cfg.seed)  # the same initial adapter for every site
+        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha)
+        state = lora_state(model)
+        _save_checkpoint(out, 0, selection, state, history)
+    for rnd in range(start, cfg.rounds + 1):
+        t0 = time.time()
+        state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection["selected"], state)
+        metrics["wall_time_s"] = round(time.time() - t0, 1)
+        history.append(metrics)
+        _write_site_reports(out, replies)
+        _save_checkpoint(out, rnd, selection, state, history)
+        say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, loss {metrics['loss']:.4f}, "
+            f"max site ε {metrics['max_site_epsilon']:.3f}, {metrics['wall_time_s']:.0f} s")
+    load_lora_state(model, state)
+    finish(out, cfg, gen, model, selection, history)
+
+
+def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, history: list[dict]) -> None:
+    from sapf.engine.sampling import sample
+    from sapf.outputs import class_grid, image_grid, save_png
+    from sapf.plots import plot_curve
+
+    merged = merged_generator(gen, model, "saliency")
+    for name, write in (("adapter", lambda d: model.save_pretrained(d)), ("model", lambda d: save_generator(merged, d))):
+        with atomic_output_dir(out / name, force=True) as tmp:
+            write(tmp)
+    write_json(out / "metrics.json", {"rounds": history, "trainable_parameters": count_parameters(model, True)})
+    plot_curve(out / "loss.png", {"loss": [h["loss"] for h in history]}, "round", "noise-prediction MSE", "federated DP-LoRA")
+    images, labels = sample(merged, 100, steps=50, seed=cfg.seed, show_progress=False)
+    save_png(out / "grid.png", class_grid(images, labels))
+    pub, plabels = sample(gen, 100, steps=50, seed=cfg.seed, show_progress=False)
+    gap = np.full((class_grid(images, labels).shape[0], 8), 255, np.uint8)
+    save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, class_grid(images, labels)], axis=1))
+    try:
+        from sapf.export.onnx_export import export_onnx
+
+        export_onnx(out / "model", out / "model.onnx")
+    except ImportError:
+        say("ONNX export is not available in this installation; skipped")
+    reports = sorted((out / "privacy").glob("*.json")) if (out / "privacy").exists() else []
+    eps = {p.stem: recompute_epsilon(read_json(p)) for p in reports}
+    write_json(out / "status.json", {"status": "completed", "rounds": cfg.rounds, "site_epsilon": eps})
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: the plan comes from the run config (pyproject / --run-config)."""
+    cfg = FederationConfig.from_record({k.replace("-", "_"): v for k, v in context.run_config.items()})
+    run_server(grid, cfg)
+
+
+def make_server_app(cfg: FederationConfig) -> ServerApp:
+    """Simulation entry point: the same main, with the plan given directly."""
+    sim = ServerApp()
+
+    @sim.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            run_server(grid, cfg)
+        except SapfError as e:
+            say(f"error: {e}")
+            write_json(Path(cfg.out) / "status.json", {"status": "failed", "error": str(e)})
+            raise
+
+    return sim

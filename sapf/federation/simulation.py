@@ -1,0 +1,77 @@
+"""`sapf federate`: the same ServerApp and ClientApp in Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from sapf.errors import SapfError
+from sapf.federation.task import FederationConfig, plan_site
+from sapf.outputs import check_output_dir, read_json, write_json
+
+
+def validate(cfg: FederationConfig) -> None:
+    if cfg.num_sites < 1:
+        raise SapfError("--clients must be at least 1")
+    if not 1 <= cfg.min_clients <= cfg.num_sites:
+        raise SapfError(f"--min-clients must lie between 1 and --clients ({cfg.num_sites})")
+    if cfg.rounds < 1 or cfg.local_steps < 1:
+        raise SapfError("--rounds and --local-steps must be at least 1")
+    if not 0 < cfg.top_fraction <= 1:
+        raise SapfError(f"--top-fraction must lie in (0, 1], got {cfg.top_fraction}")
+
+
+def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -> dict:
+    out = Path(cfg.out)
+    validate(cfg)
+    if resume:
+        if not (out / "checkpoint" / "state.json").exists():
+            raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run")
+        saved = read_json(out / "config.json")
+        cfg = FederationConfig.from_record({**saved, "out": str(out)})
+    else:
+        check_output_dir(out, force)
+        if out.exists() and force:
+            import shutil
+
+            shutil.rmtree(out)
+        _precheck(cfg)
+        out.mkdir(parents=True)
+        write_json(out / "config.json", {"command": "federate", **asdict(cfg)})
+    (out / "status.json").unlink(missing_ok=True)
+
+    from flwr.simulation import run_simulation
+
+    from sapf.federation.client_app import app as client_app
+    from sapf.federation.server_app import make_server_app
+
+    # Sites train with one thread each; Ray runs as many at once as there are cores.
+    cores = max(1, os.cpu_count() or 1)
+    os.environ.setdefault("SAPF_SITE_THREADS", "1")
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=client_app,
+        num_supernodes=cfg.num_sites,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": True}},
+    )
+    status = read_json(out / "status.json") if (out / "status.json").exists() else {"status": "failed", "error": "no status"}
+    if status.get("status") != "completed":
+        raise SapfError(f"the federated run failed: {status.get('error', 'see the log above')}")
+    return status
+
+
+def _precheck(cfg: FederationConfig) -> None:
+    """Catch a plan no site could run before starting Ray (sites check again for themselves)."""
+    from sapf.engine.data import load_dataset, partition, train_holdout_split
+    from sapf.engine.model import check_data_fits, load_generator
+    from sapf.engine.run import SPLIT_SEED
+
+    gen = load_generator(cfg.base_model or None)
+    ds = load_dataset(cfg.data, gen.image_size, gen.channels)
+    check_data_fits(gen, ds.num_classes, ds.channels)
+    if cfg.holdout > 0:
+        ds, _ = train_holdout_split(ds, cfg.holdout, SPLIT_SEED)
+    for part in partition(ds, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed):
+        plan_site(cfg, len(part))

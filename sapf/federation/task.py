@@ -1,0 +1,175 @@
+"""Shared task code of the sapf Flower apps: configuration, site data and ledgers, records.
+
+What crosses the network, and nothing else:
+- server → site: public things (the plan's hyper-parameters, selected matrix names, the
+  current global adapter);
+- site → server: the *noisy* saliency score vector, DP-trained adapter tensors, and scalars
+  (example count, ε spent, loss) plus the site's ε history (mechanism parameters, no data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sapf.engine.data import ImageDataset, load_dataset, partition, train_holdout_split
+from sapf.engine.model import Generator, check_data_fits, load_generator
+from sapf.engine.privacy import Mechanism, PrivacyLedger, check_privacy_args, epsilon_of, plan_privacy
+from sapf.engine.run import DEFAULT_HOLDOUT, SPLIT_SEED
+from sapf.engine.saliency import SaliencyQuery
+from sapf.errors import SapfError
+
+
+@dataclass
+class FederationConfig:
+    """The whole plan of a federated run; the server sends it to every site."""
+
+    data: str = "mnist5k"  # simulation: the dataset the sites' partitions come from
+    partition: str = "iid"
+    alpha: float = 0.5
+    num_sites: int = 4
+    holdout: float = DEFAULT_HOLDOUT
+    base_model: str = ""  # "" = the shipped public model (present at every site)
+    epsilon: float = 10.0  # per-site target
+    delta: float = 0.0  # 0: each site uses 1/(n ln n) of its own n
+    accountant: str = "rdp"
+    top_fraction: float = 0.3
+    candidates: str = "attention"
+    selection_budget: float = 0.1
+    selection_clip: float = 1e-2
+    selection_sample_rate: float = 1.0
+    rounds: int = 4
+    local_steps: int = 25
+    batch_size: int = 32
+    multiplicity: int = 2
+    clip: float = 1.0
+    lr: float = 3e-3
+    rank: int = 8
+    lora_alpha: int = 8
+    min_clients: int = 2
+    seed: int = 0
+    out: str = ""
+
+    def to_record(self) -> dict:
+        return {k: v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, rec) -> "FederationConfig":
+        names = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: rec[k] for k in names if k in rec})
+
+    def query(self) -> SaliencyQuery:
+        return SaliencyQuery(self.selection_clip, 1, self.selection_sample_rate, "sqnorm", max(self.batch_size, 128),
+                             self.candidates)
+
+
+def base_generator(cfg: FederationConfig) -> Generator:
+    return load_generator(cfg.base_model or None)
+
+
+def site_data(cfg: FederationConfig, node_config: dict, gen: Generator) -> tuple[ImageDataset, str]:
+    """A site's private training data and its name.
+
+    Deployment: ``data-path`` in the node config (``sapf join --data``). Simulation: partition
+    ``partition-id`` of ``num-partitions`` of the run's dataset (its training split).
+    """
+    if "data-path" in node_config:
+        ds = load_dataset(str(node_config["data-path"]), gen.image_size, gen.channels)
+        check_data_fits(gen, ds.num_classes, ds.channels)
+        return ds, f"site-{_short_hash(str(node_config['data-path']))}"
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    ds = load_dataset(cfg.data, gen.image_size, gen.channels)
+    check_data_fits(gen, ds.num_classes, ds.channels)
+    if cfg.holdout > 0:
+        ds, _ = train_holdout_split(ds, cfg.holdout, SPLIT_SEED)
+    parts = partition(ds, num, cfg.partition, cfg.alpha, cfg.seed)
+    return ds.subset(parts[pid], f"{ds.name}-site{pid}"), f"site-{pid}"
+
+
+def _short_hash(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:10]
+
+
+def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
+    """Where a site keeps its ledger: ``state-dir`` from the node config, else (simulation)
+    under the run dir, else ``~/.sapf/sites``."""
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"]))
+    if cfg.out:
+        return Path(cfg.out) / "sites" / site
+    return Path.home() / ".sapf" / "sites" / site
+
+
+def max_epsilon(node_config: dict) -> float:
+    return float(node_config.get("max-epsilon", math.inf))
+
+
+@dataclass
+class SitePlan:
+    delta: float
+    selection_noise: float
+    train_noise: float
+    sample_rate: float
+    total_steps: int
+
+
+def plan_site(cfg: FederationConfig, n: int) -> SitePlan:
+    """Noise for this site's whole planned run (query + rounds × local steps), calibrated once."""
+    delta = check_privacy_args(cfg.epsilon, cfg.delta or None, n)
+    if cfg.batch_size > n:
+        raise SapfError(f"batch size {cfg.batch_size} is larger than this site's {n} examples")
+    steps = cfg.rounds * cfg.local_steps
+    p = plan_privacy(cfg.epsilon, delta, cfg.batch_size / n, steps, True, cfg.selection_budget,
+                     cfg.selection_sample_rate, cfg.accountant)
+    return SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps)
+
+
+def open_ledger(path: Path, cfg: FederationConfig, delta: float) -> PrivacyLedger:
+    """The site's ledger survives restarts: it is read back from disk when present."""
+    if path.exists():
+        return PrivacyLedger.load(path)
+    return PrivacyLedger(cfg.epsilon, delta, cfg.accountant)
+
+
+def check_budget(ledger: PrivacyLedger, extra: list[Mechanism], limit: float) -> float:
+    """ε after `extra`; refuse (SapfError) when it would pass the site's limit."""
+    after = ledger.would_spend(extra)
+    if after > limit * (1 + 1e-9):
+        raise SapfError(f"refused: this would bring the site to ε={after:.3f}, past its limit ε={limit:.3f} "
+                        f"(spent so far {ledger.epsilon():.3f})")
+    return after
+
+
+# --- aggregation (server side) ---------------------------------------------------------------
+
+
+def validate_update(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
+    """Why a site's adapter reply is unusable, or None when it is fine."""
+    if set(state) != set(reference):
+        missing, extra = set(reference) - set(state), set(state) - set(reference)
+        return f"wrong keys (missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})"
+    for k, ref in reference.items():
+        if tuple(state[k].shape) != tuple(ref.shape):
+            return f"wrong shape for {k}: {tuple(state[k].shape)} != {tuple(ref.shape)}"
+        if not torch.isfinite(state[k]).all():
+            return f"non-finite values in {k}"
+    return None
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
+
+
+def epsilon_history(ledger: PrivacyLedger) -> dict:
+    return ledger.to_dict()
+
+
+def recompute_epsilon(report: dict) -> float:
+    return epsilon_of([Mechanism(**m) for m in report["mechanisms"]], report["delta"], report["accountant"])
