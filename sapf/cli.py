@@ -259,6 +259,33 @@ def federate(
     _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
 
 
+@command()
+def export(
+    src: Path = typer.Argument(..., help="Run dir (model/, or adapter/ + its base) or diffusers model dir."),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write; its metadata goes to OUT.json beside it."),
+    opset: int = typer.Option(18, help="ONNX opset (the exporter's native one is 18; lower ones are converted)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Float16 weights and activations (for GPUs)."),
+    int8: bool = typer.Option(False, "--int8", help="Int8 dynamic quantisation of the MatMul/Gemm weights (for CPUs)."),
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+):
+    """Export the generator's UNet to ONNX (checked against PyTorch) for `sapf sample --onnx`."""
+    from sapf.export.onnx_export import export_onnx
+    from sapf.export.onnx_sampler import metadata_path
+
+    if fp16 and int8:
+        raise SapfError("--fp16 and --int8 are exclusive: fp16 is for GPUs, int8 for CPUs")
+    if out.is_dir():
+        raise SapfError(f"--out {out} is a directory; give a file name such as model.onnx")
+    if out.exists() and not force:
+        raise SapfError(f"--out {out} already exists; pass --force to replace it")
+    meta = export_onnx(src, out, opset=opset, fp16=fp16, int8=int8)
+    p = meta["parity"]
+    figure = (f"relative RMSE {p['rel_rmse']:.3g} (bound {p['bound']:g}), max |Δ| {p['max_abs_diff']:.3g}"
+              if p["metric"] == "rel_rmse" else f"max |Δ| {p['max_abs_diff']:.3g} (bound {p['bound']:g})")
+    _say(f"wrote {out} ({meta['variant']}, opset {meta['opset']}) and {metadata_path(out)}; "
+         f"parity vs PyTorch: {figure}")
+
+
 def _model_dir(path: Optional[Path]) -> Optional[Path]:
     """A run dir holds its merged generator in model/; accept either."""
     if path is not None and (path / "model" / "unet").is_dir():

@@ -1,0 +1,188 @@
+"""Federation with real Flower: handlers called with real Messages, and simulations on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+from sapf.engine.finetune import lora_state, make_trainable
+from sapf.engine.model import load_generator
+from sapf.engine.privacy import PrivacyLedger
+from sapf.engine.saliency import candidate_modules
+from sapf.errors import SapfError
+from sapf.federation import client_app as site
+from sapf.federation.simulation import federate
+from sapf.federation.task import FederationConfig, recompute_epsilon, validate_update, weighted_average
+
+
+@pytest.fixture
+def flower_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def _cfg(tiny_model_dir, npz, out, **kw):
+    base = dict(data=str(npz), num_sites=2, base_model=str(tiny_model_dir), rounds=2, local_steps=2, batch_size=16,
+                multiplicity=2, min_clients=2, out=str(out))
+    return FederationConfig(**{**base, **kw})
+
+
+def _ctx(node_config):
+    return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _check_only_dp_outputs_and_scalars(reply: Message, arrays: set[str]):
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(reply.content.keys()) <= {"scores", "adapter", "metrics", "privacy"}
+    for name, rec in reply.content.items():
+        if isinstance(rec, ArrayRecord):
+            assert name in ("scores", "adapter") and set(rec.keys()) == arrays
+        elif isinstance(rec, MetricRecord):
+            assert all(isinstance(v, (int, float)) for v in rec.values())
+        else:
+            assert isinstance(rec, ConfigRecord) and set(rec.keys()) == {"site", "report"}
+            report = json.loads(rec["report"])  # the ε history: mechanism parameters, no data
+            assert set(report) == {"target_epsilon", "delta", "accountant", "epsilon_spent", "mechanisms"}
+
+
+def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run")
+    node = {"partition-id": 0, "num-partitions": 2}
+    q = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type="query.saliency")
+    reply = site.app(q, _ctx(node))
+    _check_only_dp_outputs_and_scalars(reply, {"scores"})
+    names = candidate_modules(load_generator(tiny_model_dir).unet)
+    assert reply.content["scores"]["scores"].numpy().shape == (len(names),)
+    ledger = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    assert ledger.mechanisms[0].name == "saliency-query" and ledger.mechanisms[0].noise_multiplier > 0
+    assert reply.content["metrics"]["noise_multiplier"] == ledger.mechanisms[0].noise_multiplier
+
+    gen = load_generator(tiny_model_dir)
+    selected = names[:3]
+    state = lora_state(make_trainable(gen, "saliency", selected))
+    t = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": selected, "round": 1}),
+                            "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
+    reply = site.app(t, _ctx(node))
+    _check_only_dp_outputs_and_scalars(reply, set(state))
+    update = reply.content["adapter"].to_torch_state_dict()
+    assert validate_update(update, state) is None
+    assert any(not torch.equal(update[k], state[k]) for k in state)
+    after = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    assert after.mechanisms[-1].name == "dp-sgd" and after.mechanisms[-1].steps == 2
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(after.epsilon())
+
+
+def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run")
+    node = {"partition-id": 1, "num-partitions": 2, "max-epsilon": 1.0}
+    q = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type="query.saliency")
+    reply = site.app(q, _ctx(node))
+    assert reply.has_error() and "refused" in reply.error.reason
+    assert not (tmp_path / "run" / "sites" / "site-1" / "ledger.json").exists()  # nothing was spent
+    # A site whose ledger is already at its limit refuses a training round and spends nothing more.
+    ledger_path = tmp_path / "run" / "sites" / "site-1" / "ledger.json"
+    full = PrivacyLedger(10.0, 1e-3)
+    full.record("dp-sgd", 0.8, 0.3, 200)
+    full.save(ledger_path)
+    before = ledger_path.read_text()
+    names = candidate_modules(load_generator(tiny_model_dir).unet)[:2]
+    state = lora_state(make_trainable(load_generator(tiny_model_dir), "saliency", names))
+    node["max-epsilon"] = full.epsilon() + 0.01
+    t = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": 1}),
+                            "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
+    reply = site.app(t, _ctx(node))
+    assert reply.has_error() and "refused" in reply.error.reason
+    assert ledger_path.read_text() == before
+
+
+def test_aggregation_helpers():
+    a = {"w": torch.ones(2, 2)}
+    b = {"w": torch.zeros(2, 2)}
+    assert torch.allclose(weighted_average([a, b], [3, 1])["w"], torch.full((2, 2), 0.75))
+    assert "wrong keys" in validate_update({"v": torch.ones(2, 2)}, a)
+    assert "wrong shape" in validate_update({"w": torch.ones(3)}, a)
+    assert "non-finite" in validate_update({"w": torch.tensor([[1.0, float("nan")], [0, 0]])}, a)
+
+
+def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz):
+    out = tmp_path / "fed"
+    status = federate(_cfg(tiny_model_dir, mnist_small_npz, out))
+    assert status["status"] == "completed"
+    for f in ("model/unet/config.json", "adapter/adapter_config.json", "selection.json", "metrics.json", "grid.png",
+              "comparison.png", "checkpoint/adapter.safetensors", "config.json"):
+        assert (out / f).exists(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2] and all(r["replies"] == 2 for r in metrics["rounds"])
+    for k in (0, 1):
+        report = json.loads((out / "privacy" / f"site-{k}.json").read_text())
+        assert [m["name"] for m in report["mechanisms"]] == ["saliency-query", "dp-sgd"]
+        assert report["mechanisms"][1]["steps"] == 4
+        assert recompute_epsilon(report) <= 10.0
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["sites"] == 2 and len(sel["selected"]) == round(0.3 * len(sel["candidates"]))
+
+
+class _Faulty:
+    """A real ClientApp whose sites misbehave on cue (files, since Ray runs sites in other processes)."""
+
+    def __init__(self, flags: Path, real: ClientApp):
+        self.flags, self.real = flags, real
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["round"]) if msg.metadata.message_type == "train" else 0
+        if (self.flags / f"raise-{pid}-{rnd}").exists():
+            raise RuntimeError("site crashed mid-round")
+        reply = self.real(msg, context)
+        if (self.flags / f"nan-{pid}-{rnd}").exists() and not reply.has_error():
+            state = reply.content["adapter"].to_torch_state_dict()
+            state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+            reply.content["adapter"] = ArrayRecord(torch_state_dict=state)
+        return reply
+
+
+def _faulty_app(flags: Path) -> ClientApp:
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's sites cannot import tests/
+    handler = _Faulty(flags, site.app)
+    app = ClientApp()
+    app.query("saliency")(handler)
+    app.train()(handler)
+    return app
+
+
+def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatch, capfd):
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    for f in ("raise-1-1", "nan-2-2", "raise-0-3", "raise-1-3", "raise-2-3"):
+        (flags / f).touch()
+    monkeypatch.setattr(site, "app", _faulty_app(flags))
+    out = tmp_path / "fed"
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, out, num_sites=3, rounds=3, local_steps=1, batch_size=8)
+    with pytest.raises(SapfError, match="failed"):
+        federate(cfg)  # rounds 1-2 go on without the bad site; round 3 has no valid reply
+    log = capfd.readouterr().err
+    assert "round 1: site" in log and "error" in log and "rejected: non-finite" in log
+    ck = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert ck["round"] == 2 and [r["replies"] for r in ck["history"]] == [2, 2]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint" / "adapter.safetensors")).values())
+    for f in flags.iterdir():
+        f.unlink()
+    status = federate(FederationConfig(out=str(out)), resume=True)
+    assert status["status"] == "completed"
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[-1]["replies"] == 3
+    assert np.isfinite([r["loss"] for r in rounds]).all()
