@@ -49,13 +49,17 @@ def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -
     # Sites train with one thread each; Ray runs as many at once as there are cores.
     cores = max(1, os.cpu_count() or 1)
     os.environ.setdefault("SAPF_SITE_THREADS", "1")
-    run_simulation(
-        server_app=make_server_app(cfg),
-        client_app=client_app,
-        num_supernodes=cfg.num_sites,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": True}},
-    )
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg),
+            client_app=client_app,
+            num_supernodes=cfg.num_sites,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": True}},
+        )
+    except SapfError as e:  # raised by the ServerApp; its status.json says so too
+        raise SapfError(f"the federated run failed: {e}") from None
+    # Flower may also swallow a ServerApp failure: the run's own status file is the truth.
     status = read_json(out / "status.json") if (out / "status.json").exists() else {"status": "failed", "error": "no status"}
     if status.get("status") != "completed":
         raise SapfError(f"the federated run failed: {status.get('error', 'see the log above')}")
