@@ -11,7 +11,8 @@ from torch.func import functional_call, grad, vmap
 from conftest import tiny_generator
 from sapf.engine.diffusion import per_example_loss
 from sapf.engine.finetune import make_trainable
-from sapf.engine.persample import average_replicas, replicate, trainable_parameters, wrap_for_per_sample_grads
+from sapf.engine.persample import (average_replicas, needs_functorch, replicate, trainable_parameters,
+                                  wrap_for_per_sample_grads)
 from sapf.engine.saliency import candidate_modules
 
 
@@ -41,12 +42,14 @@ def _opacus(model, x, t, y, noise, multiplicity=1):
     return got
 
 
-@pytest.mark.parametrize("strategy", ["lora", "full"])
+@pytest.mark.parametrize("strategy", ["lora", "lora-conv", "full"])
 @pytest.mark.parametrize("multiplicity", [1, 3])
 def test_per_sample_gradients_match_torch_func(strategy, multiplicity):
     gen = tiny_generator()
-    if strategy == "lora":
-        model = make_trainable(gen, "attention", candidate_modules(gen.unet), rank=4, lora_alpha=4)
+    if strategy.startswith("lora"):
+        names = candidate_modules(gen.unet, "all" if strategy == "lora-conv" else "attention")
+        model = make_trainable(gen, "saliency", names, rank=4, lora_alpha=4)
+        assert needs_functorch(model) == (strategy == "lora-conv")
         # LoRA B starts at zero, which would make A's gradient trivially zero: give B values.
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -64,8 +67,7 @@ def test_per_sample_gradients_match_torch_func(strategy, multiplicity):
     ref = _reference(model, x, t, y, noise, multiplicity)
     got = _opacus(model, x, t, y, noise, multiplicity)
     assert set(got) == set(ref) and len(got) > 0
-    convs_after_attention = [n for n in got if "up_blocks.0.resnets" in n and "conv" in n]
-    assert strategy == "lora" or convs_after_attention  # the tensors the Opacus defect zeroes are covered
+    assert strategy == "lora" or any("up_blocks.0.resnets" in n and "conv" in n for n in got)  # the tensors the Opacus defect zeroes are covered
     for name in ref:
         assert got[name].shape == ref[name].shape, name
         assert ref[name].abs().max() > 0 or "lora_A" in name, name

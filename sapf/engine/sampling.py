@@ -13,23 +13,7 @@ from sapf.engine.model import Generator, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-
-
-def sample_labels(num: int, num_classes: int, class_label: int | None) -> np.ndarray:
-    """Class-balanced labels (0,1,2,...,0,1,...), or all `class_label`."""
-    if num < 1:
-        raise SapfError("--num must be at least 1")
-    if class_label is not None:
-        if num_classes == 0:
-            raise SapfError("--class-label given, but the model is unconditional")
-        if not 0 <= class_label < num_classes:
-            raise SapfError(f"--class-label {class_label} is outside the model's classes 0..{num_classes - 1}")
-        return np.full(num, class_label, np.int64)
-    return (np.arange(num) % max(num_classes, 1)).astype(np.int64)
-
-
-def initial_noise(num: int, channels: int, size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((num, channels, size, size)).astype(np.float32)
+from sapf.sampling_inputs import initial_noise, sample_labels
 
 
 @torch.no_grad()

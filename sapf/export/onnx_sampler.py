@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sapf.errors import SapfError
+from sapf.sampling_inputs import initial_noise, sample_labels
 from sapf.outputs import to_uint8
 
 # DDIMScheduler.__init__ defaults: what from_config uses for keys a DDPM config lacks.
@@ -50,26 +51,6 @@ def metadata_path(onnx_file: str | Path) -> Path:
     """``FILE.onnx`` → ``FILE.onnx.json`` (as written by :mod:`sapf.export.onnx_export`)."""
     p = Path(onnx_file)
     return p.with_name(p.name + ".json")
-
-
-# --- labels and noise: the same as sapf.engine.sampling (copied: that module imports torch) ---
-
-
-def sample_labels(num: int, num_classes: int, class_label: int | None) -> np.ndarray:
-    """Class-balanced labels (0,1,2,...,0,1,...), or all `class_label`."""
-    if num < 1:
-        raise SapfError("--num must be at least 1")
-    if class_label is not None:
-        if num_classes == 0:
-            raise SapfError("--class-label given, but the model is unconditional")
-        if not 0 <= class_label < num_classes:
-            raise SapfError(f"--class-label {class_label} is outside the model's classes 0..{num_classes - 1}")
-        return np.full(num, class_label, np.int64)
-    return (np.arange(num) % max(num_classes, 1)).astype(np.int64)
-
-
-def initial_noise(num: int, channels: int, size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((num, channels, size, size)).astype(np.float32)
 
 
 # --- DDIM (diffusers DDIMScheduler, eta = 0) in numpy ---
