@@ -286,6 +286,24 @@ def export(
          f"parity vs PyTorch: {figure}")
 
 
+@command()
+def evaluate(
+    samples: Path = typer.Option(..., "--samples", help="A sampler output dir (samples.npz) or an .npz file."),
+    data: str = typer.Option("mnist5k", help="The real dataset to compare with."),
+    split: str = typer.Option("holdout", help="Real images to compare with: holdout or train."),
+    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json to write (default: print only)."),
+    seed: int = typer.Option(0),
+):
+    """Fidelity (FID, KID, precision/recall on sapf's own feature net) and downstream accuracy."""
+    from sapf.engine.evaluate import evaluate as run_evaluate
+    from sapf.outputs import write_json
+
+    metrics = run_evaluate(samples, data, split, seed)
+    if out is not None:
+        write_json(out, {**metrics, "samples": str(samples), "seed": seed})
+    typer.echo("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+
 def _model_dir(path: Optional[Path]) -> Optional[Path]:
     """A run dir holds its merged generator in model/; accept either."""
     if path is not None and (path / "model" / "unet").is_dir():
