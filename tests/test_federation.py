@@ -50,7 +50,7 @@ def _check_only_dp_outputs_and_scalars(reply: Message, arrays: set[str]):
         else:
             assert isinstance(rec, ConfigRecord) and set(rec.keys()) == {"site", "report"}
             report = json.loads(rec["report"])  # the ε history: mechanism parameters, no data
-            assert set(report) == {"target_epsilon", "delta", "accountant", "epsilon_spent", "mechanisms"}
+            assert set(report) == {"target_epsilon", "delta", "accountant", "epsilon_spent", "private", "mechanisms"}
 
 
 def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):

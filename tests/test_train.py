@@ -54,7 +54,9 @@ def test_non_private_says_so(tmp_path, tiny_model_dir, mnist_small_npz):
             "--steps", 2, "--batch-size", 8, "--multiplicity", 1, "--out", tmp_path / "r")
     assert r.exit_code == 0, r.output
     assert "WITHOUT differential privacy" in r.output
-    assert json.loads((tmp_path / "r" / "privacy.json").read_text())["mechanisms"] == []
+    priv = json.loads((tmp_path / "r" / "privacy.json").read_text())
+    assert priv["mechanisms"] == [] and priv["private"] is False and priv["epsilon_spent"] is None
+    assert "ε spent inf" in r.output
 
 
 def test_bad_training_input(tmp_path, tiny_model_dir, mnist_small_npz):

@@ -71,13 +71,18 @@ class PrivacyLedger:
     def would_spend(self, extra: list[Mechanism]) -> float:
         return epsilon_of(self.mechanisms + extra, self.delta, self.accountant)
 
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.target_epsilon)
+
     def to_dict(self) -> dict:
-        eps = self.epsilon()
+        """``epsilon_spent`` is null for a non-private run (ε = ∞): nothing is guaranteed."""
         return {
-            "target_epsilon": self.target_epsilon,
+            "target_epsilon": self.target_epsilon if self.private else None,
             "delta": self.delta,
             "accountant": self.accountant,
-            "epsilon_spent": eps,
+            "epsilon_spent": self.epsilon() if self.private else None,
+            "private": self.private,
             "mechanisms": [asdict(m) for m in self.mechanisms],
         }
 
@@ -87,7 +92,8 @@ class PrivacyLedger:
     @classmethod
     def load(cls, path: str | Path) -> "PrivacyLedger":
         d = read_json(path)
-        return cls(d["target_epsilon"], d["delta"], d["accountant"], [Mechanism(**m) for m in d["mechanisms"]])
+        target = d["target_epsilon"] if d["target_epsilon"] is not None else math.inf
+        return cls(target, d["delta"], d["accountant"], [Mechanism(**m) for m in d["mechanisms"]])
 
 
 def default_delta(n: int) -> float:

@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
         "selected_matrices": len(sel.selected) if cfg.selection != "full" else None,
         "train_noise_multiplier": pp.train_noise,
         "selection_noise_multiplier": pp.selection_noise,
-        "epsilon_spent": ledger.epsilon(),
+        "epsilon_spent": ledger.epsilon() if ledger.private else math.inf,
         "wall_time_s": round(hist.wall_time_s, 2),
         "final_loss": float(np.nanmean(hist.loss[-50:])),
     }
