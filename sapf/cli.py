@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -76,7 +75,7 @@ def pretrain(
     except ValueError:
         raise SapfError(f"--widths must be comma-separated integers, got '{widths}'") from None
     if len(levels) < 2 or any(w < 1 for w in levels) or image_size % 2 ** (len(levels) - 1):
-        raise SapfError(f"--widths needs at least 2 levels and --image-size divisible by 2^(levels-1)")
+        raise SapfError("--widths needs at least 2 levels and --image-size divisible by 2^(levels-1)")
     check_output_dir(out, force)
     cfg = PretrainConfig(data=data, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          block_out_channels=levels, norm_num_groups=math.gcd(8, *levels), attention_head_dim=min(32, levels[-1]))
@@ -235,6 +234,8 @@ def federate(
     batch_size: int = typer.Option(32, help="Expected (Poisson) batch size per site."),
     multiplicity: int = typer.Option(2, help="Replicas per example (averaged before clipping)."),
     top_fraction: float = typer.Option(0.3),
+    candidates: str = typer.Option("attention", help="Candidate matrices: attention projections, or all Linear/Conv2d."),
+    clip: float = typer.Option(1.0, help="Per-example clipping norm C of local DP-SGD."),
     lr: float = typer.Option(3e-3),
     min_clients: int = typer.Option(2, help="Fewest valid replies a round may go on with."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_HELP),
@@ -249,7 +250,7 @@ def federate(
     cfg = FederationConfig(
         data=data, partition=partition, alpha=alpha, num_sites=clients, base_model=str(base_model) if base_model else "",
         epsilon=_epsilon(epsilon), delta=delta or 0.0, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
-        multiplicity=multiplicity, top_fraction=top_fraction, lr=lr, min_clients=min(min_clients, clients), seed=seed,
+        multiplicity=multiplicity, top_fraction=top_fraction, candidates=candidates, clip=clip, lr=lr, min_clients=min(min_clients, clients), seed=seed,
         out=str(out),
     )
     status = run_federate(cfg, force=force, resume=resume)

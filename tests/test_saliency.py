@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import tiny_generator
-from sapf.engine.data import ImageDataset, load_dataset
+from sapf.engine.data import load_dataset
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.saliency import SaliencyQuery, candidate_modules, choose_matrices, noisy_saliency_scores, select_top
 

@@ -164,7 +164,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
 
 def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, history: list[dict]) -> None:
     from sapf.engine.sampling import sample
-    from sapf.outputs import class_grid, image_grid, save_png
+    from sapf.outputs import class_grid, save_png
     from sapf.plots import plot_curve
 
     merged = merged_generator(gen, model, "saliency")

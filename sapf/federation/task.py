@@ -167,9 +167,5 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     return {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
 
 
-def epsilon_history(ledger: PrivacyLedger) -> dict:
-    return ledger.to_dict()
-
-
 def recompute_epsilon(report: dict) -> float:
     return epsilon_of([Mechanism(**m) for m in report["mechanisms"]], report["delta"], report["accountant"])
