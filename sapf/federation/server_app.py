@@ -174,10 +174,11 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     write_json(out / "metrics.json", {"rounds": history, "trainable_parameters": count_parameters(model, True)})
     plot_curve(out / "loss.png", {"loss": [h["loss"] for h in history]}, "round", "noise-prediction MSE", "federated DP-LoRA")
     images, labels = sample(merged, 100, steps=50, seed=cfg.seed, show_progress=False)
-    save_png(out / "grid.png", class_grid(images, labels))
+    grid = class_grid(images, labels)
+    save_png(out / "grid.png", grid)
     pub, plabels = sample(gen, 100, steps=50, seed=cfg.seed, show_progress=False)
-    gap = np.full((class_grid(images, labels).shape[0], 8), 255, np.uint8)
-    save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, class_grid(images, labels)], axis=1))
+    gap = np.full((grid.shape[0], 8), 255, np.uint8)
+    save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, grid], axis=1))
     try:
         from sapf.export.onnx_export import export_onnx
 

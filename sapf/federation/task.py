@@ -56,12 +56,12 @@ class FederationConfig:
     out: str = ""
 
     def to_record(self) -> dict:
-        return {k: v for k, v in asdict(self).items()}
+        return asdict(self)
 
     @classmethod
     def from_record(cls, rec) -> "FederationConfig":
-        names = {f.name: f.type for f in fields(cls)}
-        return cls(**{k: rec[k] for k in names if k in rec})
+        """Known keys only: a message or run config may carry more (selected, round...)."""
+        return cls(**{f.name: rec[f.name] for f in fields(cls) if f.name in rec})
 
     def query(self) -> SaliencyQuery:
         return SaliencyQuery(self.selection_clip, 1, self.selection_sample_rate, "sqnorm", max(self.batch_size, 128),

@@ -1,0 +1,73 @@
+"""Federation cost: wall time of `sapf federate` against centralised `sapf train` with the same
+total DP steps and data, and the bytes a site sends per round against the full model's bytes.
+
+    python benchmarks/federation.py [--clients 4 --rounds 4 --local-steps 25] [--quick]
+
+Writes benchmarks/results/federation.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _timed(cmd: list[str]) -> float:
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    return time.time() - t0
+
+
+def bytes_per_round(selected_fraction: float = 0.3) -> dict:
+    """Bytes of the ArrayRecord a site returns (adapter + class-embedding copy) vs the full UNet."""
+    from flwr.app import ArrayRecord
+
+    from sapf.engine.finetune import lora_state, make_trainable
+    from sapf.engine.model import load_generator
+    from sapf.engine.saliency import candidate_modules, top_count
+
+    gen = load_generator(None)
+    names = candidate_modules(gen.unet)
+    model = make_trainable(gen, "saliency", names[: top_count(len(names), selected_fraction)])
+    adapter = ArrayRecord(torch_state_dict=lora_state(model)).count_bytes()
+    full = ArrayRecord(torch_state_dict=gen.unet.state_dict()).count_bytes()
+    return {"adapter_bytes": adapter, "full_model_bytes": full, "ratio": adapter / full}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=25)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="1 round of 5 local steps")
+    a = ap.parse_args()
+    if a.quick:
+        a.rounds, a.local_steps = 1, 5
+    from common import save, table
+
+    sizes = bytes_per_round()
+    total_steps = a.clients * a.rounds * a.local_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        fed = _timed(["sapf", "federate", "--clients", str(a.clients), "--rounds", str(a.rounds), "--local-steps",
+                      str(a.local_steps), "--batch-size", str(a.batch_size), "--out", f"{tmp}/fed"])
+        central = _timed(["sapf", "train", "--steps", str(total_steps), "--batch-size", str(a.batch_size),
+                          "--multiplicity", "2", "--out", f"{tmp}/central"])
+    rows = [{"clients": a.clients, "rounds": a.rounds, "local_steps": a.local_steps, "total_dp_steps": total_steps,
+             "federate_s": round(fed, 1), "central_train_s": round(central, 1), "time_ratio": fed / central,
+             **sizes}]
+    save("federation", rows, {"goals": {"time_ratio": "<= 1.25", "ratio": "<= 0.05"}})
+    print(table(rows, ["clients", "rounds", "local_steps", "total_dp_steps", "federate_s", "central_train_s",
+                       "time_ratio", "adapter_bytes", "full_model_bytes", "ratio"]))
+
+
+if __name__ == "__main__":
+    main()
