@@ -186,3 +186,19 @@ def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatc
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[-1]["replies"] == 3
     assert np.isfinite([r["loss"] for r in rounds]).all()
+
+
+def test_pyproject_declares_the_flower_app():
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    app = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    for ref in app["components"].values():
+        module, attr = ref.split(":")
+        assert getattr(importlib.import_module(module), attr) is not None
+    cfg = FederationConfig.from_record({k.replace("-", "_"): v for k, v in app["config"].items()})
+    known = {f.replace("_", "-") for f in FederationConfig.__dataclass_fields__}
+    assert set(app["config"]) <= known  # every run-config key reaches the plan
+    assert cfg.rounds == app["config"]["rounds"] and cfg.num_sites == app["config"]["num-sites"]
