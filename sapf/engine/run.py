@@ -58,7 +58,7 @@ class TrainConfig:
 
     def query(self) -> SaliencyQuery:
         return SaliencyQuery(self.selection_clip, self.selection_multiplicity, self.selection_sample_rate, self.score,
-                             max(self.batch_size, 128), self.candidates)
+                             self.candidates)
 
 
 DEFAULT_STEPS = 300

@@ -75,8 +75,8 @@ class SaliencyQuery:
     multiplicity: int = 1
     sample_rate: float = 1.0
     score: str = "sqnorm"
-    batch_size: int = 64
     candidates: str = "attention"
+    batch_size: int = 128  # a compute chunk only: the query sums over all sampled examples
 
 
 def _clipped_block_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, names: list[str],

@@ -64,8 +64,7 @@ class FederationConfig:
         return cls(**{f.name: rec[f.name] for f in fields(cls) if f.name in rec})
 
     def query(self) -> SaliencyQuery:
-        return SaliencyQuery(self.selection_clip, 1, self.selection_sample_rate, "sqnorm", max(self.batch_size, 128),
-                             self.candidates)
+        return SaliencyQuery(self.selection_clip, 1, self.selection_sample_rate, "sqnorm", self.candidates)
 
 
 def base_generator(cfg: FederationConfig) -> Generator:
