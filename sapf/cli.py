@@ -128,7 +128,7 @@ def sample(
 
         if device != "cpu":
             raise SapfError("the torch sampler runs on CPU here; use --onnx FILE --device cuda for GPUs")
-        gen = load_generator(_model_dir(model))
+        gen = load_generator(model)
         images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size)
         meta.update(model=gen.source)
     with atomic_output_dir(out, force) as tmp:
@@ -303,13 +303,6 @@ def evaluate(
     if out is not None:
         write_json(out, {**metrics, "samples": str(samples), "seed": seed})
     typer.echo("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-
-
-def _model_dir(path: Optional[Path]) -> Optional[Path]:
-    """A run dir holds its merged generator in model/; accept either."""
-    if path is not None and (path / "model" / "unet").is_dir():
-        return path / "model"
-    return path
 
 
 def main() -> None:

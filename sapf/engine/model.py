@@ -94,13 +94,16 @@ def save_generator(gen: Generator, out: Path) -> None:
 
 
 def load_generator(path: str | Path | None = None) -> Generator:
-    """Load a sapf/diffusers model dir (``unet/`` + ``scheduler/``) or a bare UNet2DModel dir.
+    """Load a sapf/diffusers model dir (``unet/`` + ``scheduler/``), a bare UNet2DModel dir, or a
+    sapf run dir (its merged generator lives in ``model/``).
 
     ``None`` loads the shipped default public model.
     """
     path = Path(path) if path is not None else default_model_dir()
     if not path.is_dir():
         raise SapfError(f"model '{path}' is not a directory")
+    if (path / "model" / "unet" / "config.json").exists():
+        path = path / "model"
     if (path / "unet" / "config.json").exists():
         unet_dir, sched_dir = path / "unet", path / "scheduler"
     elif (path / "config.json").exists():

@@ -84,9 +84,7 @@ def load_source(src: str | Path):
         raise SapfError(f"'{src}' does not exist")
     if not src.is_dir():
         raise SapfError(f"'{src}' is not a directory (expected a run dir or a diffusers model dir)")
-    if (src / "model" / "unet").is_dir():
-        return load_generator(src / "model")
-    if (src / "adapter" / "adapter_config.json").exists():
+    if (src / "adapter" / "adapter_config.json").exists() and not (src / "model" / "unet").is_dir():
         try:
             base = json.loads((src / "config.json").read_text()).get("base_model_resolved")
         except (OSError, json.JSONDecodeError):
@@ -222,6 +220,13 @@ def _to_int8(src: Path, dst: Path) -> None:
             os.unlink(bare)
 
 
+# variant: (converter from the fp32 file, metric checked, its bound, the metric's name in messages)
+_VARIANTS = {
+    "fp16": (_to_fp16, "max_abs_diff", FP16_BOUND, "max |Δ|"),
+    "int8": (_to_int8, "rel_rmse", INT8_BOUND, "relative RMSE"),
+}
+
+
 def _opset_of(path: Path) -> int:
     import onnx
 
@@ -261,20 +266,14 @@ def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSE
         if not fp32_err["max_abs_diff"] <= FP32_BOUND:
             raise SapfError(f"ONNX/PyTorch parity failed: max |Δ| {fp32_err['max_abs_diff']:.3g} > {FP32_BOUND:g}")
         final, parity = fp32_file, {**fp32_err, "metric": "max_abs_diff", "bound": FP32_BOUND}
-        if fp16:
-            final = tmpdir / "model.fp16.onnx"
-            _to_fp16(fp32_file, final)
+        if variant != "fp32":
+            convert, metric, bound, label = _VARIANTS[variant]
+            final = tmpdir / f"model.{variant}.onnx"
+            convert(fp32_file, final)
             err = prediction_error(ref, onnx_predictions(final, feeds))
-            parity = {**err, "metric": "max_abs_diff", "bound": FP16_BOUND, "fp32_max_abs_diff": fp32_err["max_abs_diff"]}
-            if not err["max_abs_diff"] <= FP16_BOUND:
-                raise SapfError(f"fp16 ONNX/PyTorch parity failed: max |Δ| {err['max_abs_diff']:.3g} > {FP16_BOUND:g}")
-        elif int8:
-            final = tmpdir / "model.int8.onnx"
-            _to_int8(fp32_file, final)
-            err = prediction_error(ref, onnx_predictions(final, feeds))
-            parity = {**err, "metric": "rel_rmse", "bound": INT8_BOUND, "fp32_max_abs_diff": fp32_err["max_abs_diff"]}
-            if not err["rel_rmse"] <= INT8_BOUND:
-                raise SapfError(f"int8 ONNX/PyTorch parity failed: relative RMSE {err['rel_rmse']:.3g} > {INT8_BOUND:g}")
+            parity = {**err, "metric": metric, "bound": bound, "fp32_max_abs_diff": fp32_err["max_abs_diff"]}
+            if not err[metric] <= bound:
+                raise SapfError(f"{variant} ONNX/PyTorch parity failed: {label} {err[metric]:.3g} > {bound:g}")
         meta = {
             "format": "sapf-onnx-1",
             "image_size": gen.image_size,
@@ -282,7 +281,7 @@ def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSE
             "num_classes": gen.num_classes,
             "inputs": _names(gen),
             "output": "noise",
-            "scheduler": {k: v for k, v in dict(gen.scheduler.config).items()},
+            "scheduler": dict(gen.scheduler.config),
             "scheduler_class": type(gen.scheduler).__name__,
             "sampler": "DDIM (DDIMScheduler.from_config(scheduler), eta=0)",
             "variant": variant,
