@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from sapf.errors import SapfError
+from sapf.federation.plan import FederationConfig as _F
 
 app = typer.Typer(
     name="sapf",
@@ -220,6 +221,36 @@ def select(
     _say(f"selected {len(sel.selected)} of {len(sel.candidates)} matrices; wrote {out}/selection.json")
 
 
+# The plan of a federated run, shared by `federate` (simulation) and `serve` (deployment);
+# the defaults are FederationConfig's, so there is one place to change them.
+_ROUNDS = typer.Option(_F.rounds, help="Training rounds.")
+_LOCAL_STEPS = typer.Option(None, "--local-steps", help=f"DP-SGD steps per site per round (default {_F.local_steps}).")
+_LOCAL_EPOCHS = typer.Option(None, "--local-epochs", help="Alternatively, epochs of a site's data per round.")
+_EPSILON = typer.Option(str(_F.epsilon).rstrip("0").rstrip("."), help="Target ε per site for the whole run.")
+_DELTA = typer.Option(None, help="δ (default: 1/(n ln n) of each site's n).")
+_BATCH = typer.Option(_F.batch_size, help="Expected (Poisson) batch size per site.")
+_MULTIPLICITY = typer.Option(_F.multiplicity, help="Replicas per example (averaged before clipping).")
+_TOP = typer.Option(_F.top_fraction, help="Share of candidate matrices to fine-tune.")
+_CANDIDATES = typer.Option(_F.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
+_CLIP = typer.Option(_F.clip, help="Per-example clipping norm C of local DP-SGD.")
+_LR = typer.Option(_F.lr, help="Learning rate of local DP-SGD (Adam).")
+_BASE = typer.Option(None, "--base-model", help="Base generator dir, present at every site (default: the shipped public model).")
+_SEED = typer.Option(0)
+
+
+def _plan(out: Path, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
+          candidates, clip, lr, base_model, seed, **extra):
+    if local_steps is not None and local_epochs is not None:
+        raise SapfError("give --local-steps or --local-epochs, not both")
+    if local_epochs is not None and not local_epochs > 0:
+        raise SapfError(f"--local-epochs must be positive, got {local_epochs}")
+    return _F(
+        base_model=str(base_model) if base_model else "", epsilon=_epsilon(epsilon), delta=delta or 0.0,
+        rounds=rounds, local_steps=local_steps if local_steps is not None else _F.local_steps,
+        local_epochs=local_epochs or 0.0, batch_size=batch_size, multiplicity=multiplicity, top_fraction=top_fraction,
+        candidates=candidates, clip=clip, lr=lr, seed=seed, out=str(out), **extra)
+
+
 @command()
 def federate(
     out: Path = typer.Option(Path("runs/federate"), "--out", help="Run directory."),
@@ -227,37 +258,140 @@ def federate(
     data: str = typer.Option("mnist5k", help="Dataset the sites' partitions come from."),
     partition: str = typer.Option("iid", help="iid or dirichlet (label skew)."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
-    rounds: int = typer.Option(4, help="Training rounds."),
-    local_steps: int = typer.Option(25, help="DP-SGD steps per site per round."),
-    epsilon: str = typer.Option("10", help="Target ε per site for the whole run."),
-    delta: Optional[float] = typer.Option(None, help="δ (default: 1/(n ln n) of each site's n)."),
-    batch_size: int = typer.Option(32, help="Expected (Poisson) batch size per site."),
-    multiplicity: int = typer.Option(2, help="Replicas per example (averaged before clipping)."),
-    top_fraction: float = typer.Option(0.3),
-    candidates: str = typer.Option("attention", help="Candidate matrices: attention projections, or all Linear/Conv2d."),
-    clip: float = typer.Option(1.0, help="Per-example clipping norm C of local DP-SGD."),
-    lr: float = typer.Option(3e-3),
+    rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
+    epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
+    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, lr: float = _LR,
     min_clients: int = typer.Option(2, help="Fewest valid replies a round may go on with."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_HELP),
-    seed: int = typer.Option(0),
+    base_model: Optional[Path] = _BASE, seed: int = _SEED,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
 ):
     """Fine-tune the public generator across simulated sites with Flower (DP-SAPF)."""
     from sapf.federation.simulation import federate as run_federate
-    from sapf.federation.task import FederationConfig
 
-    cfg = FederationConfig(
-        data=data, partition=partition, alpha=alpha, num_sites=clients, base_model=str(base_model) if base_model else "",
-        epsilon=_epsilon(epsilon), delta=delta or 0.0, rounds=rounds, local_steps=local_steps, batch_size=batch_size,
-        multiplicity=multiplicity, top_fraction=top_fraction, candidates=candidates, clip=clip, lr=lr, min_clients=min(min_clients, clients), seed=seed,
-        out=str(out),
-    )
-    status = run_federate(cfg, force=force, resume=resume)
+    cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
+                candidates, clip, lr, base_model, seed, data=data, partition=partition, alpha=alpha,
+                num_sites=clients, min_clients=min(min_clients, clients))
+    _done(out, run_federate(cfg, force=force, resume=resume))
+
+
+def _done(out: Path, status: dict) -> None:
     eps = ", ".join(f"{k} ε={v:.2f}" for k, v in sorted(status["site_epsilon"].items()))
     _say(f"done. outputs in {out}/: model/ (diffusers), adapter/ (peft), model.onnx, grid.png, comparison.png "
          f"(public | federated), privacy/ ({eps})")
     _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
+
+
+def _tls(certs: Optional[Path], insecure: bool, server: bool):
+    from sapf.federation.deployment import Tls
+
+    if insecure and certs is not None:
+        raise SapfError("--insecure and --certs exclude each other")
+    return Tls.from_dir(certs, insecure, server)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the Flower processes we started are stopped too."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+@command()
+def serve(
+    out: Path = typer.Option(Path("runs/serve"), "--out", help="Run directory (on this, the server's, machine)."),
+    sites: int = typer.Option(..., "--sites", help="Sites to wait for before the run starts."),
+    host: str = typer.Option("0.0.0.0", help="Address the SuperLink listens on."),
+    port: int = typer.Option(9092, help="Port of the SuperLink (Fleet, Control and Runtime APIs)."),
+    certs: Optional[Path] = typer.Option(None, "--certs", help="Directory from `sapf certs` (ca.crt, server.pem, server.key)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS (tests and closed networks only)."),
+    supernode_key: list[Path] = typer.Option([], "--supernode-key", help="A site's public key (repeat): turns on SuperNode authentication."),
+    rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
+    epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
+    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, lr: float = _LR,
+    min_clients: Optional[int] = typer.Option(None, help="Fewest valid replies a round may go on with (default: all sites)."),
+    base_model: Optional[Path] = _BASE, seed: int = _SEED,
+    force: bool = typer.Option(False, help="Replace an existing --out."),
+):
+    """Start a SuperLink, run DP-SAPF across the sites that `sapf join` it, and write the run dir."""
+    import shutil
+
+    from sapf.federation.deployment import serve as run_serve
+    from sapf.federation.simulation import validate
+    from sapf.outputs import check_output_dir, write_json
+
+    tls = _tls(certs, insecure, server=True)
+    cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
+                candidates, clip, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
+    validate(cfg)
+    check_output_dir(out, force)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_json(out / "config.json", {"command": "serve", "host": host, "port": port, "tls": not insecure,
+                                     "supernode_auth": bool(supernode_key), **cfg.to_record()})
+    ready = (f"SuperLink up on {host}:{port} ({'insecure' if insecure else 'TLS'}); waiting for {sites} sites: "
+             f"sapf join --superlink HOST:{port} --data PATH" + (" --insecure" if insecure else " --ca ca.crt")
+             + (" --auth-key KEY" if supernode_key else ""))
+    _exit_on_sigterm()
+    status = run_serve(cfg, host, port, tls, list(supernode_key), on_ready=lambda: _say(ready),
+                       on_round=lambda r: _say(f"round {r}/{cfg.rounds} done"))
+    _done(out, status)
+
+
+@command()
+def join(
+    superlink: str = typer.Option(..., "--superlink", help="The SuperLink's HOST:PORT."),
+    data: Path = typer.Option(..., "--data", help="This site's private images: an image folder or an .npz."),
+    max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon", help="This site never spends past this ε."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where this site's privacy ledger lives (default ~/.sapf/sites/NAME)."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (ca.crt from `sapf certs`) to verify the SuperLink."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS."),
+    auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="This site's private key, for SuperNode authentication."),
+    port: Optional[int] = typer.Option(None, help="Local port of the SuperNode's app runtime (default: a free one)."),
+    wait: float = typer.Option(600.0, help="Seconds to keep trying while the SuperLink is not up or has not registered this site."),
+):
+    """Join a federation as one site: start a Flower SuperNode that trains on --data locally."""
+    import hashlib
+
+    from sapf.federation.deployment import SiteConfig, Tls, check_site, join as run_join
+
+    if insecure and ca is not None:
+        raise SapfError("--insecure and --ca exclude each other")
+    if not insecure and ca is None:
+        raise SapfError("TLS is on by default: give --ca ca.crt (from the server's `sapf certs`), or --insecure")
+    if ca is not None and not ca.is_file():
+        raise SapfError(f"--ca {ca} not found")
+    if not data.exists():
+        raise SapfError(f"--data {data} not found")
+    name = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:10]
+    site = SiteConfig(data, state_dir or Path.home() / ".sapf" / "sites" / f"site-{name}", max_epsilon)
+    n = check_site(site)
+    _say(f"joining {superlink} with {n} examples from {data}; ledger in {site.state_dir}"
+         + (f"; ε limit {max_epsilon:g}" if max_epsilon is not None else ""))
+    _exit_on_sigterm()
+    raise typer.Exit(run_join(superlink, site, Tls(insecure=True) if insecure else Tls(ca=ca), auth_key, port,
+                              wait=wait, say=_say))
+
+
+@command()
+def certs(
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem, server.key (and site keys)."),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="Name or IP the sites dial (repeat)."),
+    sites: list[str] = typer.Option([], "--site", help="Make a SuperNode key pair for this site name (repeat)."),
+    days: int = typer.Option(365, help="Validity in days."),
+    force: bool = typer.Option(False, help="Replace existing files."),
+):
+    """Make a private CA, the SuperLink's TLS certificate and (optionally) SuperNode key pairs."""
+    from sapf.federation.credentials import make_certificates, make_supernode_keys
+
+    paths = make_certificates(out, host, days, force)
+    pairs = make_supernode_keys(out, sites, force) if sites else []
+    _say(f"wrote {paths['ca']} (give to every site), {paths['cert']} and {paths['key']} (SuperLink only), "
+         f"{paths['ca_key']} (keep offline)")
+    for private, public in pairs:
+        _say(f"site key: {private} (to that site: sapf join --auth-key) and {public} (sapf serve --supernode-key)")
 
 
 @command()

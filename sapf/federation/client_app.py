@@ -102,14 +102,14 @@ def train(msg: Message, context: Context) -> Message:
     cfg, gen, data, site, plan, state_dir, ledger_path, ledger = _setup(msg, context)
     selected = list(msg.content["config"]["selected"])
     rnd = int(msg.content["config"]["round"])
-    steps = Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, cfg.local_steps)
+    steps = Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, plan.local_steps)
     check_budget(ledger, [steps], max_epsilon(context.node_config))
     model = make_trainable(gen, "saliency", selected, cfg.rank, cfg.lora_alpha)
     load_lora_state(model, msg.content["adapter"].to_torch_state_dict())
     # Record the round's steps before training: a crash mid-round can only over-count.
     ledger.record(steps.name, steps.noise_multiplier, steps.sample_rate, steps.steps)
     ledger.save(ledger_path)
-    dp_cfg = DPSGDConfig(cfg.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
+    dp_cfg = DPSGDConfig(plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
                          _site_seed(state_dir, cfg.seed, "train", rnd))
     torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
     hist = dp_finetune(gen, model, data, dp_cfg, plan.train_noise, None, show_progress=False)

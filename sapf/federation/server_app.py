@@ -190,14 +190,25 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     write_json(out / "status.json", {"status": "completed", "rounds": cfg.rounds, "site_epsilon": eps})
 
 
+def run_and_record(grid: Grid, cfg: FederationConfig) -> None:
+    """run_server, with a failure written to status.json: Flower reports a run whose ServerApp
+    raised as merely "finished", so `sapf federate` and `sapf serve` read this file instead."""
+    try:
+        run_server(grid, cfg)
+    except Exception as e:
+        say(f"error: {e}")
+        if cfg.out:
+            write_json(Path(cfg.out) / "status.json", {"status": "failed", "error": str(e)})
+        raise
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: the plan comes from the run config (pyproject / --run-config)."""
-    cfg = FederationConfig.from_record({k.replace("-", "_"): v for k, v in context.run_config.items()})
-    run_server(grid, cfg)
+    run_and_record(grid, FederationConfig.from_record({k.replace("-", "_"): v for k, v in context.run_config.items()}))
 
 
 def make_server_app(cfg: FederationConfig) -> ServerApp:
@@ -206,11 +217,6 @@ def make_server_app(cfg: FederationConfig) -> ServerApp:
 
     @sim.main()
     def _main(grid: Grid, context: Context) -> None:
-        try:
-            run_server(grid, cfg)
-        except SapfError as e:
-            say(f"error: {e}")
-            write_json(Path(cfg.out) / "status.json", {"status": "failed", "error": str(e)})
-            raise
+        run_and_record(grid, cfg)
 
     return sim

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,51 +20,9 @@ import torch
 from sapf.engine.data import ImageDataset, load_dataset, partition, train_holdout_split
 from sapf.engine.model import Generator, check_data_fits, load_generator
 from sapf.engine.privacy import Mechanism, PrivacyLedger, check_privacy_args, epsilon_of, plan_privacy
-from sapf.engine.run import DEFAULT_HOLDOUT, SPLIT_SEED
-from sapf.engine.saliency import SaliencyQuery
+from sapf.engine.run import SPLIT_SEED
 from sapf.errors import SapfError
-
-
-@dataclass
-class FederationConfig:
-    """The whole plan of a federated run; the server sends it to every site."""
-
-    data: str = "mnist5k"  # simulation: the dataset the sites' partitions come from
-    partition: str = "iid"
-    alpha: float = 0.5
-    num_sites: int = 4
-    holdout: float = DEFAULT_HOLDOUT
-    base_model: str = ""  # "" = the shipped public model (present at every site)
-    epsilon: float = 10.0  # per-site target
-    delta: float = 0.0  # 0: each site uses 1/(n ln n) of its own n
-    accountant: str = "rdp"
-    top_fraction: float = 0.3
-    candidates: str = "attention"
-    selection_budget: float = 0.1
-    selection_clip: float = 1e-2
-    selection_sample_rate: float = 1.0
-    rounds: int = 4
-    local_steps: int = 25
-    batch_size: int = 32
-    multiplicity: int = 2
-    clip: float = 1.0
-    lr: float = 3e-3
-    rank: int = 8
-    lora_alpha: int = 8
-    min_clients: int = 2
-    seed: int = 0
-    out: str = ""
-
-    def to_record(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_record(cls, rec) -> "FederationConfig":
-        """Known keys only: a message or run config may carry more (selected, round...)."""
-        return cls(**{f.name: rec[f.name] for f in fields(cls) if f.name in rec})
-
-    def query(self) -> SaliencyQuery:
-        return SaliencyQuery(self.selection_clip, 1, self.selection_sample_rate, "sqnorm", self.candidates)
+from sapf.federation.plan import FederationConfig
 
 
 def base_generator(cfg: FederationConfig) -> Generator:
@@ -95,11 +53,12 @@ def _short_hash(s: str) -> str:
 
 
 def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
-    """Where a site keeps its ledger: ``state-dir`` from the node config, else (simulation)
-    under the run dir, else ``~/.sapf/sites``."""
+    """Where a site keeps its ledger: ``state-dir`` from the node config, else (simulation, where
+    the sites share the server's disk) under the run dir, else ``~/.sapf/sites``. A deployed site
+    never uses the run dir: that path names a folder on the *server's* machine."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"]))
-    if cfg.out:
+    if cfg.out and "data-path" not in node_config:
         return Path(cfg.out) / "sites" / site
     return Path.home() / ".sapf" / "sites" / site
 
@@ -115,6 +74,7 @@ class SitePlan:
     train_noise: float
     sample_rate: float
     total_steps: int
+    local_steps: int
 
 
 def plan_site(cfg: FederationConfig, n: int) -> SitePlan:
@@ -122,10 +82,10 @@ def plan_site(cfg: FederationConfig, n: int) -> SitePlan:
     delta = check_privacy_args(cfg.epsilon, cfg.delta or None, n)
     if cfg.batch_size > n:
         raise SapfError(f"batch size {cfg.batch_size} is larger than this site's {n} examples")
-    steps = cfg.rounds * cfg.local_steps
+    steps = cfg.rounds * cfg.local_steps_for(n)
     p = plan_privacy(cfg.epsilon, delta, cfg.batch_size / n, steps, True, cfg.selection_budget,
                      cfg.selection_sample_rate, cfg.accountant)
-    return SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps)
+    return SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps, cfg.local_steps_for(n))
 
 
 def open_ledger(path: Path, cfg: FederationConfig, delta: float) -> PrivacyLedger:

@@ -1,0 +1,310 @@
+"""On-premise federation on Flower's deployment engine: `sapf serve` and `sapf join`.
+
+`serve` starts a SuperLink (``flower-superlink``), registers the sites' public keys when
+SuperNode authentication is on, submits the sapf app to it with ``flwr run`` and follows the
+run until it ends; `join` starts one site's SuperNode (``flower-supernode``) with the site's data
+path, ledger directory and ε limit in its node config.
+
+No code travels: the app bundle (FAB) that ``flwr run`` ships holds only a ``pyproject.toml``
+naming sapf's ServerApp and ClientApp and the run's plan; every site runs the sapf it installed
+itself. Runtime dependency installation is switched off at both ends, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sapf import __version__
+from sapf.errors import SapfError
+from sapf.federation.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
+from sapf.federation.task import FederationConfig
+from sapf.outputs import read_json
+
+CONNECTION = "sapf"  # the SuperLink connection's name in the run's Flower configuration file
+QUICK_EXIT_S, RETRY_S = 60.0, 5.0  # `join`: a SuperNode that exits this fast never got in; retry after
+
+
+@dataclass
+class Tls:
+    """How a process reaches or serves the SuperLink: ``insecure`` or TLS with these files."""
+
+    insecure: bool = False
+    ca: Path | None = None  # the CA certificate the clients verify the SuperLink with
+    cert: Path | None = None  # the SuperLink's certificate and key (server side only)
+    key: Path | None = None
+
+    @classmethod
+    def from_dir(cls, certs: Path | None, insecure: bool, server: bool) -> "Tls":
+        if insecure:
+            return cls(insecure=True)
+        if certs is None:
+            raise SapfError("TLS is on by default: give --certs DIR (make one with `sapf certs`), or --insecure")
+        tls = cls(ca=certs / CA_CERT, cert=certs / SERVER_CERT if server else None, key=certs / SERVER_KEY if server else None)
+        for p in (tls.ca, tls.cert, tls.key):
+            if p is not None and not p.is_file():
+                raise SapfError(f"{p} not found (make the certificates with `sapf certs --out {certs}`)")
+        return tls
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _executable(name: str) -> str:
+    """Flower's console scripts, from the same environment as this interpreter."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def _toml_value(v) -> str:
+    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+
+def write_app(app_dir: Path, cfg: FederationConfig) -> Path:
+    """The app bundle's source: a pyproject naming sapf's components, with the plan as run config."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    plan = "\n".join(f"{k.replace('_', '-')} = {_toml_value(v)}" for k, v in asdict(cfg).items())
+    (app_dir / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "sapf-federation"
+version = "{__version__}"
+description = "DP-SAPF federated fine-tuning (the code is the sapf each site installed)"
+license = "Apache-2.0"
+dependencies = ["sapf=={__version__}"]
+
+[tool.flwr.app]
+publisher = "sapf"
+
+[tool.flwr.app.components]
+serverapp = "sapf.federation.server_app:app"
+clientapp = "sapf.federation.client_app:app"
+
+[tool.flwr.app.config]
+{plan}
+""")
+    return app_dir
+
+
+def write_flower_home(home: Path, address: str, tls: Tls) -> Path:
+    """A Flower configuration file with one SuperLink connection, for the `flwr` CLI."""
+    home.mkdir(parents=True, exist_ok=True)
+    conn = "insecure = true" if tls.insecure else f"root-certificates = {json.dumps(str(tls.ca.resolve()))}"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+                                      f'[superlink.{CONNECTION}]\naddress = "{address}"\n{conn}\n')
+    return home
+
+
+def _flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
+    """Run a `flwr` CLI command with JSON output against the run's connection."""
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    try:
+        res = subprocess.run([_executable("flwr"), *args, "--format", "json"], env=env, capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SapfError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from None
+    out = res.stdout.strip()
+    try:
+        payload = json.loads(out[out.index("{"):]) if "{" in out else {}
+    except json.JSONDecodeError:
+        payload = {}
+    if res.returncode != 0 or not payload.get("success", False):
+        why = payload.get("error-message") or (res.stderr.strip() or out).splitlines()[-1:] or ["no output"]
+        raise SapfError(f"`flwr {' '.join(args[:2])}` failed: {why if isinstance(why, str) else why[0]}")
+    return payload
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SapfError(f"the SuperLink exited with code {proc.returncode}; see {log}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise SapfError(f"the SuperLink did not open {host}:{port} within {timeout:.0f} s; see {log}")
+
+
+def superlink_command(host: str, port: int, tls: Tls, supernode_auth: bool, database: Path | None) -> list[str]:
+    cmd = [_executable("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if tls.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key), "--ssl-ca-certfile", str(tls.ca)]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def supernode_command(superlink: str, node_config: dict, tls: Tls, auth_key: Path | None, port: int) -> list[str]:
+    cmd = [_executable("flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())]
+    cmd += ["--insecure"] if tls.insecure else ["--root-certificates", str(tls.ca)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Stop a Flower process and the SuperExec children it started: its process group when it
+    leads one, else the process alone."""
+    if proc is None or proc.poll() is not None:
+        return
+    own_group = os.getpgid(proc.pid) == proc.pid
+
+    def send(sig):
+        try:
+            os.killpg(proc.pid, sig) if own_group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
+    if own_group:
+        send(signal.SIGKILL)  # children that outlived their parent
+
+
+def spawn(cmd: list[str], log: Path, env: dict | None = None, new_session: bool = True) -> subprocess.Popen:
+    """Start a Flower process, by default in its own process group (to stop it with its children)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n".encode())
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=new_session,
+                                env={**os.environ, **(env or {})})
+
+
+def serve(cfg: FederationConfig, host: str, port: int, tls: Tls, supernode_keys: list[Path],
+          public_address: str | None = None, timeout: float = 24 * 3600.0, on_ready=None, on_round=None) -> dict:
+    """Run one federated DP-SAPF run on a fresh SuperLink; return the run's status.json.
+
+    The SuperLink, its log and the Flower CLI configuration live under ``RUN_DIR/superlink/``.
+    """
+    out = Path(cfg.out).resolve()
+    cfg.out = str(out)
+    for key in supernode_keys:
+        if not key.is_file():
+            raise SapfError(f"SuperNode public key {key} not found")
+    work = out / "superlink"
+    address = public_address or f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    home = write_flower_home(work / "flwr-home", address, tls)
+    app_dir = write_app(work / "app", cfg)
+    log = work / "superlink.log"
+    link = spawn(superlink_command(host, port, tls, bool(supernode_keys), work / "state.db"), log)
+    try:
+        _wait_for_port(address.rsplit(":", 1)[0].strip("[]"), port, link, log)
+        for key in supernode_keys:
+            _flwr(["supernode", "register", str(key.resolve()), CONNECTION], home)
+        if on_ready is not None:
+            on_ready()
+        run_id = _flwr(["run", str(app_dir), CONNECTION], home, timeout=300)["run-id"]
+        return follow_run(run_id, out, home, link, log, timeout, on_round)
+    finally:
+        stop_process(link)
+
+
+def follow_run(run_id: str, out: Path, home: Path, link: subprocess.Popen, log: Path, timeout: float,
+               on_round=None) -> dict:
+    """Wait for the run to finish; the run's own status.json (written by the ServerApp) is the truth,
+    because Flower reports a run whose ServerApp raised as merely "finished"."""
+    t0, seen = time.time(), 0
+    while True:
+        if link.poll() is not None:
+            raise SapfError(f"the SuperLink stopped during the run (code {link.returncode}); see {log}")
+        runs = _flwr(["list", CONNECTION, "--run-id", str(run_id)], home)["runs"]
+        state = runs[0]["status"] if runs else "unknown"
+        ck = out / "checkpoint" / "state.json"
+        if on_round is not None and ck.exists():
+            rnd = read_json(ck)["round"]
+            if rnd > seen:
+                on_round(rnd)
+                seen = rnd
+        if state.startswith("finished"):
+            break
+        if time.time() - t0 > timeout:
+            _flwr(["stop", str(run_id), CONNECTION], home)
+            raise SapfError(f"the run did not finish within {timeout:.0f} s; stopped it")
+        time.sleep(2.0)
+    status = read_json(out / "status.json") if (out / "status.json").exists() else {}
+    if status.get("status") != "completed":
+        why = status.get("error") or f"Flower reports the run as {state}; see {log}"
+        raise SapfError(f"the federated run failed: {why}")
+    return status
+
+
+@dataclass
+class SiteConfig:
+    """What `sapf join` tells its SuperNode (node config); the data never leaves the site."""
+
+    data: Path
+    state_dir: Path
+    max_epsilon: float | None = None
+
+    def node_config(self) -> dict:
+        cfg = {"data-path": str(self.data.resolve()), "state-dir": str(self.state_dir.resolve())}
+        if self.max_epsilon is not None:
+            cfg["max-epsilon"] = float(self.max_epsilon)
+        return cfg
+
+
+def check_site(site: SiteConfig) -> int:
+    """Refuse a site whose data cannot be read before it joins anything; return its example count."""
+    from sapf.engine.data import load_dataset
+
+    if site.max_epsilon is not None and not site.max_epsilon > 0:
+        raise SapfError(f"--max-epsilon must be positive, got {site.max_epsilon}")
+    return len(load_dataset(str(site.data), 28, 1))
+
+
+def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = None, port: int | None = None,
+         wait: float = 600.0, say=print) -> int:
+    """Run this site's SuperNode until the federation ends; return its exit code.
+
+    A SuperNode gives up within seconds when the SuperLink is not up yet or has not registered
+    this site's key, so a quick exit is retried for `wait` seconds: sites need not start after
+    the server. A SuperNode that ran for a while and then stopped means the run is over.
+    """
+    if ":" not in superlink:
+        raise SapfError(f"--superlink must be HOST:PORT, got {superlink!r}")
+    if auth_key is not None and not auth_key.is_file():
+        raise SapfError(f"SuperNode private key {auth_key} not found")
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    while True:
+        started = time.time()
+        # Same process group as `sapf join`: Ctrl-C (or a signal to the group) stops the SuperNode
+        # and the app processes it starts.
+        proc = subprocess.Popen(supernode_command(superlink, site.node_config(), tls, auth_key, port or _free_port()))
+        try:
+            code = proc.wait()
+        finally:
+            stop_process(proc)
+        if code == 0 or time.time() - started > QUICK_EXIT_S:
+            return code
+        if time.time() - t0 > wait:
+            raise SapfError(f"could not join {superlink} within {wait:.0f} s (SuperNode exit code {code}): "
+                            "is the SuperLink up, and is this site's key registered?")
+        say(f"could not join {superlink} yet (SuperNode exit code {code}); retrying in {RETRY_S:.0f} s")
+        time.sleep(RETRY_S)
+

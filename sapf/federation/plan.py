@@ -1,0 +1,58 @@
+"""The plan of a federated run: what the server sends every site. Torch-free (the CLI reads
+its defaults)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class FederationConfig:
+    """The whole plan of a federated run; the server sends it to every site."""
+
+    data: str = "mnist5k"  # simulation: the dataset the sites' partitions come from
+    partition: str = "iid"
+    alpha: float = 0.5
+    num_sites: int = 4
+    holdout: float = 0.2  # as sapf.engine.run.DEFAULT_HOLDOUT (a test keeps them equal)
+    base_model: str = ""  # "" = the shipped public model (present at every site)
+    epsilon: float = 10.0  # per-site target
+    delta: float = 0.0  # 0: each site uses 1/(n ln n) of its own n
+    accountant: str = "rdp"
+    top_fraction: float = 0.3
+    candidates: str = "attention"
+    selection_budget: float = 0.1
+    selection_clip: float = 1e-2
+    selection_sample_rate: float = 1.0
+    rounds: int = 4
+    local_steps: int = 25
+    local_epochs: float = 0.0  # > 0: local steps = epochs × a site's n / batch size instead
+    batch_size: int = 32
+    multiplicity: int = 2
+    clip: float = 1.0
+    lr: float = 3e-3
+    rank: int = 8
+    lora_alpha: int = 8
+    min_clients: int = 2
+    seed: int = 0
+    out: str = ""
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, rec) -> "FederationConfig":
+        """Known keys only: a message or run config may carry more (selected, round...)."""
+        return cls(**{f.name: rec[f.name] for f in fields(cls) if f.name in rec})
+
+    def local_steps_for(self, n: int) -> int:
+        """DP-SGD steps per round at a site holding n examples."""
+        if self.local_epochs > 0:
+            return max(1, math.ceil(self.local_epochs * n / self.batch_size))
+        return self.local_steps
+
+    def query(self):
+        from sapf.engine.saliency import SaliencyQuery
+
+        return SaliencyQuery(self.selection_clip, 1, self.selection_sample_rate, "sqnorm", self.candidates)
