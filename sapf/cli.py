@@ -159,14 +159,14 @@ def train(
     delta: Optional[float] = typer.Option(None, help="Target δ (default 1/(N ln N))."),
     selection: str = typer.Option("saliency", help="saliency (DP-SAPF) | attention | random | full."),
     top_fraction: float = typer.Option(0.3, help="Share of candidate matrices to fine-tune (saliency, random)."),
-    candidates: str = typer.Option("attention", help="Candidate matrices: attention projections, or all Linear/Conv2d."),
+    candidates: str = typer.Option("all", help="Candidate matrices: all Linear/Conv2d, or attention projections."),
     selection_budget: float = typer.Option(0.1, help="Share of ε given to the saliency query."),
     steps: Optional[int] = typer.Option(None, help="DP-SGD steps (default 300)."),
     epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),
     batch_size: int = typer.Option(64, help="Expected (Poisson) batch size."),
-    multiplicity: int = typer.Option(4, help="Noise/timestep replicas per example (averaged before clipping)."),
-    clip: float = typer.Option(1.0, help="Per-example clipping norm C."),
-    lr: float = typer.Option(2e-3),
+    multiplicity: int = typer.Option(1, help="Noise/timestep replicas per example (averaged before clipping)."),
+    clip: float = typer.Option(0.05, help="Per-example clipping norm C (LoRA per-example norms are ~0.03)."),
+    lr: float = typer.Option(3e-3, help="Adam learning rate."),
     rank: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(8, help="LoRA alpha."),
     ema_decay: float = typer.Option(0.0, help="EMA of the trained weights (0: off)."),
@@ -202,7 +202,7 @@ def select(
     epsilon: str = typer.Option("1", help="ε spent on the query alone."),
     delta: Optional[float] = typer.Option(None, help="Target δ (default 1/(N ln N))."),
     top_fraction: float = typer.Option(0.3),
-    candidates: str = typer.Option("attention"),
+    candidates: str = typer.Option("all", help="Candidate matrices: all Linear/Conv2d, or attention projections."),
     score: str = typer.Option("sqnorm", help="sqnorm (Σ‖ĝ‖², sensitivity C²) or norm (Σ‖ĝ‖, sensitivity C)."),
     clip: float = typer.Option(1e-2, help="Clipping norm C of the per-example gradient over all candidates."),
     sample_rate: float = typer.Option(1.0, help="Poisson sample rate of the query."),
@@ -322,6 +322,8 @@ def serve(
     from sapf.outputs import check_output_dir, write_json
 
     tls = _tls(certs, insecure, server=True)
+    if base_model is not None and not base_model.exists():
+        raise SapfError(f"--base-model {base_model} not found")
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
                 candidates, clip, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
     validate(cfg)
@@ -378,7 +380,7 @@ def join(
 @command()
 def certs(
     out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem, server.key (and site keys)."),
-    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="Name or IP the sites dial (repeat)."),
+    host: list[str] = typer.Option([], "--host", help="Name or IP the sites dial (repeat); localhost and 127.0.0.1 are always added."),
     sites: list[str] = typer.Option([], "--site", help="Make a SuperNode key pair for this site name (repeat)."),
     days: int = typer.Option(365, help="Validity in days."),
     force: bool = typer.Option(False, help="Replace existing files."),

@@ -42,6 +42,11 @@ def site_files(tmp_path_factory):
     return paths
 
 
+def _flower_processes() -> set[str]:
+    """Live Flower processes (SuperLink, SuperNode, SuperExec, app processes), as 'pid: cmd'."""
+    return {p for p in _processes_mentioning("flower-") + _processes_mentioning("flwr-")}
+
+
 def _processes_mentioning(marker: str) -> list[str]:
     """Live processes whose command line mentions `marker` (zombies have none)."""
     found = []
@@ -75,6 +80,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags):
     port = _free_port()
+    before = _flower_processes()
     out = tmp_path / "run"
     serve = _start(SAPF + ["serve", "--sites", "2", "--port", str(port), "--host", "127.0.0.1", "--rounds", "2",
                            "--local-steps", "2", "--batch-size", "8", "--multiplicity", "1",
@@ -94,8 +100,9 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags):
     finally:
         for p in [serve, *sites]:
             _stop_group(p)
-    time.sleep(1.0)
-    assert _processes_mentioning(str(tmp_path)) == []  # every SuperLink, SuperNode and app process is gone
+    time.sleep(2.0)
+    # every SuperLink, SuperNode, SuperExec and app process we caused is gone
+    assert _processes_mentioning(str(tmp_path)) == [] and _flower_processes() - before == set()
     return out
 
 
@@ -147,3 +154,44 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
         assert res.returncode == 2, (args, res.stderr)
         assert expected in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_certs_chain_and_keys_are_what_flower_reads(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.cli.supernode.register import try_load_public_key
+
+    from sapf.federation.credentials import make_certificates, make_supernode_keys
+
+    paths = make_certificates(tmp_path, ["server.example.org", "10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    cert = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"server.example.org", "localhost"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.0.0.5", "127.0.0.1"}
+    assert oct(paths["key"].stat().st_mode & 0o777) == "0o600"
+    (private, public), = make_supernode_keys(tmp_path, ["site-a"])
+    assert len(try_load_public_key(public)) > 0  # what `flwr supernode register` accepts
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    assert isinstance(load_ssh_private_key(private.read_bytes(), None), ec.EllipticCurvePrivateKey)
+    from sapf.errors import SapfError
+
+    with pytest.raises(SapfError, match="already exists"):
+        make_certificates(tmp_path, ["x"])  # never overwrites without force
+
+
+def test_serve_exits_nonzero_when_the_server_app_fails(tmp_path):
+    """Flower calls a run whose ServerApp raised "finished"; `sapf serve` must still fail."""
+    before = _flower_processes()
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    res = subprocess.run(SAPF + ["serve", "--sites", "1", "--insecure", "--host", "127.0.0.1", "--port", str(_free_port()),
+                                "--base-model", str(empty), "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "the federated run failed" in res.stderr and "Traceback" not in res.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
+    time.sleep(2.0)
+    assert _flower_processes() - before == set()

@@ -202,3 +202,24 @@ def test_pyproject_declares_the_flower_app():
     known = {f.replace("_", "-") for f in FederationConfig.__dataclass_fields__}
     assert set(app["config"]) <= known  # every run-config key reaches the plan
     assert cfg.rounds == app["config"]["rounds"] and cfg.num_sites == app["config"]["num-sites"]
+    defaults = FederationConfig()
+    drift = {k: v for k, v in app["config"].items() if k != "out" and getattr(defaults, k.replace("-", "_")) != v}
+    assert drift == {}  # the declared app runs the same plan as `sapf federate`
+
+
+def test_plan_defaults_and_local_epochs(tmp_path):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from sapf.engine.run import DEFAULT_HOLDOUT
+    from sapf.federation.deployment import write_app
+
+    assert FederationConfig().holdout == DEFAULT_HOLDOUT  # sites train on the split `sapf evaluate` holds out
+    cfg = FederationConfig(local_epochs=0.5, batch_size=32)
+    assert cfg.local_steps_for(1000) == 16 and cfg.local_steps_for(10) == 1
+    assert FederationConfig(local_steps=7).local_steps_for(1000) == 7
+    # The app bundle `sapf serve` ships: sapf's components and the whole plan, nothing else.
+    app_dir = write_app(tmp_path / "app", FederationConfig(rounds=3, out="/srv/run"))
+    assert [p.name for p in app_dir.iterdir()] == ["pyproject.toml"]
+    app = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    back = FederationConfig.from_record({k.replace("-", "_"): v for k, v in app["config"].items()})
+    assert back == FederationConfig(rounds=3, out="/srv/run")

@@ -59,3 +59,22 @@ def test_refusals():
         calibrate_noise(1.0, 1e-5, 0.1, 10, [Mechanism("x", 0.3, 1.0, 5)])
     with pytest.raises(SapfError, match="no noise level"):
         calibrate_noise(1e-4, 1e-5, 1.0, 10**6, max_sigma=50)
+
+
+def test_small_epsilon_is_certifiable_at_small_delta():
+    """With Opacus's default Rényi orders (≤ 63) no σ certifies ε = 0.1 at δ = 1e-5, so a 10%
+    selection share of ε = 1 was refused. For one Gaussian mechanism the answer is known in closed
+    form (Balle & Wang's exact δ(ε) of the Gaussian mechanism), an accountant-independent check;
+    the classic σ = sqrt(2 ln(1.25/δ))/ε ≈ 48 is an upper reference."""
+    import math
+
+    from scipy.stats import norm
+
+    from sapf.engine.privacy import Mechanism, calibrate_noise, epsilon_of, plan_privacy
+
+    sigma = calibrate_noise(0.1, 1e-5, 1.0, 1)
+    assert epsilon_of([Mechanism("q", sigma, 1.0, 1)], 1e-5) <= 0.1 + 1e-9
+    exact_delta = norm.cdf(1 / (2 * sigma) - 0.1 * sigma) - math.exp(0.1) * norm.cdf(-1 / (2 * sigma) - 0.1 * sigma)
+    assert exact_delta <= 1e-5 and sigma <= math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.1
+    plan = plan_privacy(1.0, 1e-5, 64 / 4000, 200, True, 0.1, 1.0, "rdp")
+    assert plan.selection_noise > 0 and plan.train_noise > 0

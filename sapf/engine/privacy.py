@@ -16,6 +16,10 @@ from sapf.errors import SapfError
 from sapf.outputs import read_json, write_json
 
 ACCOUNTANTS = ("rdp", "prv")
+# Rényi orders for the RDP accountant: Opacus's defaults stop at 63, which cannot certify a
+# small ε at a small δ at all (log(1/δ)/(α-1) alone exceeds 0.1 for δ=1e-5), so a 10% selection
+# share of ε=1 would be refused. Larger orders only tighten the (still valid) bound.
+RDP_ORDERS = sorted({1 + x / 10.0 for x in range(1, 100)} | set(range(12, 64)) | {int(1.25 ** k) for k in range(19, 50)})
 
 
 @dataclass
@@ -47,6 +51,8 @@ def epsilon_of(mechanisms: list[Mechanism], delta: float, accountant: str = "rdp
         return math.inf
     acc = _accountant(accountant)
     acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in live]
+    if accountant == "rdp":
+        return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -81,6 +87,7 @@ class PrivacyLedger:
             "target_epsilon": self.target_epsilon if self.private else None,
             "delta": self.delta,
             "accountant": self.accountant,
+            **({"rdp_orders": RDP_ORDERS} if self.accountant == "rdp" else {}),
             "epsilon_spent": self.epsilon() if self.private else None,
             "private": self.private,
             "mechanisms": [asdict(m) for m in self.mechanisms],

@@ -30,6 +30,7 @@ from sapf.federation.task import FederationConfig
 from sapf.outputs import read_json
 
 CONNECTION = "sapf"  # the SuperLink connection's name in the run's Flower configuration file
+STATUS_POLL_S = 15.0
 QUICK_EXIT_S, RETRY_S = 60.0, 5.0  # `join`: a SuperNode that exits this fast never got in; retry after
 
 
@@ -226,29 +227,35 @@ def serve(cfg: FederationConfig, host: str, port: int, tls: Tls, supernode_keys:
 
 def follow_run(run_id: str, out: Path, home: Path, link: subprocess.Popen, log: Path, timeout: float,
                on_round=None) -> dict:
-    """Wait for the run to finish; the run's own status.json (written by the ServerApp) is the truth,
-    because Flower reports a run whose ServerApp raised as merely "finished"."""
-    t0, seen = time.time(), 0
+    """Wait for the run to end; the run's own status.json (written by the ServerApp) is the truth,
+    because Flower reports a run whose ServerApp raised as merely "finished". Progress comes from
+    the run dir; Flower is asked only every ``STATUS_POLL_S`` (each `flwr` call costs a process)."""
+    t0, seen, last_poll = time.time(), 0, 0.0
+    status_file, ck = out / "status.json", out / "checkpoint" / "state.json"
     while True:
         if link.poll() is not None:
             raise SapfError(f"the SuperLink stopped during the run (code {link.returncode}); see {log}")
-        runs = _flwr(["list", CONNECTION, "--run-id", str(run_id)], home)["runs"]
-        state = runs[0]["status"] if runs else "unknown"
-        ck = out / "checkpoint" / "state.json"
         if on_round is not None and ck.exists():
             rnd = read_json(ck)["round"]
             if rnd > seen:
                 on_round(rnd)
                 seen = rnd
-        if state.startswith("finished"):
+        if status_file.exists():
             break
+        if time.time() - last_poll > STATUS_POLL_S:
+            last_poll = time.time()
+            runs = _flwr(["list", CONNECTION, "--run-id", str(run_id)], home)["runs"]
+            state = runs[0]["status"] if runs else "unknown"
+            if state.startswith("finished"):
+                time.sleep(1.0)  # the ServerApp writes status.json before it returns
+                break
         if time.time() - t0 > timeout:
             _flwr(["stop", str(run_id), CONNECTION], home)
             raise SapfError(f"the run did not finish within {timeout:.0f} s; stopped it")
-        time.sleep(2.0)
-    status = read_json(out / "status.json") if (out / "status.json").exists() else {}
+        time.sleep(1.0)
+    status = read_json(status_file) if status_file.exists() else {}
     if status.get("status") != "completed":
-        why = status.get("error") or f"Flower reports the run as {state}; see {log}"
+        why = status.get("error") or f"the ServerApp ended without a status; see {log}"
         raise SapfError(f"the federated run failed: {why}")
     return status
 

@@ -21,16 +21,16 @@ class FederationConfig:
     delta: float = 0.0  # 0: each site uses 1/(n ln n) of its own n
     accountant: str = "rdp"
     top_fraction: float = 0.3
-    candidates: str = "attention"
+    candidates: str = "all"
     selection_budget: float = 0.1
     selection_clip: float = 1e-2
     selection_sample_rate: float = 1.0
-    rounds: int = 4
+    rounds: int = 6
     local_steps: int = 25
     local_epochs: float = 0.0  # > 0: local steps = epochs × a site's n / batch size instead
     batch_size: int = 32
-    multiplicity: int = 2
-    clip: float = 1.0
+    multiplicity: int = 1
+    clip: float = 0.05
     lr: float = 3e-3
     rank: int = 8
     lora_alpha: int = 8
