@@ -312,6 +312,7 @@ def serve(
     top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, lr: float = _LR,
     min_clients: Optional[int] = typer.Option(None, help="Fewest valid replies a round may go on with (default: all sites)."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (its saved plan)."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
 ):
     """Start a SuperLink, run DP-SAPF across the sites that `sapf join` it, and write the run dir."""
@@ -319,20 +320,29 @@ def serve(
 
     from sapf.federation.deployment import serve as run_serve
     from sapf.federation.simulation import validate
-    from sapf.outputs import check_output_dir, write_json
+    from sapf.outputs import check_output_dir, read_json, write_json
 
     tls = _tls(certs, insecure, server=True)
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
-    cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-                candidates, clip, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
-    validate(cfg)
-    check_output_dir(out, force)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    write_json(out / "config.json", {"command": "serve", "host": host, "port": port, "tls": not insecure,
-                                     "supernode_auth": bool(supernode_key), **cfg.to_record()})
+    if resume:
+        # The saved plan wins: the sites calibrated their noise for it. The ServerApp continues
+        # from checkpoint/; the SuperLink starts afresh (its database is per process).
+        if not (out / "checkpoint" / "state.json").exists():
+            raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run")
+        cfg = _F.from_record({**read_json(out / "config.json"), "out": str(out)})
+        (out / "status.json").unlink(missing_ok=True)
+        shutil.rmtree(out / "superlink", ignore_errors=True)
+    else:
+        cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
+                    candidates, clip, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
+        validate(cfg)
+        check_output_dir(out, force)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        write_json(out / "config.json", {"command": "serve", "host": host, "port": port, "tls": not insecure,
+                                         "supernode_auth": bool(supernode_key), **cfg.to_record()})
     ready = (f"SuperLink up on {host}:{port} ({'insecure' if insecure else 'TLS'}); waiting for {sites} sites: "
              f"sapf join --superlink HOST:{port} --data PATH" + (" --insecure" if insecure else " --ca ca.crt")
              + (" --auth-key KEY" if supernode_key else ""))

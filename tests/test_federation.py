@@ -50,7 +50,7 @@ def _check_only_dp_outputs_and_scalars(reply: Message, arrays: set[str]):
         else:
             assert isinstance(rec, ConfigRecord) and set(rec.keys()) == {"site", "report"}
             report = json.loads(rec["report"])  # the ε history: mechanism parameters, no data
-            assert set(report) == {"target_epsilon", "delta", "accountant", "epsilon_spent", "private", "mechanisms"}
+            assert set(report) == {"target_epsilon", "delta", "accountant", "rdp_orders", "epsilon_spent", "private", "mechanisms"}
 
 
 def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):
@@ -59,7 +59,7 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     q = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type="query.saliency")
     reply = site.app(q, _ctx(node))
     _check_only_dp_outputs_and_scalars(reply, {"scores"})
-    names = candidate_modules(load_generator(tiny_model_dir).unet)
+    names = candidate_modules(load_generator(tiny_model_dir).unet, cfg.candidates)
     assert reply.content["scores"]["scores"].numpy().shape == (len(names),)
     ledger = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
     assert ledger.mechanisms[0].name == "saliency-query" and ledger.mechanisms[0].noise_multiplier > 0
@@ -78,6 +78,22 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     after = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
     assert after.mechanisms[-1].name == "dp-sgd" and after.mechanisms[-1].steps == 2
     assert reply.content["metrics"]["epsilon"] == pytest.approx(after.epsilon())
+
+    # A restarted server asks for the same round again: the site re-sends its release, spending nothing.
+    again = site.app(Message(t.content, dst_node_id=1, message_type="train"), _ctx(node))
+    _check_only_dp_outputs_and_scalars(again, set(state))
+    assert all(torch.equal(again.content["adapter"].to_torch_state_dict()[k], update[k]) for k in state)
+    def dp_steps():
+        return sum(m.steps for m in PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json").mechanisms
+                   if m.name == "dp-sgd")
+
+    assert dp_steps() == 2
+    # A different incoming adapter is a new request: it trains and is recorded.
+    moved = {k: v + 0.01 for k, v in state.items()}
+    t2 = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": selected, "round": 1}),
+                             "adapter": ArrayRecord(torch_state_dict=moved)}), dst_node_id=1, message_type="train")
+    _check_only_dp_outputs_and_scalars(site.app(t2, _ctx(node)), set(state))
+    assert dp_steps() == 4
 
 
 def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):

@@ -96,27 +96,64 @@ def saliency(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _request_key(msg: Message) -> str:
+    """Fingerprint of a training request: its plan, round, selection and incoming adapter."""
+    h = hashlib.sha256(json.dumps(dict(msg.content["config"]), sort_keys=True, default=str).encode())
+    for name, arr in sorted(msg.content["adapter"].items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arr.numpy()).tobytes())
+    return h.hexdigest()[:24]
+
+
+def _load_reply(path: Path) -> tuple[dict, dict] | None:
+    from safetensors.torch import load_file
+
+    if not (path.with_suffix(".json").exists() and path.exists()):
+        return None
+    return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
+
+
+def _save_reply(path: Path, state: dict, metrics: dict) -> None:
+    from safetensors.torch import save_file
+
+    from sapf.outputs import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+    write_json(path.with_suffix(".json"), metrics)  # written last: marks the reply complete
+
+
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
     cfg, gen, data, site, plan, state_dir, ledger_path, ledger = _setup(msg, context)
     selected = list(msg.content["config"]["selected"])
     rnd = int(msg.content["config"]["round"])
-    steps = Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, plan.local_steps)
-    check_budget(ledger, [steps], max_epsilon(context.node_config))
-    model = make_trainable(gen, "saliency", selected, cfg.rank, cfg.lora_alpha)
-    load_lora_state(model, msg.content["adapter"].to_torch_state_dict())
-    # Record the round's steps before training: a crash mid-round can only over-count.
-    ledger.record(steps.name, steps.noise_multiplier, steps.sample_rate, steps.steps)
-    ledger.save(ledger_path)
-    dp_cfg = DPSGDConfig(plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
-                         _site_seed(state_dir, cfg.seed, "train", rnd))
-    torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
-    hist = dp_finetune(gen, model, data, dp_cfg, plan.train_noise, None, show_progress=False)
+    # A server that restarts asks again for a round this site may already have answered. Sending
+    # the same release again is free (post-processing); training anew would spend budget twice.
+    cached = state_dir / "replies" / f"train-{_request_key(msg)}.safetensors"
+    reply = _load_reply(cached)
+    if reply is None:
+        steps = Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, plan.local_steps)
+        check_budget(ledger, [steps], max_epsilon(context.node_config))
+        model = make_trainable(gen, "saliency", selected, cfg.rank, cfg.lora_alpha)
+        load_lora_state(model, msg.content["adapter"].to_torch_state_dict())
+        # Record the round's steps before training: a crash mid-round can only over-count.
+        ledger.record(steps.name, steps.noise_multiplier, steps.sample_rate, steps.steps)
+        ledger.save(ledger_path)
+        dp_cfg = DPSGDConfig(plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
+                             _site_seed(state_dir, cfg.seed, "train", rnd))
+        torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
+        hist = dp_finetune(gen, model, data, dp_cfg, plan.train_noise, None, show_progress=False)
+        reply = lora_state(model), {"examples": int(len(data)), "loss": float(np.nanmean(hist.loss)),
+                                    "train_time_s": float(hist.wall_time_s)}
+        _save_reply(cached, *reply)
+    state, metrics = reply
     content = RecordDict({
-        "adapter": ArrayRecord(torch_state_dict=lora_state(model)),
-        "metrics": MetricRecord({"examples": int(len(data)), "epsilon": float(ledger.epsilon()),
-                                 "loss": float(np.nanmean(hist.loss)), "train_time_s": float(hist.wall_time_s)}),
+        "adapter": ArrayRecord(torch_state_dict=state),
+        "metrics": MetricRecord({**metrics, "epsilon": float(ledger.epsilon())}),
         "privacy": _report(ledger, site),
     })
     return Message(content, reply_to=msg)
