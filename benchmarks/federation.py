@@ -1,7 +1,10 @@
 """Federation cost: wall time of `sapf federate` against centralised `sapf train` with the same
 total DP steps and data, and the bytes a site sends per round against the full model's bytes.
 
-    python benchmarks/federation.py [--clients 4 --rounds 4 --local-steps 25] [--quick]
+    python benchmarks/federation.py [--clients 4 --rounds R --local-steps S] [--quick]
+
+Defaults are `sapf federate`'s (FederationConfig); the central run uses the same batch size,
+multiplicity, candidates, clip and learning rate, and clients × rounds × local steps DP steps.
 
 Writes benchmarks/results/federation.json and prints a table.
 """
@@ -26,41 +29,47 @@ def _timed(cmd: list[str]) -> float:
     return time.time() - t0
 
 
-def bytes_per_round(selected_fraction: float = 0.3) -> dict:
-    """Bytes of the ArrayRecord a site returns (adapter + class-embedding copy) vs the full UNet."""
+def bytes_per_round(selected: list[str]) -> dict:
+    """Bytes of the ArrayRecord a site returns (adapter on the run's selection + class-embedding
+    copy) vs the full UNet."""
     from flwr.app import ArrayRecord
 
     from sapf.engine.finetune import lora_state, make_trainable
     from sapf.engine.model import load_generator
-    from sapf.engine.saliency import candidate_modules, top_count
+    from sapf.federation.task import to_wire
 
     gen = load_generator(None)
-    names = candidate_modules(gen.unet)
-    model = make_trainable(gen, "saliency", names[: top_count(len(names), selected_fraction)])
-    adapter = ArrayRecord(torch_state_dict=lora_state(model)).count_bytes()
+    model = make_trainable(gen, "saliency", selected)
+    adapter = to_wire(lora_state(model)).count_bytes()  # what a site really sends
     full = ArrayRecord(torch_state_dict=gen.unet.state_dict()).count_bytes()
     return {"adapter_bytes": adapter, "full_model_bytes": full, "ratio": adapter / full}
 
 
 def main() -> None:
+    from sapf.federation.plan import FederationConfig
+
+    d = FederationConfig()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--local-steps", type=int, default=25)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=d.num_sites)
+    ap.add_argument("--rounds", type=int, default=d.rounds)
+    ap.add_argument("--local-steps", type=int, default=d.local_steps)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--quick", action="store_true", help="1 round of 5 local steps")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.local_steps = 1, 5
     from common import save, table
 
-    sizes = bytes_per_round()
+    import json
+
     total_steps = a.clients * a.rounds * a.local_steps
+    same = ["--batch-size", str(a.batch_size), "--multiplicity", str(d.multiplicity), "--candidates", d.candidates,
+            "--clip", str(d.clip), "--lr", str(d.lr)]
     with tempfile.TemporaryDirectory() as tmp:
         fed = _timed(["sapf", "federate", "--clients", str(a.clients), "--rounds", str(a.rounds), "--local-steps",
-                      str(a.local_steps), "--batch-size", str(a.batch_size), "--out", f"{tmp}/fed"])
-        central = _timed(["sapf", "train", "--steps", str(total_steps), "--batch-size", str(a.batch_size),
-                          "--multiplicity", "2", "--out", f"{tmp}/central"])
+                      str(a.local_steps), *same, "--out", f"{tmp}/fed"])
+        sizes = bytes_per_round(json.loads(Path(f"{tmp}/fed/selection.json").read_text())["selected"])
+        central = _timed(["sapf", "train", "--steps", str(total_steps), *same, "--out", f"{tmp}/central"])
     rows = [{"clients": a.clients, "rounds": a.rounds, "local_steps": a.local_steps, "total_dp_steps": total_steps,
              "federate_s": round(fed, 1), "central_train_s": round(central, 1), "time_ratio": fed / central,
              **sizes}]

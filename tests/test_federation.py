@@ -19,7 +19,7 @@ from sapf.engine.saliency import candidate_modules
 from sapf.errors import SapfError
 from sapf.federation import client_app as site
 from sapf.federation.simulation import federate
-from sapf.federation.task import FederationConfig, recompute_epsilon, validate_update, weighted_average
+from sapf.federation.task import FederationConfig, from_wire, recompute_epsilon, validate_update, weighted_average
 
 
 @pytest.fixture
@@ -72,7 +72,9 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
                             "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
     reply = site.app(t, _ctx(node))
     _check_only_dp_outputs_and_scalars(reply, set(state))
-    update = reply.content["adapter"].to_torch_state_dict()
+    wire = reply.content["adapter"].to_torch_state_dict()
+    assert all(v.dtype == torch.float16 for v in wire.values())  # adapters travel as float16
+    update = from_wire(reply.content["adapter"])
     assert validate_update(update, state) is None
     assert any(not torch.equal(update[k], state[k]) for k in state)
     after = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
@@ -82,7 +84,7 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     # A restarted server asks for the same round again: the site re-sends its release, spending nothing.
     again = site.app(Message(t.content, dst_node_id=1, message_type="train"), _ctx(node))
     _check_only_dp_outputs_and_scalars(again, set(state))
-    assert all(torch.equal(again.content["adapter"].to_torch_state_dict()[k], update[k]) for k in state)
+    assert all(torch.equal(from_wire(again.content["adapter"])[k], update[k]) for k in state)
     def dp_steps():
         return sum(m.steps for m in PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json").mechanisms
                    if m.name == "dp-sgd")

@@ -23,8 +23,8 @@ from sapf.engine.finetune import DPSGDConfig, dp_finetune, load_lora_state, lora
 from sapf.engine.privacy import Mechanism
 from sapf.engine.saliency import noisy_saliency_scores
 from sapf.errors import SapfError
-from sapf.federation.task import (FederationConfig, base_generator, check_budget, max_epsilon, open_ledger, plan_site,
-                                  site_data, site_state_dir)
+from sapf.federation.task import (FederationConfig, base_generator, check_budget, from_wire, max_epsilon, open_ledger,
+                                  plan_site, site_data, site_state_dir, to_wire)
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
@@ -139,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         steps = Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, plan.local_steps)
         check_budget(ledger, [steps], max_epsilon(context.node_config))
         model = make_trainable(gen, "saliency", selected, cfg.rank, cfg.lora_alpha)
-        load_lora_state(model, msg.content["adapter"].to_torch_state_dict())
+        load_lora_state(model, from_wire(msg.content["adapter"]))
         # Record the round's steps before training: a crash mid-round can only over-count.
         ledger.record(steps.name, steps.noise_multiplier, steps.sample_rate, steps.steps)
         ledger.save(ledger_path)
@@ -152,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
         _save_reply(cached, *reply)
     state, metrics = reply
     content = RecordDict({
-        "adapter": ArrayRecord(torch_state_dict=state),
+        "adapter": to_wire(state),
         "metrics": MetricRecord({**metrics, "epsilon": float(ledger.epsilon())}),
         "privacy": _report(ledger, site),
     })

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file, save_file
 
@@ -26,7 +26,8 @@ from sapf.engine.finetune import load_lora_state, lora_state, make_trainable, me
 from sapf.engine.model import count_parameters, save_generator
 from sapf.engine.saliency import candidate_modules, select_top
 from sapf.errors import SapfError
-from sapf.federation.task import FederationConfig, base_generator, recompute_epsilon, validate_update, weighted_average
+from sapf.federation.task import (FederationConfig, base_generator, from_wire, recompute_epsilon, to_wire, validate_update,
+                                  weighted_average)
 from sapf.outputs import atomic_output_dir, read_json, write_json
 
 log = logging.getLogger("sapf.server")
@@ -85,7 +86,7 @@ def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: l
 def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selected: list[str],
                    state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
     config = ConfigRecord({**cfg.to_record(), "selected": selected, "round": rnd})
-    msgs = [Message(RecordDict({"config": config, "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=n,
+    msgs = [Message(RecordDict({"config": config, "adapter": to_wire(state)}), dst_node_id=n,
                     message_type="train", group_id=f"round-{rnd}") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
     updates, weights, losses, eps = [], [], [], []
@@ -95,7 +96,7 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
             say(f"round {rnd}: site {node} replied with an error: {r.error.reason}")
             continue
         try:
-            update = r.content["adapter"].to_torch_state_dict()
+            update = from_wire(r.content["adapter"])
             n = int(r.content["metrics"]["examples"])
         except (KeyError, ValueError, TypeError) as e:
             say(f"round {rnd}: site {node} sent a malformed reply ({e}); left out")

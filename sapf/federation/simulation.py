@@ -46,6 +46,7 @@ def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -
     from sapf.federation.client_app import app as client_app
     from sapf.federation.server_app import make_server_app
 
+    _quiet_libraries()
     # Sites train with one thread each; Ray runs as many at once as there are cores.
     cores = max(1, os.cpu_count() or 1)
     os.environ.setdefault("SAPF_SITE_THREADS", "1")
@@ -64,6 +65,26 @@ def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -
     if status.get("status") != "completed":
         raise SapfError(f"the federated run failed: {status.get('error', 'see the log above')}")
     return status
+
+
+class _DropDeprecation:
+    """We call run_simulation on purpose (a Python API, no federation config to write); Flower's
+    notice that it prefers `flwr run` would only confuse a user reading our progress lines."""
+
+    def filter(self, record) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    # Opacus calls logging.basicConfig at import, so Flower's records (which propagate) were
+    # printed twice, the second time at DEBUG level; Flower's own handler is enough.
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False
+    if not any(isinstance(f, _DropDeprecation) for f in flwr_log.filters):
+        flwr_log.addFilter(_DropDeprecation())
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def _precheck(cfg: FederationConfig) -> None:
