@@ -48,10 +48,10 @@ PROFILES = {
 # all examples are clipped and Adam's scale invariance makes the exact value matter little.
 SETTINGS = {
     "full": dict(selection="full", lr=3e-4),
-    "attention": dict(selection="attention", candidates="attention", lr=3e-3),
-    "saliency": dict(selection="saliency", candidates="all", lr=3e-3),
-    "random": dict(selection="random", candidates="all", lr=3e-3),
-    "non-private": dict(selection="saliency", candidates="all", lr=3e-3),
+    "attention": dict(selection="attention", candidates="attention", lr=1e-2),
+    "saliency": dict(selection="saliency", candidates="all", lr=1e-2),
+    "random": dict(selection="random", candidates="all", lr=1e-2),
+    "non-private": dict(selection="saliency", candidates="all", lr=1e-2),
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
 

@@ -166,7 +166,7 @@ def train(
     batch_size: int = typer.Option(64, help="Expected (Poisson) batch size."),
     multiplicity: int = typer.Option(1, help="Noise/timestep replicas per example (averaged before clipping)."),
     clip: float = typer.Option(0.05, help="Per-example clipping norm C (LoRA per-example norms are ~0.03)."),
-    lr: float = typer.Option(3e-3, help="Adam learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 1e-2 for LoRA, 3e-4 for full)."),
     rank: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(8, help="LoRA alpha."),
     ema_decay: float = typer.Option(0.0, help="EMA of the trained weights (0: off)."),

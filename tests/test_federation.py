@@ -228,10 +228,11 @@ def test_pyproject_declares_the_flower_app():
 def test_plan_defaults_and_local_epochs(tmp_path):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    from sapf.engine.run import DEFAULT_HOLDOUT
+    from sapf.engine.run import DEFAULT_HOLDOUT, LORA_LR
     from sapf.federation.deployment import write_app
 
     assert FederationConfig().holdout == DEFAULT_HOLDOUT  # sites train on the split `sapf evaluate` holds out
+    assert FederationConfig().lr == LORA_LR
     cfg = FederationConfig(local_epochs=0.5, batch_size=32)
     assert cfg.local_steps_for(1000) == 16 and cfg.local_steps_for(10) == 1
     assert FederationConfig(local_steps=7).local_steps_for(1000) == 7

@@ -31,7 +31,7 @@ class FederationConfig:
     batch_size: int = 32
     multiplicity: int = 1
     clip: float = 0.05
-    lr: float = 3e-3
+    lr: float = 1e-2  # as sapf.engine.run.LORA_LR (a test keeps them equal)
     rank: int = 8
     lora_alpha: int = 8
     min_clients: int = 2
