@@ -24,7 +24,7 @@ from sapf.engine.privacy import Mechanism
 from sapf.engine.saliency import noisy_saliency_scores
 from sapf.errors import SapfError
 from sapf.federation.task import (FederationConfig, base_generator, check_budget, from_wire, max_epsilon, open_ledger,
-                                  plan_site, site_data, site_state_dir, to_wire)
+                                  plan_site, save_tensors, site_data, site_state_dir, to_wire)
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
@@ -114,14 +114,9 @@ def _load_reply(path: Path) -> tuple[dict, dict] | None:
 
 
 def _save_reply(path: Path, state: dict, metrics: dict) -> None:
-    from safetensors.torch import save_file
-
     from sapf.outputs import write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    save_tensors(path, state)
     write_json(path.with_suffix(".json"), metrics)  # written last: marks the reply complete
 
 

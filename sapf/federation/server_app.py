@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sapf.engine.finetune import load_lora_state, lora_state, make_trainable, merged_generator
 from sapf.engine.model import count_parameters, save_generator
 from sapf.engine.saliency import candidate_modules, select_top
 from sapf.errors import SapfError
-from sapf.federation.task import (FederationConfig, base_generator, from_wire, recompute_epsilon, to_wire, validate_update,
-                                  weighted_average)
+from sapf.federation.task import (FederationConfig, base_generator, from_wire, recompute_epsilon, save_tensors, to_wire,
+                                  validate_update, weighted_average)
 from sapf.outputs import atomic_output_dir, read_json, write_json
 
 log = logging.getLogger("sapf.server")
@@ -119,10 +119,7 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
 
 def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torch.Tensor], history: list[dict]) -> None:
     ck = out / "checkpoint"
-    ck.mkdir(parents=True, exist_ok=True)
-    tmp = ck / ".adapter.tmp.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(ck / "adapter.safetensors")
+    save_tensors(ck / "adapter.safetensors", state)
     write_json(ck / "state.json", {"round": rnd, "selection": selection, "history": history})  # written last
 
 

@@ -107,6 +107,16 @@ def check_budget(ledger: PrivacyLedger, extra: list[Mechanism], limit: float) ->
 # --- aggregation (server side) ---------------------------------------------------------------
 
 
+def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write a state dict as safetensors atomically (server checkpoints, a site's saved replies)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+
+
 WIRE_DTYPE = torch.float16
 
 
