@@ -319,31 +319,17 @@ def serve(
     import shutil
 
     from sapf.federation.deployment import serve as run_serve
-    from sapf.federation.simulation import validate
-    from sapf.outputs import check_output_dir, read_json, write_json
+    from sapf.federation.simulation import prepare_run_dir
 
     tls = _tls(certs, insecure, server=True)
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
-    if resume:
-        # The saved plan wins: the sites calibrated their noise for it. The ServerApp continues
-        # from checkpoint/; the SuperLink starts afresh (its database is per process).
-        if not (out / "checkpoint" / "state.json").exists():
-            raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run")
-        cfg = _F.from_record({**read_json(out / "config.json"), "out": str(out)})
-        (out / "status.json").unlink(missing_ok=True)
-        shutil.rmtree(out / "superlink", ignore_errors=True)
-    else:
-        cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-                    candidates, clip, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
-        validate(cfg)
-        check_output_dir(out, force)
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        write_json(out / "config.json", {"command": "serve", "host": host, "port": port, "tls": not insecure,
-                                         "supernode_auth": bool(supernode_key), **cfg.to_record()})
-    ready = (f"SuperLink up on {host}:{port} ({'insecure' if insecure else 'TLS'}); waiting for {sites} sites: "
+    cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
+                candidates, clip, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
+    cfg = prepare_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
+                                                             "supernode_auth": bool(supernode_key)})
+    shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)
+    ready = (f"SuperLink up on {host}:{port} ({'insecure' if insecure else 'TLS'}); waiting for {cfg.num_sites} sites: "
              f"sapf join --superlink HOST:{port} --data PATH" + (" --insecure" if insecure else " --ca ca.crt")
              + (" --auth-key KEY" if supernode_key else ""))
     _exit_on_sigterm()

@@ -22,24 +22,34 @@ def validate(cfg: FederationConfig) -> None:
         raise SapfError(f"--top-fraction must lie in (0, 1], got {cfg.top_fraction}")
 
 
-def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -> dict:
+def prepare_run_dir(cfg: FederationConfig, command: str, force: bool, resume: bool, extra: dict | None = None,
+                    precheck=None) -> FederationConfig:
+    """The run dir of `sapf federate` and `sapf serve`. Resuming, the saved plan wins (the sites
+    calibrated their noise for it) and the ServerApp continues from checkpoint/; otherwise the dir
+    is made afresh (``precheck(cfg)`` first, if given) with the plan in config.json."""
+    import shutil
+
     out = Path(cfg.out)
-    validate(cfg)
     if resume:
         if not (out / "checkpoint" / "state.json").exists():
             raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run")
-        saved = read_json(out / "config.json")
-        cfg = FederationConfig.from_record({**saved, "out": str(out)})
-    else:
+        cfg = FederationConfig.from_record({**read_json(out / "config.json"), "out": str(out)})
+    validate(cfg)
+    if not resume:
         check_output_dir(out, force)
-        if out.exists() and force:
-            import shutil
-
+        if precheck is not None:
+            precheck(cfg)  # before the old run is replaced: a plan no site can run loses nothing
+        if out.exists():  # check_output_dir let it through: empty, or --force
             shutil.rmtree(out)
-        _precheck(cfg)
         out.mkdir(parents=True)
-        write_json(out / "config.json", {"command": "federate", **asdict(cfg)})
+        write_json(out / "config.json", {"command": command, **(extra or {}), **asdict(cfg)})
     (out / "status.json").unlink(missing_ok=True)
+    return cfg
+
+
+def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -> dict:
+    cfg = prepare_run_dir(cfg, "federate", force, resume, precheck=_precheck)
+    out = Path(cfg.out)
 
     from flwr.simulation import run_simulation
 
