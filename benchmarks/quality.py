@@ -43,15 +43,16 @@ PROFILES = {
     "full": dict(steps=600, batch_size=64, samples=2000, ddim_steps=50),
     "quick": dict(steps=200, batch_size=64, samples=500, ddim_steps=50),
 }
+from sapf.engine.run import FULL_LR, LORA_LR  # noqa: E402  (the engine's defaults, not copies)
+
 # Per method: what is trained, and its learning rate (full weights need a far smaller one).
-# The clip is the same for all: per-example gradient norms of every variant sit above it, so
-# all examples are clipped and Adam's scale invariance makes the exact value matter little.
+# The clip is the same for all (sapf's default); it has not been tuned per method.
 SETTINGS = {
-    "full": dict(selection="full", lr=3e-4),
-    "attention": dict(selection="attention", candidates="attention", lr=1e-2),
-    "saliency": dict(selection="saliency", candidates="all", lr=1e-2),
-    "random": dict(selection="random", candidates="all", lr=1e-2),
-    "non-private": dict(selection="saliency", candidates="all", lr=1e-2),
+    "full": dict(selection="full", lr=FULL_LR),
+    "attention": dict(selection="attention", candidates="attention", lr=LORA_LR),
+    "saliency": dict(selection="saliency", candidates="all", lr=LORA_LR),
+    "random": dict(selection="random", candidates="all", lr=LORA_LR),
+    "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR),
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
 
@@ -226,7 +227,7 @@ def main() -> None:
 
     if a.report:
         result = read_json(RESULTS / "quality.json")
-        result["rows"] = [{k: (math.inf if v == "inf" else v) for k, v in r.items()} for r in result["rows"]]
+        result["rows"] = [_from_jsonable(r) for r in result["rows"]]
         result["plots"] = plots(result["rows"], a.epsilons)
         write_doc(result)
         return
@@ -241,7 +242,7 @@ def main() -> None:
     if a.resume and (RESULTS / "quality.json").exists():
         old = read_json(RESULTS / "quality.json")
         if old["profile"] == prof:
-            rows = [{k: (math.inf if v == "inf" else v) for k, v in r.items()} for r in old["rows"]]
+            rows = [_from_jsonable(r) for r in old["rows"]]
             grids = old["grids"]
             done = {(r["method"], r["epsilon"]) for r in rows}
             jobs = [j for j in jobs if j not in done]
@@ -276,6 +277,10 @@ def main() -> None:
 def _jsonable(row: dict) -> dict:
     """JSON has no ∞: the non-private row's ε is written as the string "inf"."""
     return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+
+
+def _from_jsonable(row: dict) -> dict:
+    return {k: (math.inf if v == "inf" else v) for k, v in row.items()}
 
 
 if __name__ == "__main__":

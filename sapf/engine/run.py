@@ -53,7 +53,7 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 64
     multiplicity: int = 1
-    clip: float = 0.05  # LoRA per-example gradient norms sit around 0.03: most are clipped
+    clip: float = 0.05  # at the start, attention-LoRA per-example gradient norms had median ~0.03
     lr: float | None = None  # None: LORA_LR, or FULL_LR for full fine-tuning
     rank: int = 8
     lora_alpha: int = 8
