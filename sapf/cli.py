@@ -282,14 +282,6 @@ def _done(out: Path, status: dict) -> None:
     _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
 
 
-def _tls(certs: Optional[Path], insecure: bool, server: bool):
-    from sapf.federation.deployment import Tls
-
-    if insecure and certs is not None:
-        raise SapfError("--insecure and --certs exclude each other")
-    return Tls.from_dir(certs, insecure, server)
-
-
 def _exit_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so the Flower processes we started are stopped too."""
     import signal
@@ -318,10 +310,10 @@ def serve(
     """Start a SuperLink, run DP-SAPF across the sites that `sapf join` it, and write the run dir."""
     import shutil
 
-    from sapf.federation.deployment import serve as run_serve
+    from sapf.federation.deployment import Tls, serve as run_serve
     from sapf.federation.simulation import prepare_run_dir
 
-    tls = _tls(certs, insecure, server=True)
+    tls = Tls.from_dir(certs, insecure, server=True)
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
@@ -355,12 +347,7 @@ def join(
 
     from sapf.federation.deployment import SiteConfig, Tls, check_site, join as run_join
 
-    if insecure and ca is not None:
-        raise SapfError("--insecure and --ca exclude each other")
-    if not insecure and ca is None:
-        raise SapfError("TLS is on by default: give --ca ca.crt (from the server's `sapf certs`), or --insecure")
-    if ca is not None and not ca.is_file():
-        raise SapfError(f"--ca {ca} not found")
+    tls = Tls.for_site(ca, insecure)
     if not data.exists():
         raise SapfError(f"--data {data} not found")
     name = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:10]
@@ -369,8 +356,7 @@ def join(
     _say(f"joining {superlink} with {n} examples from {data}; ledger in {site.state_dir}"
          + (f"; ε limit {max_epsilon:g}" if max_epsilon is not None else ""))
     _exit_on_sigterm()
-    raise typer.Exit(run_join(superlink, site, Tls(insecure=True) if insecure else Tls(ca=ca), auth_key, port,
-                              wait=wait, say=_say))
+    raise typer.Exit(run_join(superlink, site, tls, auth_key, port, wait=wait, say=_say))
 
 
 @command()

@@ -45,6 +45,9 @@ class Tls:
 
     @classmethod
     def from_dir(cls, certs: Path | None, insecure: bool, server: bool) -> "Tls":
+        """The SuperLink's side (and the `flwr` CLI's): a directory made by `sapf certs`."""
+        if insecure and certs is not None:
+            raise SapfError("--insecure and --certs exclude each other")
         if insecure:
             return cls(insecure=True)
         if certs is None:
@@ -54,6 +57,19 @@ class Tls:
             if p is not None and not p.is_file():
                 raise SapfError(f"{p} not found (make the certificates with `sapf certs --out {certs}`)")
         return tls
+
+    @classmethod
+    def for_site(cls, ca: Path | None, insecure: bool) -> "Tls":
+        """A site's side: the CA certificate that verifies the SuperLink."""
+        if insecure and ca is not None:
+            raise SapfError("--insecure and --ca exclude each other")
+        if insecure:
+            return cls(insecure=True)
+        if ca is None:
+            raise SapfError("TLS is on by default: give --ca ca.crt (from the server's `sapf certs`), or --insecure")
+        if not ca.is_file():
+            raise SapfError(f"--ca {ca} not found")
+        return cls(ca=ca)
 
 
 def _free_port() -> int:
