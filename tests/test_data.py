@@ -21,6 +21,17 @@ def test_digits_are_upscaled_to_model_size():
     assert -1.0 <= ds.images.min() < -0.9 and 0.9 < ds.images.max() <= 1.0
 
 
+def test_digits_take_mnists_layout():
+    """20/28 of the frame, centre of mass at the centre — MNIST's documented format, as mnist5k shows."""
+    for name in ("digits", "mnist5k"):
+        x = (load_dataset(name, 28, 1).images[:, 0] + 1) / 2
+        ink = x.sum(0) / x.sum()
+        assert ink[:2].sum() + ink[-2:].sum() + ink[:, :2].sum() + ink[:, -2:].sum() < 0.01, name  # empty border
+        rows = np.arange(28)
+        com = np.array([(x.sum(2) * rows).sum(1), (x.sum(1) * rows).sum(1)]) / x.sum((1, 2))
+        assert np.abs(com - 14).mean() < 1.0, name  # centred to within a pixel on average
+
+
 def _write_folder(root, n_per_class=3, classes=("cat", "dog"), size=20, mode="L"):
     rng = np.random.default_rng(0)
     for c in classes:

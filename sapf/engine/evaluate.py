@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():
+        # A singular covariance (few samples, or dead features) is expected here and handled below;
+        # the reference FID code silences the same warning (sqrtm(..., disp=False)).
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as the reference FID code does
         eps = np.eye(len(s1)) * 1e-6
         covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
