@@ -166,7 +166,8 @@ def train(
     batch_size: int = typer.Option(64, help="Expected (Poisson) batch size."),
     multiplicity: int = typer.Option(1, help="Noise/timestep replicas per example (averaged before clipping)."),
     clip: float = typer.Option(0.05, help="Per-example clipping norm C (LoRA per-example norms are ~0.03)."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 1e-2 for LoRA, 3e-4 for full)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (Adam: 1e-2 for LoRA, 3e-4 for full; SGD: 1.0 for LoRA)."),
+    optimizer: str = typer.Option("adam", help="adam (AdamW) or sgd (momentum 0.9)."),
     rank: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(8, help="LoRA alpha."),
     ema_decay: float = typer.Option(0.0, help="EMA of the trained weights (0: off)."),
@@ -183,7 +184,7 @@ def train(
         data=data, base_model=str(base_model) if base_model else None, holdout=holdout, epsilon=eps, delta=delta,
         accountant=accountant, selection=selection, candidates=candidates, top_fraction=top_fraction,
         selection_budget=selection_budget, steps=steps, epochs=epochs, batch_size=batch_size, multiplicity=multiplicity,
-        clip=clip, lr=lr, rank=rank, lora_alpha=lora_alpha, ema_decay=ema_decay, seed=seed,
+        clip=clip, lr=lr, rank=rank, lora_alpha=lora_alpha, ema_decay=ema_decay, seed=seed, optimizer=optimizer,
     )
     if not math.isfinite(eps):
         _say("ε = inf: training WITHOUT differential privacy (the non-private upper bound)")

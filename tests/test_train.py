@@ -17,11 +17,11 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("selection", ["saliency", "full"])
-def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_npz, selection):
+@pytest.mark.parametrize("selection,optimizer", [("saliency", "adam"), ("full", "adam"), ("saliency", "sgd")])
+def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_npz, selection, optimizer):
     out = tmp_path / "run"
     r = run("train", "--base-model", tiny_model_dir, "--data", mnist_small_npz, "--epsilon", 10, "--selection", selection,
-            "--steps", 4, "--batch-size", 16, "--multiplicity", 2, "--seed", 1, "--out", out)
+            "--steps", 4, "--batch-size", 16, "--multiplicity", 2, "--seed", 1, "--optimizer", optimizer, "--out", out)
     assert r.exit_code == 0, r.output
     priv = json.loads((out / "privacy.json").read_text())
     assert set(priv) >= {"target_epsilon", "delta", "accountant", "epsilon_spent", "mechanisms"}
@@ -32,6 +32,7 @@ def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_np
     sel = json.loads((out / "selection.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["seed"] == 1 and cfg["multiplicity"] == 2 and cfg["resolved_steps"] == 4
+    assert cfg["optimizer"] == optimizer
     merged = UNet2DModel.from_pretrained(out / "model" / "unet")
     base = load_generator(tiny_model_dir).unet
     assert (out / "grid.png").exists() and (out / "loss.png").exists()
@@ -70,6 +71,8 @@ def test_bad_training_input(tmp_path, tiny_model_dir, mnist_small_npz):
         "no class sub-folders": ["--data", tmp_path / "empty"],
         "selection": ["--data", mnist_small_npz, "--selection", "everything"],
         "no noise level": ["--data", mnist_small_npz, "--epsilon", "0.001", "--steps", "100000"],
+        "optimizer": ["--data", mnist_small_npz, "--optimizer", "rmsprop"],
+        "explicit --lr": ["--data", mnist_small_npz, "--optimizer", "sgd", "--selection", "full"],
     }
     for expect, extra in cases.items():
         r = run(*base, *extra)

@@ -32,6 +32,20 @@ class DPSGDConfig:
     lr: float = 2e-3
     ema_decay: float = 0.0  # 0: no EMA
     seed: int = 0
+    optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9)
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+    # SGD keeps DP noise isotropic; Adam rescales every coordinate, so a coordinate with little signal
+    # still takes a full-size (noise) step. Which is better for DP-LoRA is measured, not assumed (README).
+    if name == "adam":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise SapfError(f"unknown --optimizer '{name}' ({', '.join(OPTIMIZERS)})")
 
 
 def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int = 8, lora_alpha: int = 8) -> nn.Module:
@@ -112,7 +126,7 @@ def dp_finetune(
 
     Private: Poisson batches with rate B/N, per-example gradients averaged over K replicas,
     clipped to C, summed, noised with N(0, σ²C²) and divided by B (Opacus DPOptimizer); every
-    step is recorded in `ledger`. Non-private (ε = ∞): uniform batches of B, plain AdamW.
+    step is recorded in `ledger`. Non-private (ε = ∞): uniform batches of B, no clipping or noise.
     """
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -128,7 +142,7 @@ def dp_finetune(
     torch_gen = torch.Generator().manual_seed(cfg.seed)
     conditional = gen.num_classes > 0
     net = wrap_for_per_sample_grads(model) if private else model
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
     q = cfg.batch_size / n
     if private:
         optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip,
