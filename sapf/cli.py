@@ -234,13 +234,18 @@ _MULTIPLICITY = typer.Option(_F.multiplicity, help="Replicas per example (averag
 _TOP = typer.Option(_F.top_fraction, help="Share of candidate matrices to fine-tune.")
 _CANDIDATES = typer.Option(_F.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
 _CLIP = typer.Option(_F.clip, help="Per-example clipping norm C of local DP-SGD.")
-_LR = typer.Option(_F.lr, help="Learning rate of local DP-SGD (Adam).")
+_OPTIMIZER = typer.Option(_F.optimizer, help="Optimizer of local DP-SGD: adam (AdamW) or sgd (momentum 0.9).")
+_LR = typer.Option(None, help="Learning rate of local DP-SGD (default: 1e-2 for adam, 1.0 for sgd).")
 _BASE = typer.Option(None, "--base-model", help="Base generator dir, present at every site (default: the shipped public model).")
 _SEED = typer.Option(0)
 
 
 def _plan(out: Path, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-          candidates, clip, lr, base_model, seed, **extra):
+          candidates, clip, optimizer, lr, base_model, seed, **extra):
+    from sapf.federation.plan import DEFAULT_LR
+
+    if optimizer not in DEFAULT_LR:
+        raise SapfError(f"unknown --optimizer '{optimizer}' ({', '.join(DEFAULT_LR)})")
     if local_steps is not None and local_epochs is not None:
         raise SapfError("give --local-steps or --local-epochs, not both")
     if local_epochs is not None and not local_epochs > 0:
@@ -249,7 +254,8 @@ def _plan(out: Path, rounds, local_steps, local_epochs, epsilon, delta, batch_si
         base_model=str(base_model) if base_model else "", epsilon=_epsilon(epsilon), delta=delta or 0.0,
         rounds=rounds, local_steps=local_steps if local_steps is not None else _F.local_steps,
         local_epochs=local_epochs or 0.0, batch_size=batch_size, multiplicity=multiplicity, top_fraction=top_fraction,
-        candidates=candidates, clip=clip, lr=lr, seed=seed, out=str(out), **extra)
+        candidates=candidates, clip=clip, optimizer=optimizer, lr=DEFAULT_LR[optimizer] if lr is None else lr, seed=seed,
+        out=str(out), **extra)
 
 
 @command()
@@ -261,7 +267,8 @@ def federate(
     alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
-    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, lr: float = _LR,
+    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
+    lr: Optional[float] = _LR,
     min_clients: int = typer.Option(2, help="Fewest valid replies a round may go on with."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -271,7 +278,7 @@ def federate(
     from sapf.federation.simulation import federate as run_federate
 
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-                candidates, clip, lr, base_model, seed, data=data, partition=partition, alpha=alpha,
+                candidates, clip, optimizer, lr, base_model, seed, data=data, partition=partition, alpha=alpha,
                 num_sites=clients, min_clients=min(min_clients, clients))
     _done(out, run_federate(cfg, force=force, resume=resume))
 
@@ -302,7 +309,8 @@ def serve(
     supernode_key: list[Path] = typer.Option([], "--supernode-key", help="A site's public key (repeat): turns on SuperNode authentication."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
-    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, lr: float = _LR,
+    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
+    lr: Optional[float] = _LR,
     min_clients: Optional[int] = typer.Option(None, help="Fewest valid replies a round may go on with (default: all sites)."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (its saved plan)."),
@@ -318,7 +326,7 @@ def serve(
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-                candidates, clip, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
+                candidates, clip, optimizer, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
     cfg = prepare_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
                                                              "supernode_auth": bool(supernode_key)})
     shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)

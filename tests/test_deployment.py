@@ -149,6 +149,8 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
         (["serve", "--sites", "2", "--insecure", "--certs", str(tmp_path), "--out", str(tmp_path / "r")], "exclude"),
         (["certs", "--out", str(tmp_path / "c"), "--host", "127.0.0.1", "--days", "0"], "--days"),
         (["serve", "--sites", "2", "--insecure", "--resume", "--out", str(tmp_path / "r")], "no checkpoint"),
+        (["serve", "--sites", "2", "--insecure", "--optimizer", "lbfgs", "--out", str(tmp_path / "r")], "--optimizer"),
+        (["federate", "--clients", "2", "--optimizer", "lbfgs", "--out", str(tmp_path / "f")], "--optimizer"),
     ]
     for args, expected in cases:
         res = subprocess.run(SAPF + args, capture_output=True, text=True)

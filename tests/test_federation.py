@@ -228,11 +228,14 @@ def test_pyproject_declares_the_flower_app():
 def test_plan_defaults_and_local_epochs(tmp_path):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    from sapf.engine.run import DEFAULT_HOLDOUT, LORA_LR
+    from sapf.engine.finetune import OPTIMIZERS
+    from sapf.engine.run import DEFAULT_HOLDOUT, LORA_LR, SGD_LORA_LR
+    from sapf.federation.plan import DEFAULT_LR
     from sapf.federation.deployment import write_app
 
     assert FederationConfig().holdout == DEFAULT_HOLDOUT  # sites train on the split `sapf evaluate` holds out
-    assert FederationConfig().lr == LORA_LR
+    assert FederationConfig().lr == DEFAULT_LR[FederationConfig().optimizer]
+    assert DEFAULT_LR == {"adam": LORA_LR, "sgd": SGD_LORA_LR} and tuple(DEFAULT_LR) == OPTIMIZERS
     cfg = FederationConfig(local_epochs=0.5, batch_size=32)
     assert cfg.local_steps_for(1000) == 16 and cfg.local_steps_for(10) == 1
     assert FederationConfig(local_steps=7).local_steps_for(1000) == 7
@@ -242,3 +245,25 @@ def test_plan_defaults_and_local_epochs(tmp_path):
     app = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     back = FederationConfig.from_record({k.replace("-", "_"): v for k, v in app["config"].items()})
     assert back == FederationConfig(rounds=3, out="/srv/run")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_site_trains_with_the_planned_optimizer(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity, optimizer):
+    # One local step from a zero lora_B: Adam moves every entry by ≈ lr (its first step is lr·g/|g|),
+    # SGD by lr·g, which varies from entry to entry. The spread tells which optimizer the site ran.
+    lr = 1e-2
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run", local_steps=1, optimizer=optimizer, lr=lr)
+    gen = load_generator(tiny_model_dir)
+    names = candidate_modules(gen.unet, cfg.candidates)[:3]
+    state = lora_state(make_trainable(gen, "saliency", names))
+    msg = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": 1}),
+                              "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
+    reply = site.app(msg, _ctx({"partition-id": 0, "num-partitions": 2}))
+    _check_only_dp_outputs_and_scalars(reply, set(state))
+    update = from_wire(reply.content["adapter"])
+    step = torch.cat([(update[k].float() - state[k].float()).abs().flatten() for k in state if "lora_B" in k])
+    spread = float(step.std() / step.mean())
+    if optimizer == "adam":
+        assert spread < 0.05 and float(step.mean()) == pytest.approx(lr, rel=0.05)
+    else:
+        assert spread > 0.3

@@ -52,7 +52,7 @@ def load_dataset(spec: str, image_size: int = 28, channels: int = 1) -> ImageDat
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x = mnist_layout(d.images.astype(np.float32)[:, None] / 16.0, image_size)
+        x = mnist_layout(pen_strokes(d.images.astype(np.float32)[:, None] / 16.0), image_size)
         ds = ImageDataset(_prepare(x, image_size, channels), d.target.astype(np.int64), 10, "digits", [str(i) for i in range(10)])
     else:
         path = Path(spec)
@@ -76,6 +76,33 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(path, "rt") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
     return arr[:, :784].reshape(-1, 28, 28), arr[:, 784].astype(np.int64)
+
+
+def pen_strokes(x01: np.ndarray, canvas: int = 80, pen_radius: int = 5) -> np.ndarray:
+    """(N, 1, h, w) in [0, 1] → the same digits re-drawn as anti-aliased pen strokes on a `canvas`².
+
+    UCI digits are 4×4-pixel ink counts, so upscaled they are thick blurred blobs, while MNIST (and
+    most handwriting a site holds) is thin pen strokes. Fine-tuning from blobs spends the private
+    budget on the blob → stroke transfer, and its samples wander inside the blob (measured: even
+    non-private fine-tuning gives scribbles). So we trace each digit's centre line (threshold at
+    half ink, skeletonize) and re-draw it with a round pen (`pen_radius`/`canvas` of the frame:
+    ≈ 2.75 px of MNIST's 20-pixel box). A fixed, data-independent map of public data; measured
+    with sapf's feature network it cuts the public set's FID to the MNIST holdout from 905 to 356.
+    """
+    import torch
+    import torch.nn.functional as F
+    from scipy.ndimage import binary_dilation, gaussian_filter
+    from skimage.morphology import disk, skeletonize
+
+    big = F.interpolate(torch.as_tensor(np.ascontiguousarray(x01, np.float32)), size=(canvas, canvas),
+                        mode="bilinear", align_corners=False).clamp(0, 1).numpy()
+    pen = disk(pen_radius)
+    out = np.zeros_like(big)
+    for n, im in enumerate(big):
+        for c in range(im.shape[0]):
+            stroke = binary_dilation(skeletonize(im[c] > 0.5), structure=pen).astype(np.float32)
+            out[n, c] = gaussian_filter(stroke, 1.0)  # soft pen edge, as a scanned stroke has
+    return out.clip(0, 1)
 
 
 def mnist_layout(x01: np.ndarray, image_size: int) -> np.ndarray:

@@ -139,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         ledger.record(steps.name, steps.noise_multiplier, steps.sample_rate, steps.steps)
         ledger.save(ledger_path)
         dp_cfg = DPSGDConfig(plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
-                             _site_seed(state_dir, cfg.seed, "train", rnd))
+                             _site_seed(state_dir, cfg.seed, "train", rnd), cfg.optimizer)
         torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
         hist = dp_finetune(gen, model, data, dp_cfg, plan.train_noise, None, show_progress=False)
         reply = lora_state(model), {"examples": int(len(data)), "loss": float(np.nanmean(hist.loss)),

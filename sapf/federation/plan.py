@@ -6,6 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+# Local DP-SGD learning rate when none is given, per optimizer: as sapf.engine.run's LORA_LR and
+# SGD_LORA_LR (a test keeps them equal; this module stays torch-free for the CLI).
+DEFAULT_LR = {"adam": 1e-2, "sgd": 1.0}
+
 
 @dataclass
 class FederationConfig:
@@ -31,7 +35,8 @@ class FederationConfig:
     batch_size: int = 32
     multiplicity: int = 1
     clip: float = 0.05
-    lr: float = 1e-2  # as sapf.engine.run.LORA_LR (a test keeps them equal)
+    optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9); a fresh optimizer every round
+    lr: float = DEFAULT_LR["adam"]
     rank: int = 8
     lora_alpha: int = 8
     min_clients: int = 2
