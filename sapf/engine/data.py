@@ -6,6 +6,7 @@ size and channels, int64 labels, and the number of classes.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass, field
@@ -49,11 +50,9 @@ def load_dataset(spec: str, image_size: int = 28, channels: int = 1) -> ImageDat
         x, y = _mnist5k_raw()
         ds = ImageDataset(_prepare(x[:, None] / 255.0, image_size, channels), y, 10, "mnist5k", [str(i) for i in range(10)])
     elif spec == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = mnist_layout(pen_strokes(d.images.astype(np.float32)[:, None] / 16.0), image_size)
-        ds = ImageDataset(_prepare(x, image_size, channels), d.target.astype(np.int64), 10, "digits", [str(i) for i in range(10)])
+        strokes, labels = _uci_digits_as_pen_strokes()
+        x = mnist_layout(strokes, image_size)  # a new array: the cached strokes are never written
+        ds = ImageDataset(_prepare(x, image_size, channels), labels.copy(), 10, "digits", [str(i) for i in range(10)])
     else:
         path = Path(spec)
         if not path.exists():
@@ -76,6 +75,16 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(path, "rt") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
     return arr[:, :784].reshape(-1, 28, 28), arr[:, 784].astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _uci_digits_as_pen_strokes() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's UCI digits as pen strokes (80² canvas) and their labels. Skeletonizing 1,797 digits
+    takes ~2.5 s, so it is done once a process, whatever image size is asked for."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return pen_strokes(d.images.astype(np.float32)[:, None] / 16.0), d.target.astype(np.int64)
 
 
 def pen_strokes(x01: np.ndarray, canvas: int = 80, pen_radius: int = 5) -> np.ndarray:

@@ -38,14 +38,18 @@ class DPSGDConfig:
 OPTIMIZERS = ("adam", "sgd")
 
 
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise SapfError(f"unknown --optimizer '{name}' ({', '.join(OPTIMIZERS)})")
+
+
 def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     # SGD keeps DP noise isotropic; Adam rescales every coordinate, so a coordinate with little signal
     # still takes a full-size (noise) step. Which is better for DP-LoRA is measured, not assumed (README).
-    if name == "adam":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    check_optimizer(name)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise SapfError(f"unknown --optimizer '{name}' ({', '.join(OPTIMIZERS)})")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int = 8, lora_alpha: int = 8) -> nn.Module:

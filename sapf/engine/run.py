@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
-from sapf.engine.finetune import OPTIMIZERS, DPSGDConfig, dp_finetune, make_trainable, merged_generator
+from sapf.engine.finetune import DPSGDConfig, check_optimizer, dp_finetune, make_trainable, merged_generator
 from sapf.engine.model import Generator, check_data_fits, count_parameters, load_generator, save_generator
 from sapf.engine.privacy import PrivacyLedger, PrivacyPlan, calibrate_noise, check_privacy_args, plan_privacy
 from sapf.engine.saliency import STRATEGIES, SaliencyQuery, Selection, choose_matrices, top_count
@@ -118,8 +118,7 @@ def validate(cfg: TrainConfig, n: int) -> None:
         raise SapfError("--selection-sample-rate must lie in (0, 1]")
     if cfg.rank < 1:
         raise SapfError("--rank must be at least 1")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise SapfError(f"unknown --optimizer '{cfg.optimizer}' ({', '.join(OPTIMIZERS)})")
+    check_optimizer(cfg.optimizer)
     cfg.learning_rate()  # refuses a combination with no default learning rate
 
 
