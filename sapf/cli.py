@@ -58,6 +58,7 @@ def pretrain(
     batch_size: int = typer.Option(64),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine)."),
     widths: str = typer.Option("32,64,64", help="UNet channels per level, comma-separated."),
+    slant: str = typer.Option("-0.1,0.5", help="Random shear range MIN,MAX per image (positive leans right), or 'off'."),
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="Replace an existing --out."),
 ):
@@ -77,8 +78,10 @@ def pretrain(
         raise SapfError(f"--widths must be comma-separated integers, got '{widths}'") from None
     if len(levels) < 2 or any(w < 1 for w in levels) or image_size % 2 ** (len(levels) - 1):
         raise SapfError("--widths needs at least 2 levels and --image-size divisible by 2^(levels-1)")
+    slant_range = None if slant.strip().lower() == "off" else _float_pair(slant, "--slant")
     check_output_dir(out, force)
     cfg = PretrainConfig(data=data, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         slant=slant_range,
                          block_out_channels=levels, norm_num_groups=math.gcd(8, *levels), attention_head_dim=min(32, levels[-1]))
     ds = load_dataset(data, image_size, 1)
     gen, hist = run_pretrain(cfg, ds)
@@ -90,6 +93,16 @@ def pretrain(
         images, labels = sample(gen, 100, steps=50, seed=seed)
         write_samples(tmp / "samples", images, labels)
     _say(f"wrote {out} ({hist['parameters']:,} parameters, {hist['wall_time_s']:.0f} s); grid: {out}/samples/grid.png")
+
+
+def _float_pair(text: str, option: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SapfError(f"{option} must be MIN,MAX (two numbers) or 'off', got '{text}'") from None
+    if not (lo <= hi and abs(lo) <= 1 and abs(hi) <= 1):
+        raise SapfError(f"{option} needs MIN <= MAX, both within [-1, 1], got '{text}'")
+    return lo, hi
 
 
 @command()

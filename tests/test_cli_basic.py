@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 from typer.testing import CliRunner
 
@@ -24,6 +26,7 @@ def test_pretrain_then_sample(tmp_path):
     assert r.exit_code == 0, r.output
     for f in ("unet/config.json", "scheduler/scheduler_config.json", "config.json", "loss.png", "samples/grid.png"):
         assert (m / f).exists(), f
+    assert json.loads((m / "config.json").read_text())["slant"] == [-0.1, 0.5]  # the default augmentation, recorded
     s = tmp_path / "s"
     r = run("sample", "--model", m, "--num", 6, "--steps", 3, "--seed", 4, "--out", s)
     assert r.exit_code == 0, r.output
@@ -46,6 +49,8 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("sample", "--model", tiny_model_dir, "--num", 2, "--class-label", 12, "--out", tmp_path / "c"),
         ("pretrain", "--data", tmp_path / "nope", "--out", tmp_path / "d"),
         ("pretrain", "--data", "digits", "--widths", "8,x", "--out", tmp_path / "e"),
+        ("pretrain", "--data", "digits", "--slant", "0.5,-0.1", "--out", tmp_path / "f"),
+        ("pretrain", "--data", "digits", "--slant", "lean", "--out", tmp_path / "g"),
     ]
     for args in cases:
         r = run(*args)
@@ -53,4 +58,4 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("sapf: error:"), r.output
         assert "Traceback" not in r.output
-    assert not any((tmp_path / x).exists() for x in "abcde")
+    assert not any((tmp_path / x).exists() for x in "abcdefg")

@@ -115,3 +115,29 @@ def test_partition_deterministic_and_complete(scheme):
         # Label skew: some site's class histogram is far from uniform.
         skews = [np.bincount(ds.labels[p], minlength=10).max() / len(p) for p in parts]
         assert max(skews) > 0.2
+
+
+def test_random_slant_leans_digits_right_and_keeps_the_background():
+    """Pretraining's augmentation: a shear s moves the rows above the centre right by s per row."""
+    import torch
+
+    from sapf.engine.pretrain import random_slant
+
+    x = torch.from_numpy(load_dataset("digits", 28, 1).images[:64])
+    gen = torch.Generator().manual_seed(0)
+
+    def lean(imgs):  # ink column of the top rows minus that of the bottom rows, per image
+        ink = imgs[:, 0] + 1
+        col = torch.arange(28.0)
+        top, bottom = ink[:, 4:12].sum(1), ink[:, 16:24].sum(1)
+        return (top * col).sum(1) / top.sum(1) - (bottom * col).sum(1) / bottom.sum(1)
+
+    upright = lean(x)
+    assert torch.allclose(random_slant(x, (0.0, 0.0), gen), x, atol=1e-5)
+    right = lean(random_slant(x, (0.5, 0.5), gen)) - upright
+    left = lean(random_slant(x, (-0.3, -0.3), gen)) - upright
+    assert right.min() > 4.0 and right.max() < 8.0, right  # rows 12 apart: 0.5 × 12 ≈ 6 px
+    assert left.max() < -2.0, left
+    mixed = random_slant(x, (-0.1, 0.5), gen)
+    assert mixed.min() >= -1.0 and mixed.max() <= 1.0 and (mixed[:, :, :2] == -1).float().mean() > 0.99
+    assert (lean(mixed) - upright).std() > 0.5  # each image draws its own slant
