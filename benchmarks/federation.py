@@ -12,6 +12,7 @@ Writes benchmarks/results/federation.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=d.local_steps)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--quick", action="store_true", help="1 round of 5 local steps")
+    ap.add_argument("--keep", type=Path, help="Keep both runs here (fed/, central/) instead of a temp dir.")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.local_steps = 1, 5
@@ -65,7 +67,9 @@ def main() -> None:
     total_steps = a.clients * a.rounds * a.local_steps
     same = ["--batch-size", str(a.batch_size), "--multiplicity", str(d.multiplicity), "--candidates", d.candidates,
             "--clip", str(d.clip), "--lr", str(d.lr)]
-    with tempfile.TemporaryDirectory() as tmp:
+    if a.keep:
+        a.keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(a.keep)) if a.keep else tempfile.TemporaryDirectory()) as tmp:
         fed = _timed(["sapf", "federate", "--clients", str(a.clients), "--rounds", str(a.rounds), "--local-steps",
                       str(a.local_steps), *same, "--out", f"{tmp}/fed"])
         sizes = bytes_per_round(json.loads(Path(f"{tmp}/fed/selection.json").read_text())["selected"])

@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS, IMG = ROOT / "docs", ROOT / "docs" / "img"
 METHODS = ["public", "full", "attention", "saliency", "random", "non-private"]
 PROFILES = {
-    # steps, DP batch, samples to evaluate, DDIM steps
-    "full": dict(steps=600, batch_size=64, samples=2000, ddim_steps=50),
-    "quick": dict(steps=200, batch_size=64, samples=500, ddim_steps=50),
+    # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's defaults)
+    "full": dict(steps=600, batch_size=64, samples=2000, ddim_steps=50, ddim_eta=1.0),
+    "quick": dict(steps=200, batch_size=64, samples=500, ddim_steps=50, ddim_eta=1.0),
 }
 from sapf.engine.run import FULL_LR, LORA_LR  # noqa: E402  (the engine's defaults, not copies)
 
@@ -80,7 +80,8 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> t
                    epsilon_spent=summary["epsilon_spent"], final_loss=summary["final_loss"],
                    selected_matrices=summary["selected_matrices"])
     t0 = time.time()
-    images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=True)
+    images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=True,
+                            eta=prof["ddim_eta"])
     row["sample_time_s"] = round(time.time() - t0, 1)
     sdir = work / f"samples-{method}-eps{epsilon}"
     write_samples(sdir, images, labels)
@@ -176,7 +177,7 @@ re-drawn as pen strokes in MNIST's layout (`sapf.engine.data.pen_strokes`, `mnis
 Every DP method: {prof['steps']} DP-SGD steps, expected batch {prof['batch_size']} (Poisson), multiplicity {MULTIPLICITY},
 clip {CLIP}, δ = {DELTA:g}, Adam ({settings}), LoRA rank 8; saliency/random fine-tune {TOP_FRACTION:.0%} of all
 Linear/Conv2d matrices (saliency spends 10% of ε on the noisy query). Evaluation: {prof['samples']} class-balanced
-samples (DDIM, {prof['ddim_steps']} steps) against the 1,000 holdout digits.
+samples (DDIM, {prof['ddim_steps']} steps, eta {prof['ddim_eta']:g}) against the 1,000 holdout digits.
 
 **Metrics are on sapf's own feature network** (a small CNN trained on the real training split, no download):
 they compare these runs with each other, not with Inception-FID numbers in papers. `downstream_acc` is the

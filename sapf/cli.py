@@ -15,6 +15,7 @@ import typer
 
 from sapf.errors import SapfError
 from sapf.federation.plan import FederationConfig as _F
+from sapf.sampling_inputs import DEFAULT_ETA
 
 app = typer.Typer(
     name="sapf",
@@ -113,6 +114,7 @@ def sample(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Sample from an exported ONNX file with onnxruntime instead."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Only this class (default: class-balanced)."),
     steps: int = typer.Option(50, help="DDIM steps."),
+    eta: float = typer.Option(DEFAULT_ETA, help="DDIM step noise: 1 adds DDPM's noise each step, 0 is deterministic."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda: run on CPU if CUDA is missing."),
@@ -121,6 +123,7 @@ def sample(
 ):
     """Generate images with DDIM from a model directory or an ONNX file."""
     from sapf.outputs import atomic_output_dir, check_output_dir, write_samples
+    from sapf.sampling_inputs import check_eta
 
     if num < 1:
         raise SapfError("--num must be at least 1")
@@ -128,13 +131,15 @@ def sample(
         raise SapfError("give --model or --onnx, not both")
     if device not in ("cpu", "cuda"):
         raise SapfError(f"--device must be cpu or cuda, not '{device}'")
+    check_eta(eta)
     check_output_dir(out, force)
-    meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "seed": seed, "device": device}
+    meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta, "seed": seed,
+            "device": device}
     if onnx is not None:
         from sapf.export.onnx_sampler import OnnxSampler
 
         sampler = OnnxSampler(onnx, device=device, allow_cpu_fallback=allow_cpu_fallback)
-        images, labels = sampler.sample(num, class_label, steps, seed, batch_size)
+        images, labels = sampler.sample(num, class_label, steps, seed, batch_size, eta=eta)
         meta.update(onnx=str(onnx), provider=sampler.provider)
     else:
         from sapf.engine.model import load_generator
@@ -143,7 +148,7 @@ def sample(
         if device != "cpu":
             raise SapfError("the torch sampler runs on CPU here; use --onnx FILE --device cuda for GPUs")
         gen = load_generator(model)
-        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size)
+        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta)
         meta.update(model=gen.source)
     with atomic_output_dir(out, force) as tmp:
         write_samples(tmp, images, labels, meta)

@@ -105,23 +105,41 @@ def test_quantised_variants_within_bounds(variant, exported, tiny_model_dir, tmp
     assert np.abs(ref.astype(int) - got.astype(int)).mean() < 3
 
 
-def test_torch_and_onnx_samplers_agree(exported, tiny_model_dir):
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_torch_and_onnx_samplers_agree(exported, tiny_model_dir, eta):
     from sapf.engine.model import load_generator
     from sapf.engine.sampling import sample
 
-    a, la = sample(load_generator(tiny_model_dir), 10, steps=8, seed=5, batch_size=4, show_progress=False)
+    a, la = sample(load_generator(tiny_model_dir), 10, steps=8, seed=5, batch_size=4, show_progress=False, eta=eta)
     s = OnnxSampler(exported)
     assert s.provider == "CPUExecutionProvider"
-    b, lb = s.sample(10, steps=8, seed=5, batch_size=4, show_progress=False)
+    b, lb = s.sample(10, steps=8, seed=5, batch_size=4, show_progress=False, eta=eta)
     assert a.shape == b.shape == (10, 16, 16) and b.dtype == np.uint8 and lb.dtype == np.int64
     assert (la == lb).all()
     d = np.abs(a.astype(int) - b.astype(int))
     assert d.max() <= 2 and d.mean() < 0.5
     # The IOBinding loop (the GPU path: DDIM update as an ONNX graph), run here on CPU OrtValues.
     s.iobinding = True
-    c, _ = s.sample(10, steps=8, seed=5, batch_size=4, show_progress=False)
+    c, _ = s.sample(10, steps=8, seed=5, batch_size=4, show_progress=False, eta=eta)
     d = np.abs(c.astype(int) - b.astype(int))
     assert d.max() <= 1 and d.mean() < 0.05
+
+
+def test_stochastic_sampling_is_seeded_per_image(tiny_model_dir):
+    """eta > 0 draws fresh noise every step, from one generator per image: the same seed gives the same
+    images whatever the batch size, another seed other images, and eta changes the result."""
+    from sapf.engine.model import load_generator
+    from sapf.engine.sampling import sample
+
+    gen = load_generator(tiny_model_dir)
+    a, _ = sample(gen, 6, steps=6, seed=1, batch_size=6, show_progress=False, eta=1.0)
+    b, _ = sample(gen, 6, steps=6, seed=1, batch_size=4, show_progress=False, eta=1.0)
+    c, _ = sample(gen, 6, steps=6, seed=1, batch_size=6, show_progress=False, eta=0.0)
+    d, _ = sample(gen, 6, steps=6, seed=2, batch_size=6, show_progress=False, eta=1.0)
+    assert (a == b).all()
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 5 and np.abs(a.astype(int) - d.astype(int)).mean() > 5
+    with pytest.raises(SapfError, match="--eta"):
+        sample(gen, 2, steps=2, show_progress=False, eta=1.5)
 
 
 BLOCK_TORCH = """
@@ -254,6 +272,14 @@ def test_numpy_ddim_matches_diffusers(cfg):
             ref = sched.step(torch.from_numpy(m), t, torch.from_numpy(x), eta=0.0).prev_sample.numpy()
             # 1e-4 is far below one uint8 level (1/127.5); zero-SNR schedules amplify float32 ulps near ᾱ = 0.
             np.testing.assert_allclose(ours.step(m, int(t), x), ref, rtol=1e-4, atol=1e-4)
+            z = rng.standard_normal(x.shape).astype(np.float32)
+            for eta in (0.5, 1.0):  # the stochastic update, given the same step noise
+                ref = sched.step(torch.from_numpy(m), t, torch.from_numpy(x), eta=eta,
+                                 variance_noise=torch.from_numpy(z)).prev_sample.numpy()
+                got = ours.step(m, int(t), x, eta, z)
+                assert np.isfinite(got).all()  # diffusers' NaN (zero-SNR, eta=1: √ of a rounding negative) is not copied
+                ok = np.isfinite(ref)
+                np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-4, atol=1e-4)
 
 
 def test_thresholding_is_refused():

@@ -13,7 +13,7 @@ from sapf.engine.model import Generator, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.sampling_inputs import initial_noise, sample_labels
+from sapf.sampling_inputs import DEFAULT_ETA, check_eta, initial_noise, sample_labels, step_noise
 
 
 @torch.no_grad()
@@ -25,10 +25,12 @@ def sample(
     seed: int = 0,
     batch_size: int = 256,
     show_progress: bool = True,
+    eta: float = DEFAULT_ETA,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (uint8 images (N,H,W[,C]), labels (N,))."""
+    """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
+    check_eta(eta)
     labels = sample_labels(num, gen.num_classes, class_label)
     noise = initial_noise(num, gen.channels, gen.image_size, seed)
     ddim = ddim_from(gen.scheduler)
@@ -40,10 +42,12 @@ def sample(
         for b in range(0, num, batch_size):
             x = torch.from_numpy(noise[b : b + batch_size])
             y = torch.from_numpy(labels[b : b + batch_size]) if gen.num_classes else None
-            for t in ddim.timesteps:
+            z = step_noise(b, x.shape[0], steps, gen.channels, gen.image_size, seed) if eta > 0 else None
+            for k, t in enumerate(ddim.timesteps):
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
                 eps = unet(x, tt, class_labels=y).sample
-                x = ddim.step(eps, t, x, eta=0.0).prev_sample
+                noise_k = torch.from_numpy(z[k]) if z is not None else None
+                x = ddim.step(eps, t, x, eta=eta, variance_noise=noise_k).prev_sample
                 bar.advance()
             out.append(x.numpy())
     return to_uint8(np.concatenate(out)), labels

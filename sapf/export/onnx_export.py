@@ -283,7 +283,7 @@ def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSE
             "output": "noise",
             "scheduler": dict(gen.scheduler.config),
             "scheduler_class": type(gen.scheduler).__name__,
-            "sampler": "DDIM (DDIMScheduler.from_config(scheduler), eta=0)",
+            "sampler": "DDIM (DDIMScheduler.from_config(scheduler)); eta is the sampler's choice (sapf sample --eta, default 1)",
             "variant": variant,
             "opset": _opset_of(final),
             "opset_requested": opset,

@@ -5,9 +5,9 @@ imported here (never :mod:`sapf.engine`), so ``sapf sample --onnx`` runs on an e
 onnxruntime but no PyTorch.
 
 The DDIM update is a numpy re-implementation of diffusers' ``DDIMScheduler`` as the torch
-sampler builds it (``DDIMScheduler.from_config(<the model's DDPM scheduler config>)``, eta = 0),
-and the labels and initial noise are made exactly as in :mod:`sapf.engine.sampling`, so both
-samplers give the same images for the same seed (up to float rounding).
+sampler builds it (``DDIMScheduler.from_config(<the model's DDPM scheduler config>)``, any eta),
+and the labels, initial noise and step noise are made exactly as in :mod:`sapf.engine.sampling`,
+so both samplers give the same images for the same seed (up to float rounding).
 
 On CUDA the loop uses IOBinding: the sample and the predicted noise stay on the GPU, and the
 DDIM update runs there too, as a tiny ONNX graph built here with the same arithmetic.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sapf.errors import SapfError
-from sapf.sampling_inputs import initial_noise, sample_labels
+from sapf.sampling_inputs import DEFAULT_ETA, check_eta, initial_noise, sample_labels, step_noise
 from sapf.outputs import to_uint8
 
 # DDIMScheduler.__init__ defaults: what from_config uses for keys a DDPM config lacks.
@@ -53,7 +53,7 @@ def metadata_path(onnx_file: str | Path) -> Path:
     return p.with_name(p.name + ".json")
 
 
-# --- DDIM (diffusers DDIMScheduler, eta = 0) in numpy ---
+# --- DDIM (diffusers DDIMScheduler) in numpy ---
 
 
 def _betas_for_alpha_bar(n: int, max_beta: float = 0.999) -> np.ndarray:
@@ -78,7 +78,7 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 
 class DDIM:
-    """The deterministic DDIM update of diffusers' DDIMScheduler, float32 like the torch one."""
+    """The DDIM update of diffusers' DDIMScheduler (eta = 0: deterministic), float32 like the torch one."""
 
     def __init__(self, config: dict):
         c = {**DDIM_DEFAULTS, **{k: v for k, v in dict(config).items() if k in DDIM_DEFAULTS}}
@@ -125,18 +125,25 @@ class DDIM:
         self.timesteps, self.num_inference_steps = ts, steps
         return ts
 
-    def coefficients(self, t: int) -> np.ndarray:
-        """[√ᾱ_t, √(1-ᾱ_t), √ᾱ_prev, √(1-ᾱ_prev)] as float32 (eta = 0, so σ_t = 0)."""
+    def coefficients(self, t: int, eta: float = 0.0) -> np.ndarray:
+        """[√ᾱ_t, √(1-ᾱ_t), √ᾱ_prev, √(1-ᾱ_prev-σ_t²), σ_t] as float32, σ_t = eta·√((1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev))."""
         prev = int(t) - self.num_train_timesteps // self.num_inference_steps  # diffusers' rule, any spacing
         a_t = self.alphas_cumprod[int(t)]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         one = np.float32(1.0)
-        return np.array([a_t**0.5, (one - a_t) ** 0.5, a_prev**0.5, (one - a_prev - np.float32(0.0)) ** 0.5], np.float32)
+        variance = ((one - a_prev) / (one - a_t)) * (one - a_t / a_prev)
+        sigma = np.float32(eta) * variance**0.5
+        # max(0, ·): with eta = 1 on a zero-SNR schedule 1-ᾱ_prev-σ² is 0 up to rounding (diffusers gives NaN there).
+        direction = max(one - a_prev - sigma**2, np.float32(0.0)) ** 0.5
+        return np.array([a_t**0.5, (one - a_t) ** 0.5, a_prev**0.5, direction, sigma], np.float32)
 
-    def step(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
-        sa, sb, sp, sq = (np.float32(v) for v in self.coefficients(t))
+    def step(self, model_output: np.ndarray, t: int, sample: np.ndarray, eta: float = 0.0,
+             noise: np.ndarray | None = None) -> np.ndarray:
+        """One update; eta > 0 needs `noise` (standard normal, the sample's shape)."""
+        sa, sb, sp, sq, sigma = (np.float32(v) for v in self.coefficients(t, eta))
         with np.errstate(divide="ignore", invalid="ignore"):  # ᾱ_t = 0 (zero-SNR): ±inf, clipped, as in diffusers
-            return self._step(model_output, sample, sa, sb, sp, sq)
+            prev = self._step(model_output, sample, sa, sb, sp, sq)
+        return prev if eta == 0 else (prev + sigma * noise).astype(np.float32, copy=False)
 
     def _step(self, model_output, sample, sa, sb, sp, sq) -> np.ndarray:
         if self.prediction_type == "epsilon":
@@ -153,7 +160,7 @@ class DDIM:
         return (sp * x0 + sq * eps).astype(np.float32, copy=False)
 
     def step_graph(self) -> bytes:
-        """The same update as an ONNX graph (x, m, sa, sb, sp, sq) -> prev, for IOBinding on GPUs."""
+        """The same update as an ONNX graph (x, m, z, sa, sb, sp, sq, sg) -> prev, for IOBinding on GPUs."""
         import onnx
         from onnx import TensorProto, helper
 
@@ -176,10 +183,11 @@ class DDIM:
             inits += [helper.make_tensor("lo", TensorProto.FLOAT, [], [-self.clip]),
                       helper.make_tensor("hi", TensorProto.FLOAT, [], [self.clip])]
             x0 = op("Clip", x0, "lo", "hi", out="x0_clipped")
-        op("Add", op("Mul", "sp", x0, out="sp_x0"), op("Mul", "sq", eps, out="sq_eps"), out="prev")
+        det = op("Add", op("Mul", "sp", x0, out="sp_x0"), op("Mul", "sq", eps, out="sq_eps"), out="det")
+        op("Add", det, op("Mul", "sg", "z", out="sg_z"), out="prev")
         dims = ["batch", "channels", "height", "width"]
-        tensor = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "m")]
-        scalars = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("sa", "sb", "sp", "sq")]
+        tensor = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n in ("x", "m", "z")]
+        scalars = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("sa", "sb", "sp", "sq", "sg")]
         graph = helper.make_graph(nodes, "ddim_step", tensor + scalars,
                                   [helper.make_tensor_value_info("prev", TensorProto.FLOAT, dims)], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -292,31 +300,35 @@ class OnnxSampler:
         return np.asarray(self.session.run([self._output], feed)[0], np.float32)
 
     def sample(self, num: int, class_label: int | None = None, steps: int = 50, seed: int = 0,
-               batch_size: int = 256, show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               batch_size: int = 256, show_progress: bool = True, eta: float = DEFAULT_ETA) -> tuple[np.ndarray, np.ndarray]:
         """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler."""
         if batch_size < 1:
             raise SapfError("--batch-size must be at least 1")
+        check_eta(eta)
         labels = sample_labels(num, self.num_classes, class_label)
         timesteps = self.ddim.set_timesteps(steps)
-        noise = initial_noise(num, int(self.meta["channels"]), int(self.meta["image_size"]), seed)
+        c, size = int(self.meta["channels"]), int(self.meta["image_size"])
+        noise = initial_noise(num, c, size, seed)
         run = self._batch_iobinding if self.iobinding else self._batch_numpy
         out = []
         n_batches = (num + batch_size - 1) // batch_size
         with _progress("sample", n_batches * len(timesteps), show_progress) as advance:
             for b in range(0, num, batch_size):
-                out.append(run(noise[b : b + batch_size], labels[b : b + batch_size], timesteps, advance))
+                x = noise[b : b + batch_size]
+                z = step_noise(b, len(x), len(timesteps), c, size, seed) if eta > 0 else np.zeros((len(timesteps), *x.shape), np.float32)
+                out.append(run(x, labels[b : b + batch_size], timesteps, z, eta, advance))
         return to_uint8(np.concatenate(out)), labels
 
-    def _batch_numpy(self, x, y, timesteps, advance) -> np.ndarray:
-        for t in timesteps:
-            x = self.ddim.step(self.predict(x, t, y), int(t), x)
+    def _batch_numpy(self, x, y, timesteps, z, eta, advance) -> np.ndarray:
+        for k, t in enumerate(timesteps):
+            x = self.ddim.step(self.predict(x, t, y), int(t), x, eta, z[k])
             advance()
         return x
 
     def _device(self) -> str:
         return "cuda" if self.provider == CUDA else "cpu"
 
-    def _batch_iobinding(self, x, y, timesteps, advance) -> np.ndarray:
+    def _batch_iobinding(self, x, y, timesteps, z, eta, advance) -> np.ndarray:
         """The loop with the sample and the noise kept on the device (GPU) between steps."""
         ort = self._ort
         dev = self._device()
@@ -325,7 +337,7 @@ class OnnxSampler:
             self._step_session = ort.InferenceSession(self.ddim.step_graph(), providers=providers)
         xv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, self._sample_dtype), dev, 0)
         yv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(y), dev, 0) if self.num_classes else None
-        for t in timesteps:
+        for k, t in enumerate(timesteps):
             ub = self.session.io_binding()
             ub.bind_ortvalue_input("sample", xv)
             ub.bind_cpu_input("timestep", np.full((x.shape[0],), int(t), np.int64))
@@ -337,7 +349,8 @@ class OnnxSampler:
             sb = self._step_session.io_binding()
             sb.bind_ortvalue_input("x", xv)
             sb.bind_ortvalue_input("m", m)
-            for name, v in zip(("sa", "sb", "sp", "sq"), self.ddim.coefficients(int(t))):
+            sb.bind_ortvalue_input("z", ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[k]), dev, 0))
+            for name, v in zip(("sa", "sb", "sp", "sq", "sg"), self.ddim.coefficients(int(t), eta)):
                 sb.bind_cpu_input(name, np.array([v], np.float32))
             sb.bind_output("prev", dev)
             self._step_session.run_with_iobinding(sb)
