@@ -315,13 +315,13 @@ class OnnxSampler:
         with _progress("sample", n_batches * len(timesteps), show_progress) as advance:
             for b in range(0, num, batch_size):
                 x = noise[b : b + batch_size]
-                z = step_noise(b, len(x), len(timesteps), c, size, seed) if eta > 0 else np.zeros((len(timesteps), *x.shape), np.float32)
+                z = step_noise(b, len(x), len(timesteps), c, size, seed) if eta > 0 else None  # eta 0 draws none
                 out.append(run(x, labels[b : b + batch_size], timesteps, z, eta, advance))
         return to_uint8(np.concatenate(out)), labels
 
     def _batch_numpy(self, x, y, timesteps, z, eta, advance) -> np.ndarray:
         for k, t in enumerate(timesteps):
-            x = self.ddim.step(self.predict(x, t, y), int(t), x, eta, z[k])
+            x = self.ddim.step(self.predict(x, t, y), int(t), x, eta, None if z is None else z[k])
             advance()
         return x
 
@@ -349,7 +349,8 @@ class OnnxSampler:
             sb = self._step_session.io_binding()
             sb.bind_ortvalue_input("x", xv)
             sb.bind_ortvalue_input("m", m)
-            sb.bind_ortvalue_input("z", ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[k]), dev, 0))
+            zk = np.zeros(x.shape, np.float32) if z is None else np.ascontiguousarray(z[k])  # the graph always adds σ·z
+            sb.bind_ortvalue_input("z", ort.OrtValue.ortvalue_from_numpy(zk, dev, 0))
             for name, v in zip(("sa", "sb", "sp", "sq", "sg"), self.ddim.coefficients(int(t), eta)):
                 sb.bind_cpu_input(name, np.array([v], np.float32))
             sb.bind_output("prev", dev)
