@@ -35,13 +35,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, machine, table  # noqa: E402
 
+from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS, IMG = ROOT / "docs", ROOT / "docs" / "img"
 METHODS = ["public", "full", "attention", "saliency", "random", "non-private"]
 PROFILES = {
-    # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's defaults)
-    "full": dict(steps=600, batch_size=64, samples=2000, ddim_steps=50, ddim_eta=1.0),
-    "quick": dict(steps=200, batch_size=64, samples=500, ddim_steps=50, ddim_eta=1.0),
+    # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default)
+    "full": dict(steps=600, batch_size=64, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
+    "quick": dict(steps=200, batch_size=64, samples=500, ddim_steps=50, ddim_eta=DEFAULT_ETA),
 }
 from sapf.engine.run import FULL_LR, LORA_LR  # noqa: E402  (the engine's defaults, not copies)
 

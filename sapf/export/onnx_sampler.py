@@ -337,6 +337,8 @@ class OnnxSampler:
             self._step_session = ort.InferenceSession(self.ddim.step_graph(), providers=providers)
         xv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, self._sample_dtype), dev, 0)
         yv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(y), dev, 0) if self.num_classes else None
+        # The graph always adds σ·z; with eta 0 one zero tensor, uploaded once, serves every step.
+        zero = ort.OrtValue.ortvalue_from_numpy(np.zeros(x.shape, np.float32), dev, 0) if z is None else None
         for k, t in enumerate(timesteps):
             ub = self.session.io_binding()
             ub.bind_ortvalue_input("sample", xv)
@@ -349,8 +351,7 @@ class OnnxSampler:
             sb = self._step_session.io_binding()
             sb.bind_ortvalue_input("x", xv)
             sb.bind_ortvalue_input("m", m)
-            zk = np.zeros(x.shape, np.float32) if z is None else np.ascontiguousarray(z[k])  # the graph always adds σ·z
-            sb.bind_ortvalue_input("z", ort.OrtValue.ortvalue_from_numpy(zk, dev, 0))
+            sb.bind_ortvalue_input("z", zero if z is None else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[k]), dev, 0))
             for name, v in zip(("sa", "sb", "sp", "sq", "sg"), self.ddim.coefficients(int(t), eta)):
                 sb.bind_cpu_input(name, np.array([v], np.float32))
             sb.bind_output("prev", dev)
