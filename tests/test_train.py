@@ -52,9 +52,11 @@ def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_np
 
 def test_non_private_says_so(tmp_path, tiny_model_dir, mnist_small_npz):
     r = run("train", "--base-model", tiny_model_dir, "--data", mnist_small_npz, "--epsilon", "inf", "--selection", "attention",
-            "--steps", 2, "--batch-size", 8, "--multiplicity", 1, "--out", tmp_path / "r")
+            "--steps", 2, "--multiplicity", 1, "--out", tmp_path / "r")
     assert r.exit_code == 0, r.output
     assert "WITHOUT differential privacy" in r.output
+    # No --batch-size: the default (256) would not fit 96 examples, so a quarter of them is used, and recorded.
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["batch_size"] == 96 // 4
     priv = json.loads((tmp_path / "r" / "privacy.json").read_text())
     assert priv["mechanisms"] == [] and priv["private"] is False and priv["epsilon_spent"] is None
     assert "ε spent inf" in r.output

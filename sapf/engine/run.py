@@ -7,11 +7,12 @@ fixed and checked before any gradient of private data is computed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
 from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
 from sapf.engine.finetune import DPSGDConfig, check_optimizer, dp_finetune, make_trainable, merged_generator
 from sapf.engine.model import Generator, check_data_fits, count_parameters, load_generator, save_generator
@@ -26,12 +27,6 @@ SPLIT_SEED = 0
 DEFAULT_HOLDOUT = 0.2
 
 
-# Adam learning rates under DP. LoRA: measured on mnist5k, ε=10, 200 steps of batch 64 (central DP-SAPF,
-# 500 samples): lr 1e-3 → FID 812 / downstream acc 0.150; 3e-3 → 583 / 0.227; 1e-2 → 480 / 0.291.
-# Full fine-tuning moves every weight and needs a far smaller one (the quality benchmark's 3e-4).
-LORA_LR = 1e-2
-FULL_LR = 3e-4
-SGD_LORA_LR = 1.0  # measured: central DP-SAPF, ε=10, 200 steps (README); 5.0 diverges
 
 
 @dataclass
@@ -52,7 +47,7 @@ class TrainConfig:
     score: str = "sqnorm"
     steps: int | None = None
     epochs: float | None = None
-    batch_size: int = 64
+    batch_size: int | None = None  # None: default_batch_size(n)
     multiplicity: int = 1
     clip: float = 0.05  # at the start, attention-LoRA per-example gradient norms had median ~0.03
     lr: float | None = None  # None: LORA_LR, or FULL_LR for full fine-tuning
@@ -80,7 +75,14 @@ class TrainConfig:
                              self.candidates)
 
 
-DEFAULT_STEPS = 300
+def default_batch_size(n: int) -> int:
+    """TRAIN_BATCH_SIZE, or a quarter of the examples for a small set (Poisson sampling at a rate of at most 1/4
+    still amplifies privacy, and the default then works on any dataset)."""
+    return max(1, min(TRAIN_BATCH_SIZE, n // 4))
+
+
+def with_batch_size(cfg: TrainConfig, n: int) -> TrainConfig:
+    return cfg if cfg.batch_size is not None else replace(cfg, batch_size=default_batch_size(n))
 
 
 def training_steps(cfg: TrainConfig, n: int) -> int:
@@ -90,7 +92,7 @@ def training_steps(cfg: TrainConfig, n: int) -> int:
         if cfg.epochs <= 0:
             raise SapfError("--epochs must be > 0")
         return max(1, int(math.ceil(cfg.epochs * n / cfg.batch_size)))
-    steps = DEFAULT_STEPS if cfg.steps is None else cfg.steps
+    steps = TRAIN_STEPS if cfg.steps is None else cfg.steps
     if steps < 1:
         raise SapfError("--steps must be at least 1")
     return steps
@@ -135,6 +137,7 @@ def select_only(cfg: TrainConfig, out: Path, force: bool = False, show_progress:
     check_output_dir(out, force)
     gen = load_generator(cfg.base_model)
     data = load_private_data(cfg.data, gen, cfg.holdout)
+    cfg = with_batch_size(cfg, len(data))
     validate(cfg, len(data))
     if cfg.selection != "saliency":
         raise SapfError("sapf select runs the saliency query; other strategies need no selection step")
@@ -155,6 +158,7 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
     gen = load_generator(cfg.base_model)
     data = load_private_data(cfg.data, gen, cfg.holdout)
     n = len(data)
+    cfg = with_batch_size(cfg, n)
     validate(cfg, n)
     pp = plan(cfg, n)  # before any private gradient is computed
     steps = training_steps(cfg, n)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-# Local DP-SGD learning rate when none is given, per optimizer: as sapf.engine.run's LORA_LR and
-# SGD_LORA_LR (a test keeps them equal; this module stays torch-free for the CLI).
-DEFAULT_LR = {"adam": 1e-2, "sgd": 1.0}
+from sapf.defaults import LORA_LR, SGD_LORA_LR
+
+# Local DP-SGD learning rate when none is given, per optimizer (the same as central `sapf train`).
+DEFAULT_LR = {"adam": LORA_LR, "sgd": SGD_LORA_LR}
 
 
 @dataclass
