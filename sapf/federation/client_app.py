@@ -120,6 +120,20 @@ def _save_reply(path: Path, state: dict, metrics: dict) -> None:
     write_json(path.with_suffix(".json"), metrics)  # written last: marks the reply complete
 
 
+def _optimizer_state_path(state_dir: Path, cfg: FederationConfig, selected: list[str]) -> Path | None:
+    """Where the site keeps its optimizer between rounds of one plan (None: a fresh one each round)."""
+    if not cfg.keep_optimizer_state:
+        return None
+    key = hashlib.sha256(json.dumps([cfg.to_record(), selected], sort_keys=True).encode()).hexdigest()[:24]
+    return state_dir / f"optimizer-{key}.pt"
+
+
+def _save_torch(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # never a half-written state
+
+
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
@@ -141,10 +155,15 @@ def train(msg: Message, context: Context) -> Message:
         dp_cfg = DPSGDConfig(plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
                              _site_seed(state_dir, cfg.seed, "train", rnd), cfg.optimizer)
         torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
-        hist = dp_finetune(gen, model, data, dp_cfg, plan.train_noise, None, show_progress=False)
+        opt_path = _optimizer_state_path(state_dir, cfg, selected)
+        opt_state = torch.load(opt_path, weights_only=True) if opt_path and opt_path.exists() else None
+        hist = dp_finetune(gen, model, data, dp_cfg, plan.train_noise, None, show_progress=False,
+                           optimizer_state=opt_state)
         reply = lora_state(model), {"examples": int(len(data)), "loss": float(np.nanmean(hist.loss)),
                                     "train_time_s": float(hist.wall_time_s)}
         _save_reply(cached, *reply)
+        if opt_path:
+            _save_torch(opt_path, hist.optimizer_state)
     state, metrics = reply
     content = RecordDict({
         "adapter": to_wire(state),

@@ -36,7 +36,10 @@ class FederationConfig:
     batch_size: int = 32
     multiplicity: int = 1
     clip: float = 0.05
-    optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9); a fresh optimizer every round
+    optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9)
+    # A site carries its optimizer's state (Adam moments of its own noisy gradients; never sent)
+    # from round to round; False starts a fresh optimizer every round.
+    keep_optimizer_state: bool = True
     lr: float = DEFAULT_LR["adam"]
     rank: int = 8
     lora_alpha: int = 8
