@@ -281,6 +281,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sapf-quality-"))
     t_all = time.time()
     total, first = len(rows) + len(jobs), len(rows)
+    order = {m: k for k, m in enumerate(METHODS)}
     try:
         for i, (method, eps) in enumerate(jobs, first + 1):
             print(f"[{i}/{total}] {method} ε={eps:g}", file=sys.stderr, flush=True)
@@ -292,7 +293,6 @@ def main() -> None:
             png = f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
             save_png(DOCS / png, class_grid(images[keep], labels[keep]))
             grids.append({"method": method, "epsilon": _grid_eps(method, eps), "png": png})
-            order = {m: k for k, m in enumerate(METHODS)}
             rows.sort(key=lambda r: (order[r["method"]], r["epsilon"]))
             grids.sort(key=lambda g: (order[g["method"]], g["epsilon"]))
             print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)

@@ -86,6 +86,17 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def save_torch(path: str | Path, obj: Any) -> None:
+    """torch.save atomically (torch imported here, so this module stays torch-free)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def save_png(path: str | Path, image: np.ndarray) -> None:
     """Save one uint8 image (H,W) or (H,W,C) as PNG, atomically."""
     from PIL import Image

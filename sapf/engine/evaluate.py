@@ -22,6 +22,7 @@ from torch import nn
 
 from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
 from sapf.errors import SapfError
+from sapf.outputs import save_torch
 
 FEATURE_NET_VERSION = 1
 
@@ -94,10 +95,7 @@ def feature_network(spec: str, train: ImageDataset, seed: int = 0) -> SmallCNN:
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     model = train_classifier(train.images, train.labels, train.num_classes, epochs=8, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    save_torch(path, model.state_dict())
     return model
 
 

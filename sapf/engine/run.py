@@ -27,8 +27,6 @@ SPLIT_SEED = 0
 DEFAULT_HOLDOUT = 0.2
 
 
-
-
 @dataclass
 class TrainConfig:
     data: str = "mnist5k"

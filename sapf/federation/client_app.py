@@ -25,6 +25,7 @@ from sapf.engine.saliency import noisy_saliency_scores
 from sapf.errors import SapfError
 from sapf.federation.task import (FederationConfig, base_generator, check_budget, from_wire, max_epsilon, open_ledger,
                                   plan_site, save_tensors, site_data, site_state_dir, to_wire)
+from sapf.outputs import save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
@@ -128,12 +129,6 @@ def _optimizer_state_path(state_dir: Path, cfg: FederationConfig, selected: list
     return state_dir / f"optimizer-{key}.pt"
 
 
-def _save_torch(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # never a half-written state
-
-
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
@@ -163,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
                                     "train_time_s": float(hist.wall_time_s)}
         _save_reply(cached, *reply)
         if opt_path:
-            _save_torch(opt_path, hist.optimizer_state)
+            save_torch(opt_path, hist.optimizer_state)
     state, metrics = reply
     content = RecordDict({
         "adapter": to_wire(state),
