@@ -256,6 +256,9 @@ _CLIP = typer.Option(_F.clip, help="Per-example clipping norm C of local DP-SGD.
 _OPTIMIZER = typer.Option(_F.optimizer, help="Optimizer of local DP-SGD: adam (AdamW) or sgd (momentum 0.9).")
 _KEEP_OPT = typer.Option(_F.keep_optimizer_state, "--keep-optimizer-state/--fresh-optimizer",
                          help="A site carries its optimizer's state (its own, never sent) from round to round.")
+_FREEZE_A = typer.Option(_F.freeze_lora_a, "--freeze-lora-a/--train-lora-a",
+                         help="FFA-LoRA: keep every LoRA A at its shared random start and train B only.")
+_RANK = typer.Option(_F.rank, help="LoRA rank.")
 _LR = typer.Option(None, help=f"Learning rate of local DP-SGD (default: {LORA_LR:g} for adam, {SGD_LORA_LR:g} for sgd).")
 _BASE = typer.Option(None, "--base-model", help="Base generator dir, present at every site (default: the shipped public model).")
 _SEED = typer.Option(0)
@@ -289,7 +292,7 @@ def federate(
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
     top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
-    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
+    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: int = typer.Option(2, help="Fewest valid replies a round may go on with."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -300,7 +303,8 @@ def federate(
 
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
                 candidates, clip, optimizer, lr, base_model, seed, data=data, partition=partition, alpha=alpha,
-                num_sites=clients, min_clients=min(min_clients, clients), keep_optimizer_state=keep_optimizer_state)
+                num_sites=clients, min_clients=min(min_clients, clients), keep_optimizer_state=keep_optimizer_state,
+                freeze_lora_a=freeze_lora_a, rank=rank)
     _done(out, run_federate(cfg, force=force, resume=resume))
 
 
@@ -331,7 +335,7 @@ def serve(
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
     top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
-    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
+    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: Optional[int] = typer.Option(None, help="Fewest valid replies a round may go on with (default: all sites)."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (its saved plan)."),
@@ -348,7 +352,7 @@ def serve(
         raise SapfError(f"--base-model {base_model} not found")
     cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
                 candidates, clip, optimizer, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites,
-                keep_optimizer_state=keep_optimizer_state)
+                keep_optimizer_state=keep_optimizer_state, freeze_lora_a=freeze_lora_a, rank=rank)
     cfg = prepare_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
                                                              "supernode_auth": bool(supernode_key)})
     shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)

@@ -271,3 +271,22 @@ def test_site_trains_with_the_planned_optimizer(tmp_path, tiny_model_dir, mnist_
         assert spread < 0.05 and float(step.mean()) == pytest.approx(lr, rel=0.05)
     else:
         assert spread > 0.3
+
+
+def test_ffa_lora_site_keeps_a_and_trains_b(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):
+    # FFA-LoRA: the site's reply carries the server's A unchanged (up to the float16 wire) and a trained B.
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run", local_steps=2, freeze_lora_a=True)
+    gen = load_generator(tiny_model_dir)
+    names = candidate_modules(gen.unet, cfg.candidates)[:3]
+    model = make_trainable(gen, "saliency", names, freeze_lora_a=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    state = lora_state(model)
+    msg = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": 1}),
+                              "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
+    reply = site.app(msg, _ctx({"partition-id": 0, "num-partitions": 2}))
+    _check_only_dp_outputs_and_scalars(reply, set(state))
+    update = from_wire(reply.content["adapter"])
+    for k in state:
+        moved = float((update[k] - state[k].half().float()).abs().max())
+        assert (moved == 0) == ("lora_A" in k), k

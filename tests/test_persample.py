@@ -42,14 +42,14 @@ def _opacus(model, x, t, y, noise, multiplicity=1):
     return got
 
 
-@pytest.mark.parametrize("strategy", ["lora", "lora-conv", "full"])
+@pytest.mark.parametrize("strategy", ["lora", "lora-conv", "lora-ffa", "full"])
 @pytest.mark.parametrize("multiplicity", [1, 3])
 def test_per_sample_gradients_match_torch_func(strategy, multiplicity):
     gen = tiny_generator()
     if strategy.startswith("lora"):
-        names = candidate_modules(gen.unet, "all" if strategy == "lora-conv" else "attention")
-        model = make_trainable(gen, "saliency", names, rank=4, lora_alpha=4)
-        assert needs_functorch(model) == (strategy == "lora-conv")
+        names = candidate_modules(gen.unet, "attention" if strategy == "lora" else "all")
+        model = make_trainable(gen, "saliency", names, rank=4, lora_alpha=4, freeze_lora_a=strategy == "lora-ffa")
+        assert needs_functorch(model) == (strategy != "lora")
         # LoRA B starts at zero, which would make A's gradient trivially zero: give B values.
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -67,6 +67,7 @@ def test_per_sample_gradients_match_torch_func(strategy, multiplicity):
     ref = _reference(model, x, t, y, noise, multiplicity)
     got = _opacus(model, x, t, y, noise, multiplicity)
     assert set(got) == set(ref) and len(got) > 0
+    assert any("lora_A" in n for n in got) == (strategy in ("lora", "lora-conv"))
     assert strategy == "lora" or any("up_blocks.0.resnets" in n and "conv" in n for n in got)  # the tensors the Opacus defect zeroes are covered
     for name in ref:
         assert got[name].shape == ref[name].shape, name

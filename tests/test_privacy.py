@@ -3,7 +3,7 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from sapf.engine.privacy import (Mechanism, PrivacyLedger, calibrate_noise, check_privacy_args, default_delta,
+from sapf.engine.privacy import (RDP_ORDERS, Mechanism, PrivacyLedger, calibrate_noise, check_privacy_args, default_delta,
                                  epsilon_of, plan_privacy)
 from sapf.errors import SapfError
 
@@ -14,12 +14,19 @@ def test_ledger_epsilon_equals_an_accountant_on_the_same_history(tmp_path):
     for _ in range(50):
         ledger.record("dp-sgd", 1.1, 0.016)
     assert [(m.name, m.steps) for m in ledger.mechanisms] == [("saliency-query", 1), ("dp-sgd", 50)]
+    snapshot = ledger.to_dict()
     acc = RDPAccountant()
     acc.step(noise_multiplier=4.0, sample_rate=1.0)
     for _ in range(50):
         acc.step(noise_multiplier=1.1, sample_rate=0.016)
     assert ledger.epsilon() == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
-    d = ledger.to_dict()
+    # Our cached composition is Opacus's RDPAccountant on the same history and orders, to rounding.
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=1e-12)
+    ledger.record("dp-sgd", 0.9, 0.032, 7)
+    for _ in range(7):
+        acc.step(noise_multiplier=0.9, sample_rate=0.032)
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=1e-12)
+    d = snapshot
     assert set(d) >= {"target_epsilon", "delta", "accountant", "epsilon_spent", "mechanisms"}
     assert d["mechanisms"][1] == {"name": "dp-sgd", "noise_multiplier": 1.1, "sample_rate": 0.016, "steps": 50}
     ledger.save(tmp_path / "p.json")

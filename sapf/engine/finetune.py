@@ -52,11 +52,15 @@ def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int = 8, lora_alpha: int = 8) -> nn.Module:
+def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int = 8, lora_alpha: int = 8,
+                   freeze_lora_a: bool = False) -> nn.Module:
     """A model whose trainable parameters are exactly what the strategy fine-tunes.
 
     LoRA: peft adapters on `selected`, base frozen. The class embedding stays trainable as a
     peft ``modules_to_save`` copy — a LoRA on nn.Embedding gets no per-sample gradient in Opacus.
+    ``freeze_lora_a`` (FFA-LoRA, Sun et al. 2024) keeps every A at its random start and trains B
+    only: half the noisy coordinates, and averaging B across sites averages the products B·A
+    exactly (averaging A and B separately does not).
     Full: a copy of the UNet with every weight trainable.
     """
     unet = copy.deepcopy(gen.unet)
@@ -82,6 +86,10 @@ def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int
         init_lora_weights="gaussian",
     )
     model = get_peft_model(unet, cfg)
+    if freeze_lora_a:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
     return model.train()
 
 

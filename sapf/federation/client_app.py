@@ -142,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
     if reply is None:
         steps = Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, plan.local_steps)
         check_budget(ledger, [steps], max_epsilon(context.node_config))
-        model = make_trainable(gen, "saliency", selected, cfg.rank, cfg.lora_alpha)
+        model = make_trainable(gen, "saliency", selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
         load_lora_state(model, from_wire(msg.content["adapter"]))
         # Record the round's steps before training: a crash mid-round can only over-count.
         ledger.record(steps.name, steps.noise_multiplier, steps.sample_rate, steps.steps)

@@ -43,6 +43,7 @@ class FederationConfig:
     lr: float = DEFAULT_LR["adam"]
     rank: int = 8
     lora_alpha: int = 8
+    freeze_lora_a: bool = False  # FFA-LoRA: every A stays at the server's random start; sites train B only
     min_clients: int = 2
     seed: int = 0
     out: str = ""

@@ -133,7 +133,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
     if ck.exists():  # resume
         st = read_json(ck)
         selection, start, history = st["selection"], st["round"] + 1, st["history"]
-        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha)
+        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
         state = load_file(str(out / "checkpoint" / "adapter.safetensors"))
         say(f"resuming after round {st['round']}")
     else:
@@ -144,7 +144,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
         write_json(out / "selection.json", selection)
         say(f"saliency: {selection['sites']} sites; selected {len(selection['selected'])} of {len(names)} matrices")
         torch.manual_seed(cfg.seed)  # the same initial adapter for every site
-        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha)
+        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
         state = lora_state(model)
         _save_checkpoint(out, 0, selection, state, history)
     for rnd in range(start, cfg.rounds + 1):
