@@ -16,6 +16,7 @@ LORA_LR = 1e-2
 # acc 0.668; 1e-3 → 135 / 0.690 (higher rates not tried).
 FULL_LR = 1e-3
 SGD_LORA_LR = 1.0  # measured: central DP-SAPF, ε=10, 200 steps of 64 (README); 5.0 diverges
-# Federated sites (`sapf federate --clients 4`: 6 rounds × 25 local steps of 32 per site, adapters averaged each
-# round) share LORA_LR, measured with a fresh optimizer every round: 1e-2 → FID 190 / acc 0.647; 3e-3 → 204 / 0.677;
-# batch 128 × 6 local steps at 1e-2 → 202 / 0.651. (Sites now carry Adam's state across rounds: 1e-2 → acc 0.675–0.678.)
+# Federated sites (`sapf federate --clients 4`: 6 rounds × 25 local steps per site, adapters averaged each round)
+# share LORA_LR. Measured with a fresh optimizer every round, batch 32: 1e-2 → FID 190 / acc 0.647; 3e-3 → 204 / 0.677;
+# batch 128 × 6 local steps at 1e-2 → 202 / 0.651. With Adam's state carried across rounds, 1e-2: batch 32 → FID
+# 168–220 / acc 0.641–0.678 (four runs); batch 64 → 122, 113 / 0.671, 0.709 (two runs; the plan's default since).

@@ -19,20 +19,38 @@ import numpy as np
 from sapf.errors import SapfError
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically: a reader never sees a half-written file."""
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp files are 0600, and most outputs should get the user's usual mode
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, private: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary path beside `path` that replaces `path` only when the block succeeds.
+
+    A reader never sees a half-written file, and a failure leaves the earlier file as it was.
+    The temporary name keeps `path`'s suffix (writers that infer the format from it work).
+    ``private`` keeps the file 0600 (keys, a site's secret); otherwise it gets the umask's mode.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-            f.write("\n")
+        yield Path(tmp)
+        if not private:
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _json_default(o: Any) -> Any:
@@ -90,22 +108,17 @@ def save_torch(path: str | Path, obj: Any) -> None:
     """torch.save atomically (torch imported here, so this module stays torch-free)."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_png(path: str | Path, image: np.ndarray) -> None:
     """Save one uint8 image (H,W) or (H,W,C) as PNG, atomically."""
     from PIL import Image
 
-    path = Path(path)
     arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
 
 
 def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
@@ -142,9 +155,8 @@ def write_samples(out: Path, images: np.ndarray, labels: np.ndarray, meta: dict 
     for i, (img, lab) in enumerate(zip(images, labels)):
         save_png(out / f"{i:0{width}d}_class{int(lab)}.png", img)
     save_png(out / "grid.png", class_grid(images, labels))
-    tmp = out / ".samples.tmp.npz"
-    np.savez_compressed(tmp, images=images, labels=labels.astype(np.int64))
-    os.replace(tmp, out / "samples.npz")
+    with atomic_path(out / "samples.npz") as tmp:
+        np.savez_compressed(tmp, images=images, labels=labels.astype(np.int64))
     if meta is not None:
         write_json(out / "config.json", meta)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from sapf.outputs import atomic_path
 
 
 def plot_curve(path: str | Path, ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str = "", smooth: int = 1) -> None:
@@ -28,8 +29,6 @@ def plot_curve(path: str | Path, ys: dict[str, list[float]], xlabel: str, ylabel
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -25,7 +25,7 @@ from sapf.engine.saliency import noisy_saliency_scores
 from sapf.errors import SapfError
 from sapf.federation.task import (FederationConfig, base_generator, check_budget, from_wire, max_epsilon, open_ledger,
                                   plan_site, save_tensors, site_data, site_state_dir, to_wire)
-from sapf.outputs import save_torch
+from sapf.outputs import atomic_path, save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
@@ -39,9 +39,8 @@ def _site_seed(state_dir: Path, *parts) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     secret_file = state_dir / "secret"
     if not secret_file.exists():
-        tmp = state_dir / f".secret.{os.getpid()}"
-        tmp.write_bytes(os.urandom(32))
-        os.replace(tmp, secret_file)
+        with atomic_path(secret_file, private=True) as tmp:
+            tmp.write_bytes(os.urandom(32))
     h = hashlib.sha256(secret_file.read_bytes() + json.dumps(parts).encode()).digest()
     return int.from_bytes(h[:7], "big")
 

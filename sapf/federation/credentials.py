@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -23,16 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sapf.errors import SapfError
+from sapf.outputs import atomic_path
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 
 
 def _write_atomic(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    with atomic_path(path, private=private) as tmp:  # a private file is 0600 from its creation
+        tmp.write_bytes(data)
 
 
 def _name(common_name: str) -> x509.Name:

@@ -33,7 +33,7 @@ class FederationConfig:
     rounds: int = 6
     local_steps: int = 25
     local_epochs: float = 0.0  # > 0: local steps = epochs × a site's n / batch size instead
-    batch_size: int = 32
+    batch_size: int = 64
     multiplicity: int = 1
     clip: float = 0.05
     optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9)

@@ -23,6 +23,7 @@ from sapf.engine.privacy import Mechanism, PrivacyLedger, check_privacy_args, ep
 from sapf.engine.run import SPLIT_SEED
 from sapf.errors import SapfError
 from sapf.federation.plan import FederationConfig
+from sapf.outputs import atomic_path
 
 
 def base_generator(cfg: FederationConfig) -> Generator:
@@ -111,10 +112,8 @@ def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Write a state dict as safetensors atomically (server checkpoints, a site's saved replies)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
 
 
 WIRE_DTYPE = torch.float16
