@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,26 +20,20 @@ import numpy as np
 from sapf.errors import SapfError
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: mkstemp files are 0600, and most outputs should get the user's usual mode
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | Path, private: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary path beside `path` that replaces `path` only when the block succeeds.
 
     A reader never sees a half-written file, and a failure leaves the earlier file as it was.
     The temporary name keeps `path`'s suffix (writers that infer the format from it work).
-    ``private`` keeps the file 0600 (keys, a site's secret); otherwise it gets the umask's mode.
+    ``private`` creates the file 0600 (keys, a site's secret); otherwise the umask decides, as for any file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666))
     try:
-        yield Path(tmp)
-        if not private:
-            os.chmod(tmp, 0o666 & ~_UMASK)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

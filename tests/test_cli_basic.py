@@ -51,6 +51,7 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("pretrain", "--data", "digits", "--widths", "8,x", "--out", tmp_path / "e"),
         ("pretrain", "--data", "digits", "--slant", "0.5,-0.1", "--out", tmp_path / "f"),
         ("pretrain", "--data", "digits", "--slant", "lean", "--out", tmp_path / "g"),
+        ("federate", "--clients", 2, "--rank", 0, "--out", tmp_path / "h"),  # refused before any site spends budget
     ]
     for args in cases:
         r = run(*args)
@@ -58,4 +59,4 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("sapf: error:"), r.output
         assert "Traceback" not in r.output
-    assert not any((tmp_path / x).exists() for x in "abcdefg")
+    assert not any((tmp_path / x).exists() for x in "abcdefgh")

@@ -290,3 +290,17 @@ def test_ffa_lora_site_keeps_a_and_trains_b(tmp_path, tiny_model_dir, mnist_smal
     for k in state:
         moved = float((update[k] - state[k].half().float()).abs().max())
         assert (moved == 0) == ("lora_A" in k), k
+
+
+def test_site_plan_is_kept_on_the_sites_disk(tmp_path):
+    # A deployed site answers each request in a fresh process: its calibrated plan is read back from disk.
+    from sapf.federation.task import plan_site
+
+    cfg = FederationConfig(rounds=2, local_steps=3, batch_size=16)
+    fresh = plan_site(cfg, 200)
+    assert plan_site(cfg, 200, tmp_path) == fresh
+    (saved,) = (tmp_path / "plans").glob("plan-*.json")
+    longer = plan_site(FederationConfig(rounds=3, local_steps=3, batch_size=16), 200, tmp_path)
+    assert longer.train_noise > fresh.train_noise and len(list((tmp_path / "plans").glob("*.json"))) == 2
+    saved.write_text(saved.read_text().replace(str(fresh.train_noise), "9.5"))
+    assert plan_site(cfg, 200, tmp_path).train_noise == 9.5  # read, not recalibrated

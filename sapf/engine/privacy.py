@@ -20,7 +20,7 @@ ACCOUNTANTS = ("rdp", "prv")
 # Rényi orders for the RDP accountant: Opacus's defaults stop at 63, which cannot certify a
 # small ε at a small δ at all (log(1/δ)/(α-1) alone exceeds 0.1 for δ=1e-5), so a 10% selection
 # share of ε=1 would be refused. Larger orders only tighten the (still valid) bound.
-RDP_ORDERS = sorted({1 + x / 10.0 for x in range(1, 100)} | set(range(12, 64)) | {int(1.25 ** k) for k in range(19, 50)})
+RDP_ORDERS = tuple(sorted({1 + x / 10.0 for x in range(1, 100)} | set(range(12, 64)) | {int(1.25 ** k) for k in range(19, 50)}))
 
 
 @dataclass
@@ -103,7 +103,7 @@ class PrivacyLedger:
             "target_epsilon": self.target_epsilon if self.private else None,
             "delta": self.delta,
             "accountant": self.accountant,
-            **({"rdp_orders": RDP_ORDERS} if self.accountant == "rdp" else {}),
+            **({"rdp_orders": list(RDP_ORDERS)} if self.accountant == "rdp" else {}),
             "epsilon_spent": self.epsilon() if self.private else None,
             "private": self.private,
             "mechanisms": [asdict(m) for m in self.mechanisms],

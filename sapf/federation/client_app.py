@@ -69,8 +69,8 @@ def _setup(msg: Message, context: Context):
     cfg = FederationConfig.from_record(msg.content["config"])
     gen = base_generator(cfg)
     data, site = site_data(cfg, context.node_config, gen)
-    plan = plan_site(cfg, len(data))
     state_dir = site_state_dir(cfg, context.node_config, site)
+    plan = plan_site(cfg, len(data), state_dir)
     ledger_path = state_dir / "ledger.json"
     ledger = open_ledger(ledger_path, cfg, plan.delta)
     return cfg, gen, data, site, plan, state_dir, ledger_path, ledger

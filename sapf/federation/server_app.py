@@ -114,7 +114,10 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
                         f"the last checkpoint is kept (resume with --resume)")
     metrics = {"round": rnd, "replies": len(updates), "loss": float(np.average(losses, weights=weights)),
                "max_site_epsilon": max(eps), "examples": int(sum(weights))}
-    return weighted_average(updates, weights), metrics, replies
+    averaged = weighted_average(updates, weights)
+    if cfg.freeze_lora_a:  # FFA-LoRA: A is the server's; a site that moved it (e.g. an older sapf) cannot drift it
+        averaged = {k: state[k] if ".lora_A." in k else v for k, v in averaged.items()}
+    return averaged, metrics, replies
 
 
 def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torch.Tensor], history: list[dict]) -> None:

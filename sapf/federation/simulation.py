@@ -20,6 +20,8 @@ def validate(cfg: FederationConfig) -> None:
         raise SapfError("--rounds and --local-steps must be at least 1")
     if not 0 < cfg.top_fraction <= 1:
         raise SapfError(f"--top-fraction must lie in (0, 1], got {cfg.top_fraction}")
+    if cfg.rank < 1:  # checked here: peft would refuse it only after the sites spent their saliency budget
+        raise SapfError(f"--rank must be at least 1, got {cfg.rank}")
 
 
 def prepare_run_dir(cfg: FederationConfig, command: str, force: bool, resume: bool, extra: dict | None = None,

@@ -10,8 +10,9 @@ What crosses the network, and nothing else:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,11 @@ import torch
 
 from sapf.engine.data import ImageDataset, load_dataset, partition, train_holdout_split
 from sapf.engine.model import Generator, check_data_fits, load_generator
-from sapf.engine.privacy import Mechanism, PrivacyLedger, check_privacy_args, epsilon_of, plan_privacy
+from sapf.engine.privacy import RDP_ORDERS, Mechanism, PrivacyLedger, check_privacy_args, epsilon_of, plan_privacy
 from sapf.engine.run import SPLIT_SEED
 from sapf.errors import SapfError
 from sapf.federation.plan import FederationConfig
-from sapf.outputs import atomic_path
+from sapf.outputs import atomic_path, read_json, write_json
 
 
 def base_generator(cfg: FederationConfig) -> Generator:
@@ -78,15 +79,28 @@ class SitePlan:
     local_steps: int
 
 
-def plan_site(cfg: FederationConfig, n: int) -> SitePlan:
-    """Noise for this site's whole planned run (query + rounds × local steps), calibrated once."""
+def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None) -> SitePlan:
+    """Noise for this site's whole planned run (query + rounds × local steps), calibrated once.
+
+    With `state_dir` the plan is kept on the site's disk: a deployed site answers every request in
+    a fresh process (Flower's subprocess isolation), and the calibration costs seconds each time.
+    """
     delta = check_privacy_args(cfg.epsilon, cfg.delta or None, n)
     if cfg.batch_size > n:
         raise SapfError(f"batch size {cfg.batch_size} is larger than this site's {n} examples")
+    saved = None
+    if state_dir is not None:
+        key = json.dumps([cfg.to_record(), n, list(RDP_ORDERS)], sort_keys=True)
+        saved = state_dir / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        if saved.exists():
+            return SitePlan(**read_json(saved))
     steps = cfg.rounds * cfg.local_steps_for(n)
     p = plan_privacy(cfg.epsilon, delta, cfg.batch_size / n, steps, True, cfg.selection_budget,
                      cfg.selection_sample_rate, cfg.accountant)
-    return SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps, cfg.local_steps_for(n))
+    plan = SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps, cfg.local_steps_for(n))
+    if saved is not None:
+        write_json(saved, asdict(plan))
+    return plan
 
 
 def open_ledger(path: Path, cfg: FederationConfig, delta: float) -> PrivacyLedger:
