@@ -19,4 +19,5 @@ SGD_LORA_LR = 1.0  # measured: central DP-SAPF, ε=10, 200 steps of 64 (README);
 # Federated sites (`sapf federate --clients 4`: 6 rounds × 25 local steps per site, adapters averaged each round)
 # share LORA_LR. Measured with a fresh optimizer every round, batch 32: 1e-2 → FID 190 / acc 0.647; 3e-3 → 204 / 0.677;
 # batch 128 × 6 local steps at 1e-2 → 202 / 0.651. With Adam's state carried across rounds, 1e-2: batch 32 → FID
-# 168–220 / acc 0.641–0.678 (four runs); batch 64 → 122, 113, 153 / 0.671, 0.709, 0.667 (three runs; the default since).
+# 168–220 / acc 0.641–0.678 (four runs); batch 64 → FID 122, 113, 153, 150 / acc 0.671, 0.709, 0.667, 0.675
+# (four runs; the default since).
