@@ -50,16 +50,17 @@ def epsilon_of(mechanisms: list[Mechanism], delta: float, accountant: str = "rdp
         return 0.0
     if any(m.noise_multiplier <= 0 for m in live):
         return math.inf
-    acc = _accountant(accountant)
     if accountant == "rdp":
         # What RDPAccountant.get_epsilon computes (Σ steps·RDP(σ, q) over the history, then the
         # (ε, δ) conversion), with each mechanism's one-step RDP curve cached: Opacus recomputes it
-        # at every call, in pure Python, and a site asks for ε several times a round (≈8 s a call).
+        # at every call, in pure Python (~0.3 s a mechanism), and ε is asked for several times a
+        # request, and dozens of times by a noise calibration's bisection.
         from opacus.accountants.analysis.rdp import get_privacy_spent
 
         rdp = [sum(m.steps * r for m, r in zip(live, per_order)) for per_order in
                zip(*(_rdp_one_step(m.noise_multiplier, m.sample_rate) for m in live))]
         return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
+    acc = _accountant(accountant)  # prv, or an unknown name (refused there)
     acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in live]
     return float(acc.get_epsilon(delta=delta))
 
@@ -148,17 +149,9 @@ def calibrate_noise(
     """The smallest noise multiplier σ (to 0.1%) such that prior + `steps` × Gaussian(σ, q) meets ε.
 
     Refuses (SapfError) when no σ up to `max_sigma` meets the target, e.g. when the prior
-    mechanisms already spend it. Answers are cached: every site re-plans its run at every
-    request, and the bisection costs seconds.
+    mechanisms already spend it.
     """
-    key = tuple((m.name, m.noise_multiplier, m.sample_rate, m.steps) for m in prior or [])
-    return _calibrate_noise(target_epsilon, delta, sample_rate, steps, key, accountant, max_sigma)
-
-
-@functools.lru_cache(maxsize=256)
-def _calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, prior_key: tuple,
-                     accountant: str, max_sigma: float) -> float:
-    prior = [Mechanism(*m) for m in prior_key]
+    prior = list(prior or [])
     spent = epsilon_of(prior, delta, accountant)
     if spent >= target_epsilon:
         raise SapfError(f"the earlier releases already spend ε={spent:.3g} of the target {target_epsilon:.3g}")

@@ -23,8 +23,8 @@ from sapf.engine.finetune import DPSGDConfig, dp_finetune, load_lora_state, lora
 from sapf.engine.privacy import Mechanism
 from sapf.engine.saliency import noisy_saliency_scores
 from sapf.errors import SapfError
-from sapf.federation.task import (FederationConfig, base_generator, check_budget, from_wire, max_epsilon, open_ledger,
-                                  plan_site, save_tensors, site_data, site_state_dir, to_wire)
+from sapf.federation.task import (FederationConfig, base_generator, check_budget, fingerprint, from_wire, max_epsilon,
+                                  open_ledger, plan_site, save_tensors, site_data, site_state_dir, to_wire)
 from sapf.outputs import atomic_path, save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
@@ -124,8 +124,7 @@ def _optimizer_state_path(state_dir: Path, cfg: FederationConfig, selected: list
     """Where the site keeps its optimizer between rounds of one plan (None: a fresh one each round)."""
     if not cfg.keep_optimizer_state:
         return None
-    key = hashlib.sha256(json.dumps([cfg.to_record(), selected], sort_keys=True).encode()).hexdigest()[:24]
-    return state_dir / f"optimizer-{key}.pt"
+    return state_dir / f"optimizer-{fingerprint(cfg.to_record(), selected)}.pt"
 
 
 @app.train()

@@ -54,6 +54,11 @@ def _short_hash(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()[:10]
 
 
+def fingerprint(*parts) -> str:
+    """A short stable name for JSON-able values: keys the files a site keeps per plan."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
     """Where a site keeps its ledger: ``state-dir`` from the node config, else (simulation, where
     the sites share the server's disk) under the run dir, else ``~/.sapf/sites``. A deployed site
@@ -90,8 +95,7 @@ def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None) -> S
         raise SapfError(f"batch size {cfg.batch_size} is larger than this site's {n} examples")
     saved = None
     if state_dir is not None:
-        key = json.dumps([cfg.to_record(), n, list(RDP_ORDERS)], sort_keys=True)
-        saved = state_dir / "plans" / f"plan-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        saved = state_dir / "plans" / f"plan-{fingerprint(cfg.to_record(), n, list(RDP_ORDERS))}.json"
         if saved.exists():
             return SitePlan(**read_json(saved))
     steps = cfg.rounds * cfg.local_steps_for(n)
