@@ -369,8 +369,12 @@ def serve(
 def join(
     superlink: str = typer.Option(..., "--superlink", help="The SuperLink's HOST:PORT."),
     data: Path = typer.Option(..., "--data", help="This site's private images: an image folder or an .npz."),
-    max_epsilon: Optional[float] = typer.Option(None, "--max-epsilon", help="This site never spends past this ε."),
+    max_epsilon: float = typer.Option(..., "--max-epsilon", help="This site's lifetime ε for this dataset: it never spends past it."),
+    delta: Optional[float] = typer.Option(None, help="The δ this site accounts at (default 1/(n ln n) of its n)."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where this site's privacy ledger lives (default ~/.sapf/sites/NAME)."),
+    base_model: list[Path] = typer.Option([], "--base-model", help="A base model dir this site allows the server to name (repeat; the shipped model is always allowed)."),
+    limit: list[str] = typer.Option([], "--limit", help="Change one of the site's plan caps, e.g. max-rank=16 (repeat; see the README)."),
+    new_dataset: bool = typer.Option(False, "--new-dataset", help="The data changed on purpose: keep the old ledger aside and start a new one."),
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (ca.crt from `sapf certs`) to verify the SuperLink."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS."),
     auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="This site's private key, for SuperNode authentication."),
@@ -386,10 +390,10 @@ def join(
     if not data.exists():
         raise SapfError(f"--data {data} not found")
     name = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:10]
-    site = SiteConfig(data, state_dir or Path.home() / ".sapf" / "sites" / f"site-{name}", max_epsilon)
+    site = SiteConfig(data, state_dir or Path.home() / ".sapf" / "sites" / f"site-{name}", max_epsilon, delta,
+                      tuple(base_model), ",".join(limit), new_dataset)
     n = check_site(site)
-    _say(f"joining {superlink} with {n} examples from {data}; ledger in {site.state_dir}"
-         + (f"; ε limit {max_epsilon:g}" if max_epsilon is not None else ""))
+    _say(f"joining {superlink} with {n} examples from {data}; ledger in {site.state_dir}; ε limit {max_epsilon:g}")
     _exit_on_sigterm()
     raise typer.Exit(run_join(superlink, site, tls, auth_key, port, wait=wait, say=_say))
 

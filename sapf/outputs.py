@@ -43,7 +43,11 @@ def atomic_path(path: str | Path, private: bool = False) -> Iterator[Path]:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 

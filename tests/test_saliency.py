@@ -28,7 +28,7 @@ def test_one_example_moves_the_scores_by_at_most_the_sensitivity(small_data, sco
     clip = 1e-4  # far below the gradient norm, so the clip binds
     one = small_data.subset([3])
     q = SaliencyQuery(clip=clip, score=score)
-    _, scores, used = noisy_saliency_scores(gen, one, q, 0.0, None, seed=0, show_progress=False)
+    _, scores, used = noisy_saliency_scores(gen, one, q, 0.0, None, show_progress=False)
     assert used == 1
     assert np.linalg.norm(scores) <= bound(clip) * (1 + 1e-5)
     if score == "sqnorm":  # the whole-vector clip makes the block scores sum to exactly C²
@@ -38,7 +38,7 @@ def test_one_example_moves_the_scores_by_at_most_the_sensitivity(small_data, sco
 def test_planted_salient_matrix_ranks_first(small_data):
     gen = tiny_generator()
     planted = "mid_block.attentions.0.to_out.0"
-    base_names, base_scores, _ = noisy_saliency_scores(gen, small_data, SaliencyQuery(clip=1.0), 0.0, None, 0, False)
+    base_names, base_scores, _ = noisy_saliency_scores(gen, small_data, SaliencyQuery(clip=1.0), 0.0, None, False)
     assert base_names[int(np.argmax(base_scores))] != planted  # not first on its own
     attn = gen.unet.mid_block.attentions[0]
     x = torch.randn(2, 1, 16, 16)
@@ -52,19 +52,18 @@ def test_planted_salient_matrix_ranks_first(small_data):
         after = gen.unet(x, torch.tensor([3, 700]), torch.tensor([1, 2])).sample
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
     ledger = PrivacyLedger(10.0, 1e-4)
-    names, scores, _ = noisy_saliency_scores(gen, small_data, SaliencyQuery(clip=1.0), 0.5, ledger, 0, False)
+    names, scores, _ = noisy_saliency_scores(gen, small_data, SaliencyQuery(clip=1.0), 0.5, ledger, False)
     assert names[int(np.argmax(scores))] == planted
     assert planted in select_top(names, scores, 0.1)
     assert ledger.mechanisms[0].name == "saliency-query" and ledger.mechanisms[0].noise_multiplier == 0.5
 
 
-def test_selection_is_reproducible_given_the_seed(small_data):
+def test_selection_noise_is_fresh_and_the_seed_drives_only_public_choices(small_data):
     gen = tiny_generator()
     q = SaliencyQuery(clip=1e-2)
     a = choose_matrices("saliency", gen, small_data, q, 0.3, 2.0, None, seed=5, show_progress=False)
     b = choose_matrices("saliency", gen, small_data, q, 0.3, 2.0, None, seed=5, show_progress=False)
-    c = choose_matrices("saliency", gen, small_data, q, 0.3, 2.0, None, seed=6, show_progress=False)
-    assert a.scores == b.scores and a.selected == b.selected and a.scores != c.scores
+    assert a.scores != b.scores  # the same seed does not repeat the noise
     assert len(a.selected) == round(0.3 * len(a.candidates))
     r1 = choose_matrices("random", gen, None, q, 0.3, 0, None, seed=5)
     r2 = choose_matrices("random", gen, None, q, 0.3, 0, None, seed=5)

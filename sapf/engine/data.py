@@ -189,66 +189,107 @@ def _load_folder(root: Path, image_size: int, channels: int) -> ImageDataset:
     return ImageDataset(x.astype(np.float32), np.asarray(labels, np.int64), len(classes), root.name, classes)
 
 
+MAX_CLASSES = 1_000  # a label past this is an error in the file, not a class (and would exhaust memory)
+
+
 def _load_npz(path: Path, image_size: int, channels: int) -> ImageDataset:
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             if "images" not in z or "labels" not in z:
                 raise SapfError(f"{path} must hold arrays 'images' (N,H,W[,C]) and 'labels' (N,)")
             x, y = z["images"], z["labels"]
-    except (OSError, ValueError) as e:
-        raise SapfError(f"cannot read {path}: {e}") from None
-    if x.ndim not in (3, 4) or len(x) != len(y) or len(x) == 0:
+    except SapfError:
+        raise
+    except Exception as e:  # a corrupt or truncated file raises zipfile, OSError, ValueError, EOFError...
+        raise SapfError(f"cannot read {path} as an .npz file ({type(e).__name__})") from None
+    if x.ndim not in (3, 4) or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
         raise SapfError(f"{path}: 'images' must be (N,H,W[,C]) and 'labels' (N,) with N > 0; got {x.shape}, {y.shape}")
-    x = x.astype(np.float32)
-    x = x / 255.0 if x.max() > 1.0 else x
+    if y.dtype.kind not in "iu":
+        raise SapfError(f"{path}: labels must be integers, got {y.dtype}")
+    if y.min() < 0 or y.max() >= MAX_CLASSES:
+        raise SapfError(f"{path}: labels must lie in 0..{MAX_CLASSES - 1}")
+    x = pixels_to_unit(x, str(path))
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    y = np.asarray(y).astype(np.int64)
-    if y.min() < 0:
-        raise SapfError(f"{path}: labels must be non-negative integers")
-    return ImageDataset(_prepare(x, image_size, channels), y, int(y.max()) + 1, path.stem, [str(i) for i in range(int(y.max()) + 1)])
+    y = y.astype(np.int64)
+    k = int(y.max()) + 1
+    return ImageDataset(_prepare(x, image_size, channels), y, k, path.stem, [str(i) for i in range(k)])
+
+
+def pixels_to_unit(x: np.ndarray, where: str) -> np.ndarray:
+    """Pixels → float32 in [0, 1], by dtype alone (never by looking at the values: the scale of one
+    record must not depend on the others). uint8 and other integers: 0..255; uint16: 0..65535;
+    bool: 0/1; floats: already in [0, 1]. Out-of-range or non-finite values are refused."""
+    kind = x.dtype.kind
+    if kind == "b":
+        return x.astype(np.float32)
+    if kind == "u" and x.dtype.itemsize == 2:
+        return x.astype(np.float32) / 65535.0
+    if kind in "iu":
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise SapfError(f"{where}: integer images must lie in 0..255 (uint16: 0..65535)")
+        return x.astype(np.float32) / 255.0
+    if kind == "f":
+        if not np.isfinite(x).all():
+            raise SapfError(f"{where}: images hold NaN or infinite values")
+        if x.size and (x.min() < 0 or x.max() > 1):
+            raise SapfError(f"{where}: float images must lie in [0, 1] (store 0..255 pixels as uint8)")
+        return x.astype(np.float32)
+    raise SapfError(f"{where}: images must be numbers, got {x.dtype}")
+
+
+def record_keys(ds: ImageDataset, salt: str) -> np.ndarray:
+    """A number in [0, 1) per record, from a hash of its own content (image, label) and a public salt.
+
+    Splits and partitions decided by these keys do not move any other record when one is added or
+    removed: the neighbouring datasets of the DP guarantee stay neighbours after the split.
+    """
+    import hashlib
+
+    prefix = salt.encode() + b"\0"
+    keys = np.empty(len(ds), np.float64)
+    for i in range(len(ds)):
+        h = hashlib.sha256(prefix + ds.images[i].tobytes() + ds.labels[i : i + 1].tobytes()).digest()
+        keys[i] = int.from_bytes(h[:8], "little") / 2.0**64
+    return keys
 
 
 def train_holdout_split(ds: ImageDataset, holdout: int | float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """A seeded, stratified split; `holdout` is a count or a fraction of the data."""
-    n_hold = int(round(holdout * len(ds))) if isinstance(holdout, float) and holdout < 1 else int(holdout)
-    if not 0 < n_hold < len(ds):
-        raise SapfError(f"holdout size {n_hold} must be between 1 and {len(ds) - 1}")
-    rng = np.random.default_rng(seed)
-    # Stratify: take each class's share of the holdout, rounding the remainder over classes at random.
-    hold = []
-    for k in range(ds.num_classes):
-        idx = rng.permutation(np.flatnonzero(ds.labels == k))
-        hold.append(idx[: int(round(len(idx) * n_hold / len(ds)))])
-    hold = np.concatenate(hold)
-    rest = np.setdiff1d(np.arange(len(ds)), hold)
-    if len(hold) > n_hold:
-        hold = rng.choice(hold, n_hold, replace=False)
-    elif len(hold) < n_hold:
-        hold = np.concatenate([hold, rng.choice(rest, n_hold - len(hold), replace=False)])
-    hold = np.sort(hold)
-    train = np.setdiff1d(np.arange(len(ds)), hold)
-    return ds.subset(rng.permutation(train), f"{ds.name}-train"), ds.subset(hold, f"{ds.name}-holdout")
+    """A seeded split by record hash (:func:`record_keys`): a record is held out when its key is below
+    the holdout share (`holdout` is a fraction, or a count turned into a fraction of the data).
+
+    Each record's side depends on that record alone, so adding or removing one record moves no other
+    (a permutation-based split would reshuffle every record). The holdout's size and its classes'
+    shares are those of the data in expectation (for MNIST-5k at 0.2: about 1,000, 100 a class).
+    """
+    frac = holdout if isinstance(holdout, float) and holdout < 1 else float(holdout) / max(len(ds), 1)
+    if not 0 < frac < 1:
+        raise SapfError(f"holdout {holdout} must be a share in (0, 1) or a count below the data's {len(ds)}")
+    hold = record_keys(ds, f"holdout-{seed}") < frac
+    if hold.all() or not hold.any():
+        raise SapfError(f"a holdout of {holdout} leaves one side of the split empty for {len(ds)} examples")
+    return (ds.subset(np.flatnonzero(~hold), f"{ds.name}-train"), ds.subset(np.flatnonzero(hold), f"{ds.name}-holdout"))
 
 
 def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
-    """Split example indices among `num_sites` sites: IID, or Dirichlet(alpha) label skew."""
+    """Split example indices among `num_sites` sites by record hash: IID (each record to a uniform
+    site), or Dirichlet(alpha) label skew (each class's site shares drawn from the public seed, each
+    record placed by its key). A record's site depends on that record alone (see `record_keys`)."""
     if num_sites < 1 or num_sites > len(ds):
         raise SapfError(f"cannot split {len(ds)} examples among {num_sites} sites")
-    rng = np.random.default_rng(seed)
+    keys = record_keys(ds, f"partition-{seed}")
     if scheme == "iid":
-        return [np.sort(p) for p in np.array_split(rng.permutation(len(ds)), num_sites)]
-    if scheme != "dirichlet":
+        site = np.minimum((keys * num_sites).astype(np.int64), num_sites - 1)
+    elif scheme == "dirichlet":
+        if alpha <= 0:
+            raise SapfError("--alpha must be > 0")
+        shares = np.random.default_rng(seed).dirichlet(np.full(num_sites, alpha), size=ds.num_classes)
+        edges = np.cumsum(shares, axis=1)
+        site = np.array([min(int(np.searchsorted(edges[y], k, side="right")), num_sites - 1)
+                         for y, k in zip(ds.labels, keys)], np.int64)
+    else:
         raise SapfError(f"unknown partition '{scheme}' (iid or dirichlet)")
-    if alpha <= 0:
-        raise SapfError("--alpha must be > 0")
-    for _ in range(100):  # redraw until every site holds at least one example
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
-        for k in range(ds.num_classes):
-            idx = rng.permutation(np.flatnonzero(ds.labels == k))
-            cuts = (np.cumsum(rng.dirichlet(np.full(num_sites, alpha))) * len(idx)).astype(int)[:-1]
-            for s, chunk in enumerate(np.split(idx, cuts)):
-                parts[s].append(chunk)
-        out = [np.sort(np.concatenate(p)) for p in parts]
-        if all(len(p) > 0 for p in out):
-            return out
-    raise SapfError(f"Dirichlet(alpha={alpha}) left a site empty; use a larger alpha or fewer sites")
+    parts = [np.flatnonzero(site == s) for s in range(num_sites)]
+    if any(len(p) == 0 for p in parts):
+        raise SapfError(f"the {scheme} partition left a site without examples; use fewer sites"
+                        + (" or a larger alpha" if scheme == "dirichlet" else ""))
+    return parts

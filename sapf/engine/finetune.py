@@ -17,7 +17,9 @@ from torch import nn
 from sapf.engine.data import ImageDataset
 from sapf.engine.diffusion import add_noise, per_example_loss
 from sapf.engine.model import Generator
-from sapf.engine.persample import average_replicas, replicate, trainable_parameters, wrap_for_per_sample_grads
+from sapf.engine.noise import fresh_torch_generator
+from sapf.engine.persample import (average_replicas, replicate, trainable_parameters, wrap_for_per_sample_grads,
+                                   zero_nonfinite_rows)
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
@@ -31,7 +33,6 @@ class DPSGDConfig:
     clip: float = 1.0
     lr: float = 2e-3
     ema_decay: float = 0.0  # 0: no EMA
-    seed: int = 0
     optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9)
 
 
@@ -138,9 +139,12 @@ def dp_finetune(
 ) -> TrainHistory:
     """Train `model`'s trainable parameters on `data`; private iff noise_multiplier > 0.
 
-    Private: Poisson batches with rate B/N, per-example gradients averaged over K replicas,
-    clipped to C, summed, noised with N(0, σ²C²) and divided by B (Opacus DPOptimizer); every
-    step is recorded in `ledger`. Non-private (ε = ∞): uniform batches of B, no clipping or noise.
+    Private: Poisson batches with rate B/N, per-example gradients averaged over K replicas (a
+    non-finite one zeroed), clipped to C, summed, noised with N(0, σ²C²) and divided by B (Opacus
+    DPOptimizer); every step is recorded in `ledger` before its update is applied. Non-private
+    (σ = 0, ε = ∞): uniform batches of B, no clipping or noise, recorded with σ = 0. All randomness
+    comes from fresh OS entropy (:mod:`sapf.engine.noise`); the training loss and step times in the
+    history are statistics of private data: the caller keeps them private.
     `optimizer_state` (from an earlier call's history, same parameters) continues that optimizer
     instead of starting a fresh one: its moments are functions of released noisy gradients only.
     """
@@ -152,10 +156,12 @@ def dp_finetune(
         raise SapfError(f"--batch-size {cfg.batch_size} is larger than the data ({n} examples)")
     if K < 1:
         raise SapfError("--multiplicity must be at least 1")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise SapfError(f"the noise multiplier must be finite and >= 0, got {noise_multiplier}")
     private = noise_multiplier > 0
     params = [p for _, p in trainable_parameters(model)]
-    torch.manual_seed(cfg.seed)
-    torch_gen = torch.Generator().manual_seed(cfg.seed)
+    # Batches, diffusion noise/timesteps and DP noise all touch private data: fresh OS entropy, never a seed.
+    torch_gen = fresh_torch_generator()
     conditional = gen.num_classes > 0
     net = wrap_for_per_sample_grads(model) if private else model
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
@@ -169,8 +175,7 @@ def dp_finetune(
                                 expected_batch_size=cfg.batch_size, generator=torch_gen)
         batches = iter(UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch_gen, steps=cfg.steps))
     else:
-        rng = np.random.default_rng(cfg.seed)
-        batches = (torch.from_numpy(rng.choice(n, cfg.batch_size, replace=False)) for _ in range(cfg.steps))
+        batches = (torch.randperm(n, generator=torch_gen)[: cfg.batch_size] for _ in range(cfg.steps))
     ema = None
     if cfg.ema_decay > 0:
         from diffusers.training_utils import EMAModel
@@ -195,10 +200,11 @@ def dp_finetune(
                 loss = loss_t.item()
                 if private:
                     average_replicas(params, K)  # mean over replicas *before* clipping: sensitivity stays C
+                    zero_nonfinite_rows(params)  # a NaN row would pass the clip and poison the release
+            if ledger is not None:  # recorded before the step's noisy gradient is used
+                ledger.record("dp-sgd", noise_multiplier, q, 1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if private and ledger is not None:
-                ledger.record("dp-sgd", noise_multiplier, q, 1)
             if ema is not None:
                 ema.step(params)
             hist.step_times.append(time.perf_counter() - t_step)

@@ -61,6 +61,21 @@ def average_replicas(params: list[torch.nn.Parameter], multiplicity: int) -> Non
         p.grad_sample = gs
 
 
+def zero_nonfinite_rows(params: list[torch.nn.Parameter]) -> int:
+    """Zero every example whose gradient (over all `params`, after replica averaging) has a non-finite
+    entry; return how many. A NaN or inf would pass any clip (its norm is NaN), so a crafted input (an
+    adapter that overflows for one class, an image of NaNs) could turn the noisy sum into NaN and reveal
+    whether that example was sampled. A zero row contributes nothing and keeps the bound."""
+    bad = torch.zeros(params[0].grad_sample.shape[0], dtype=torch.bool)
+    for p in params:
+        bad |= ~torch.isfinite(p.grad_sample.flatten(1)).all(dim=1)
+    if bad.any():
+        for p in params:
+            p.grad_sample = torch.where(bad.view(-1, *([1] * (p.grad_sample.dim() - 1))),
+                                        torch.zeros((), dtype=p.grad_sample.dtype), p.grad_sample)
+    return int(bad.sum())
+
+
 def per_sample_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """L2 norm of each example's whole gradient over `params` (after replica averaging)."""
     sq = torch.stack([p.grad_sample.flatten(1).pow(2).sum(1) for p in params], dim=0).sum(0)

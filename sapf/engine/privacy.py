@@ -23,6 +23,14 @@ ACCOUNTANTS = ("rdp", "prv")
 RDP_ORDERS = tuple(sorted({1 + x / 10.0 for x in range(1, 100)} | set(range(12, 64)) | {int(1.25 ** k) for k in range(19, 50)}))
 
 
+# The neighbouring relation of every guarantee sapf states (Opacus's, for Poisson-subsampled mechanisms).
+NEIGHBOURING = "add/remove one record"
+# What the accounting takes as known to everyone: each sample rate is (expected batch) / N and the
+# default δ is 1/(N ln N), so N itself is revealed; federated sites also report it with each reply.
+TREATED_AS_PUBLIC = ("the number of records N; the plan (every noise multiplier, sample rate and step count); "
+                     "the public model and public data")
+
+
 @dataclass
 class Mechanism:
     """A Gaussian mechanism run `steps` times; sample_rate 1.0 means no subsampling."""
@@ -100,12 +108,18 @@ class PrivacyLedger:
 
     def to_dict(self) -> dict:
         """``epsilon_spent`` is null for a non-private run (ε = ∞): nothing is guaranteed."""
+        eps = self.epsilon() if self.private else None
+        guarantee = (f"(ε={eps:.4g}, δ={self.delta:.3g})-differential privacy; neighbouring datasets: {NEIGHBOURING}"
+                     if eps is not None and math.isfinite(eps) else "none: at least one release carried no noise")
         return {
+            "guarantee": guarantee,
+            "neighbouring": NEIGHBOURING,
+            "treated_as_public": TREATED_AS_PUBLIC,
             "target_epsilon": self.target_epsilon if self.private else None,
             "delta": self.delta,
             "accountant": self.accountant,
             **({"rdp_orders": list(RDP_ORDERS)} if self.accountant == "rdp" else {}),
-            "epsilon_spent": self.epsilon() if self.private else None,
+            "epsilon_spent": eps,
             "private": self.private,
             "mechanisms": [asdict(m) for m in self.mechanisms],
         }

@@ -66,7 +66,7 @@ class TrainConfig:
 
     def dpsgd(self, steps: int) -> DPSGDConfig:
         return DPSGDConfig(steps, self.batch_size, self.multiplicity, self.clip, self.learning_rate(), self.ema_decay,
-                           self.seed, self.optimizer)
+                           self.optimizer)
 
     def query(self) -> SaliencyQuery:
         return SaliencyQuery(self.selection_clip, self.selection_multiplicity, self.selection_sample_rate, self.score,
@@ -167,7 +167,7 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
     trainable = count_parameters(model, trainable_only=True)
     hist = dp_finetune(gen, model, data, cfg.dpsgd(steps), pp.train_noise, ledger, show_progress)
     merged = merged_generator(gen, model, cfg.selection)
-    summary = {
+    summary = {  # public: the plan, the counts the plan already reveals, ε
         "examples": n,
         "steps": steps,
         "trainable_parameters": trainable,
@@ -175,8 +175,12 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
         "train_noise_multiplier": pp.train_noise,
         "selection_noise_multiplier": pp.selection_noise,
         "epsilon_spent": ledger.epsilon() if ledger.private else math.inf,
+    }
+    curves = {  # statistics of private data, not noised: for the data curator only (private/)
         "wall_time_s": round(hist.wall_time_s, 2),
         "final_loss": float(np.nanmean(hist.loss[-50:])),
+        "loss": hist.loss,
+        "step_times_s": [round(t, 4) for t in hist.step_times],
     }
     with atomic_output_dir(out, force) as tmp:
         if cfg.selection != "full":
@@ -186,17 +190,35 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
         write_json(tmp / "privacy.json", ledger.to_dict())
         write_json(tmp / "config.json", {"command": "train", **asdict(cfg), "lr": cfg.learning_rate(), "base_model_resolved": gen.source,
                                          "resolved_steps": steps, "resolved_delta": pp.delta})
-        write_json(tmp / "metrics.json", {**summary, "loss": hist.loss, "epsilon": hist.epsilon})
-        _write_pictures(tmp, merged, hist, cfg.seed, sample_grid)
-    return summary
+        write_json(tmp / "metrics.json", {**summary, "epsilon": hist.epsilon})
+        write_private_curves(tmp, curves, "fine-tuning")
+        _write_pictures(tmp, merged, cfg.seed, sample_grid)
+    return {**summary, **{k: curves[k] for k in ("wall_time_s", "final_loss")}}
 
 
-def _write_pictures(out: Path, gen: Generator, hist, seed: int, sample_grid: bool) -> None:
-    from sapf.engine.sampling import sample
-    from sapf.outputs import class_grid, save_png
+PRIVATE_DIR = "private"
+PRIVATE_NOTE = """This folder holds statistics of the private training data that carry no DP noise (training
+loss, timings). They are outside the (epsilon, delta) guarantee in privacy.json: keep them with the
+data curator and do not share them with the rest of this run directory.
+"""
+
+
+def write_private_curves(run_dir: Path, curves: dict, title: str) -> None:
+    """`RUN/private/`: the un-noised curves of private data, kept apart from what may be shared."""
+    from sapf.outputs import write_text
     from sapf.plots import plot_curve
 
-    plot_curve(out / "loss.png", {"loss": hist.loss}, "step", "noise-prediction MSE", "fine-tuning", smooth=20)
+    d = run_dir / PRIVATE_DIR
+    write_json(d / "training.json", curves)
+    write_text(d / "README.txt", PRIVATE_NOTE)
+    if curves.get("loss"):
+        plot_curve(d / "loss.png", {"loss": curves["loss"]}, "step", "noise-prediction MSE", title, smooth=20)
+
+
+def _write_pictures(out: Path, gen: Generator, seed: int, sample_grid: bool) -> None:
+    from sapf.engine.sampling import sample
+    from sapf.outputs import class_grid, save_png
+
     if sample_grid:
         images, labels = sample(gen, 100, steps=50, seed=seed, show_progress=False)
         save_png(out / "grid.png", class_grid(images, labels))

@@ -27,7 +27,9 @@ from torch import nn
 from sapf.engine.data import ImageDataset
 from sapf.engine.diffusion import add_noise, per_example_loss
 from sapf.engine.model import Generator
-from sapf.engine.persample import average_replicas, clear_grad_samples, per_sample_norms, replicate, wrap_for_per_sample_grads
+from sapf.engine.noise import fresh_numpy_generator, fresh_torch_generator
+from sapf.engine.persample import (average_replicas, clear_grad_samples, per_sample_norms, replicate,
+                                   wrap_for_per_sample_grads, zero_nonfinite_rows)
 from sapf.engine.privacy import PrivacyLedger
 from sapf.errors import SapfError
 
@@ -108,6 +110,7 @@ def _clipped_block_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, 
             pred = gsm(xt, t, class_labels=y if conditional else None).sample
             per_example_loss(pred, noise).mean().backward()
             average_replicas(weights, K)
+            zero_nonfinite_rows(weights)  # a crafted input must never turn the sum (and so the release) NaN
             factor = (q.clip / (per_sample_norms(weights) + 1e-12)).clamp(max=1.0)  # (B,)
             for j, w in enumerate(weights):
                 block = w.grad_sample.flatten(1).norm(dim=1) * factor  # ‖ĝ_ij‖
@@ -119,17 +122,23 @@ def _clipped_block_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, 
 
 
 def noisy_saliency_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
-                          ledger: PrivacyLedger | None, seed: int, show_progress: bool = True) -> tuple[list[str], np.ndarray, int]:
-    """Run the DP saliency query: (candidate names, noisy scores, examples used). Recorded in `ledger`."""
+                          ledger: PrivacyLedger | None, show_progress: bool = True) -> tuple[list[str], np.ndarray, int]:
+    """Run the DP saliency query: (candidate names, noisy scores, examples used).
+
+    Recorded in `ledger` (whatever σ, 0 included: the ledger then says ε = ∞) before it returns.
+    The Poisson sample, the diffusion noise and timesteps, and the Gaussian noise come from fresh
+    OS entropy (:mod:`sapf.engine.noise`), never from a seed: two queries never share a draw.
+    """
     names = candidate_modules(gen.unet, q.candidates)
     sens = score_sensitivity(q.score, q.clip)
     if q.multiplicity < 1:
         raise SapfError("--multiplicity must be at least 1")
-    rng = np.random.default_rng([seed, 1])
-    torch_gen = torch.Generator().manual_seed(seed)
-    raw, used = _clipped_block_scores(gen, data, q, names, torch_gen, rng, show_progress)
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise SapfError(f"the query's noise multiplier must be finite and >= 0, got {noise_multiplier}")
+    rng = fresh_numpy_generator()
+    raw, used = _clipped_block_scores(gen, data, q, names, fresh_torch_generator(), rng, show_progress)
     noisy = raw + rng.normal(0.0, noise_multiplier * sens, size=raw.shape) if noise_multiplier > 0 else raw
-    if ledger is not None and noise_multiplier > 0:
+    if ledger is not None:
         ledger.record("saliency-query", noise_multiplier, q.sample_rate, 1)
     return names, noisy, used
 
@@ -165,12 +174,13 @@ class Selection:
 
 def choose_matrices(strategy: str, gen: Generator, data: ImageDataset | None, q: SaliencyQuery, top_fraction: float,
                     noise_multiplier: float, ledger: PrivacyLedger | None, seed: int, show_progress: bool = True) -> Selection:
-    """One interface for every strategy; only ``saliency`` touches private data."""
+    """One interface for every strategy; only ``saliency`` touches private data (with fresh randomness:
+    `seed` drives the public ``random`` strategy only)."""
     if strategy not in STRATEGIES:
         raise SapfError(f"unknown selection '{strategy}' ({', '.join(STRATEGIES)})")
     names = candidate_modules(gen.unet, q.candidates)
     if strategy == "saliency":
-        names, scores, used = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, seed, show_progress)
+        names, scores, used = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, show_progress)
         return Selection(strategy, names, select_top(names, scores, top_fraction), [float(s) for s in scores],
                          noise_multiplier, q.clip, q.sample_rate, used, q.score, q.multiplicity, top_fraction)
     if strategy == "attention":

@@ -1,9 +1,13 @@
 """The site: a Flower ClientApp that answers the saliency query and trains DP-LoRA locally.
 
-Every reply holds only DP-noised outputs (the noisy score vector, DP-SGD-trained adapter
-tensors) and scalars, plus the site's ε history. The site's ledger lives on its own disk,
-is written before anything is released, and a request that would take the site past its
-``max-epsilon`` (node config) is answered with an error, never by spending more.
+A site trusts no plan (:mod:`sapf.federation.site_policy`): every field it reads is checked
+against its own settings before its data is touched. Every release is recorded in the site's
+lifetime ledger — on its own disk, under a lock, *before* the computation that produces it — and
+a request that would take the site past its ``max-epsilon`` is refused, never answered by
+spending more. Every reply holds only DP outputs (the noisy score vector, DP-SGD-trained adapter
+tensors) and declared-public scalars (example count, ε, σ), plus the site's ε history. All noise
+comes from fresh OS entropy. Refusals say what was refused and why in plan terms; any other
+failure replies with a fixed message (no paths, no data facts) and is printed in the site's log.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import json
 import os
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,78 +25,116 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from sapf.engine.finetune import DPSGDConfig, dp_finetune, load_lora_state, lora_state, make_trainable
-from sapf.engine.privacy import Mechanism
-from sapf.engine.saliency import noisy_saliency_scores
-from sapf.errors import SapfError
-from sapf.federation.task import (FederationConfig, base_generator, check_budget, fingerprint, from_wire, max_epsilon,
-                                  open_ledger, plan_site, save_tensors, site_data, site_state_dir, to_wire)
-from sapf.outputs import atomic_path, save_torch
+from sapf.engine.model import Generator
+from sapf.engine.privacy import Mechanism, PrivacyLedger
+from sapf.engine.saliency import candidate_modules, noisy_saliency_scores
+from sapf.engine.data import ImageDataset
+from sapf.federation.site_policy import (Refusal, SiteSettings, check_incoming_weights, check_noise, check_plan,
+                                        check_round, check_selected, check_site_plan, ensure_same_dataset,
+                                        site_settings)
+from sapf.federation.task import (FederationConfig, SitePlan, base_generator, check_budget, dataset_fingerprint,
+                                  fingerprint, from_wire, open_ledger, plan_site, save_tensors, site_data, site_lock,
+                                  site_state_dir, to_wire)
+from sapf.outputs import save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
+FAILED_REASON = "the site could not answer this request; its operator sees why in the site's log"
 
 app = ClientApp()
 
 
-def _site_seed(state_dir: Path, *parts) -> int:
-    """Noise seeds mix in a secret that never leaves the site: the server knows the run's seed,
-    and noise it could regenerate would protect nothing."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    secret_file = state_dir / "secret"
-    if not secret_file.exists():
-        with atomic_path(secret_file, private=True) as tmp:
-            tmp.write_bytes(os.urandom(32))
-    h = hashlib.sha256(secret_file.read_bytes() + json.dumps(parts).encode()).digest()
-    return int.from_bytes(h[:7], "big")
-
-
-def _report(ledger, site: str) -> ConfigRecord:
+def _report(ledger: PrivacyLedger, site: str) -> ConfigRecord:
     return ConfigRecord({"site": site, "report": json.dumps(ledger.to_dict())})
 
 
 def _guard(handler):
-    """Turn failures into Flower error replies (the server logs them and carries on)."""
+    """Turn failures into Flower error replies (the server logs them and carries on). Only a
+    :class:`Refusal`'s message travels; anything else may name paths or data, so it stays here."""
 
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
-        except SapfError as e:
+        except Refusal as e:
+            print(f"[sapf site] {e}", flush=True)
             return Message(Error(code=ERROR_REFUSED, reason=str(e)), reply_to=msg)
-        except Exception as e:  # noqa: BLE001 - any site failure must reach the server as an error reply
+        except Exception:  # noqa: BLE001 - any site failure must reach the server as an error reply
             traceback.print_exc()
-            return Message(Error(code=ERROR_FAILED, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+            return Message(Error(code=ERROR_FAILED, reason=FAILED_REASON), reply_to=msg)
 
     wrapped.__name__ = handler.__name__
     return wrapped
 
 
-def _setup(msg: Message, context: Context):
-    cfg = FederationConfig.from_record(msg.content["config"])
+@dataclass
+class Site:
+    """Everything a request needs, checked: the plan, the site's settings, data and noise plan."""
+
+    cfg: FederationConfig
+    settings: SiteSettings
+    gen: Generator
+    data: ImageDataset
+    name: str
+    plan: SitePlan
+    state_dir: Path
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.json"
+
+    def ledger(self) -> PrivacyLedger:
+        return open_ledger(self.ledger_path, self.settings.max_epsilon, self.plan.delta, self.cfg.accountant)
+
+    def spend(self, mechanisms: list[Mechanism], budget_check: list[Mechanism] | None = None) -> PrivacyLedger:
+        """Under the site's lock: load the ledger, refuse past max-epsilon (checking `budget_check`,
+        by default the mechanisms themselves), record `mechanisms` and save — all before the release
+        is computed, so a crash can only over-count."""
+        with site_lock(self.state_dir):
+            ensure_same_dataset(self.state_dir, dataset_fingerprint(self.data), len(self.data),
+                                self.settings.new_dataset)
+            ledger = self.ledger()
+            check_budget(ledger, budget_check if budget_check is not None else mechanisms, self.settings.max_epsilon)
+            for m in mechanisms:
+                ledger.record(m.name, m.noise_multiplier, m.sample_rate, m.steps)
+            ledger.save(self.ledger_path)
+        return ledger
+
+
+def _setup(msg: Message, context: Context) -> Site:
+    """Check the plan against the site's settings, then load the data and fix the noise plan."""
+    try:
+        cfg = FederationConfig.from_record(msg.content["config"])
+    except (KeyError, TypeError) as e:
+        raise Refusal(f"refused: the request carries no valid plan ({type(e).__name__})") from None
+    except Exception as e:  # SapfError: a field of the wrong type
+        raise Refusal(f"refused: {e}") from None
+    settings = site_settings(context.node_config, cfg)
+    check_plan(cfg, settings)
     gen = base_generator(cfg)
-    data, site = site_data(cfg, context.node_config, gen)
-    state_dir = site_state_dir(cfg, context.node_config, site)
-    plan = plan_site(cfg, len(data), state_dir)
-    ledger_path = state_dir / "ledger.json"
-    ledger = open_ledger(ledger_path, cfg, plan.delta)
-    return cfg, gen, data, site, plan, state_dir, ledger_path, ledger
+    data, name = site_data(cfg, context.node_config, gen)
+    check_site_plan(cfg, settings, len(data))
+    state_dir = site_state_dir(cfg, context.node_config, name)
+    plan = plan_site(cfg, len(data), state_dir, settings.delta)
+    check_noise("saliency query", plan.selection_noise)
+    check_noise("DP-SGD", plan.train_noise)
+    return Site(cfg, settings, gen, data, name, plan, state_dir)
 
 
 @app.query("saliency")
 @_guard
 def saliency(msg: Message, context: Context) -> Message:
-    cfg, gen, data, site, plan, state_dir, ledger_path, ledger = _setup(msg, context)
+    site = _setup(msg, context)
+    query = Mechanism("saliency-query", site.plan.selection_noise, site.cfg.selection_sample_rate, 1)
     # Refuse up front a run whose whole plan (query + every round) would pass the site's limit.
-    planned = [Mechanism("saliency-query", plan.selection_noise, cfg.selection_sample_rate, 1),
-               Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, plan.total_steps)]
-    check_budget(ledger, planned, max_epsilon(context.node_config))
-    seed = _site_seed(state_dir, cfg.seed, "saliency")
-    _, scores, used = noisy_saliency_scores(gen, data, cfg.query(), plan.selection_noise, ledger, seed, show_progress=False)
-    ledger.save(ledger_path)  # on disk before the release leaves the site
+    whole = [query, Mechanism("dp-sgd", site.plan.train_noise, site.plan.sample_rate, site.plan.total_steps)]
+    ledger = site.spend([query], budget_check=whole)
+    _, scores, _ = noisy_saliency_scores(site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None,
+                                         show_progress=False)
     content = RecordDict({
         "scores": ArrayRecord(array_dict={"scores": Array(np.asarray(scores, np.float64))}),
-        "metrics": MetricRecord({"examples": int(len(data)), "epsilon": float(ledger.epsilon()),
-                                 "noise_multiplier": float(plan.selection_noise)}),
-        "privacy": _report(ledger, site),
+        "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon()),
+                                 "noise_multiplier": float(site.plan.selection_noise)}),
+        "privacy": _report(ledger, site.name),
     })
     return Message(content, reply_to=msg)
 
@@ -130,37 +173,40 @@ def _optimizer_state_path(state_dir: Path, cfg: FederationConfig, selected: list
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
-    cfg, gen, data, site, plan, state_dir, ledger_path, ledger = _setup(msg, context)
-    selected = list(msg.content["config"]["selected"])
-    rnd = int(msg.content["config"]["round"])
+    site = _setup(msg, context)
+    cfg = site.cfg
+    config = msg.content["config"]
+    rnd = check_round(config.get("round"), cfg.rounds)
+    selected = check_selected(config.get("selected"), candidate_modules(site.gen.unet, cfg.candidates),
+                              cfg.top_fraction)
+    model = make_trainable(site.gen, "saliency", selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
+    if "adapter" not in msg.content:
+        raise Refusal("refused: the training request carries no adapter")
+    incoming = from_wire(msg.content["adapter"])
+    check_incoming_weights(incoming, lora_state(model), site.settings.limits)
     # A server that restarts asks again for a round this site may already have answered. Sending
     # the same release again is free (post-processing); training anew would spend budget twice.
-    cached = state_dir / "replies" / f"train-{_request_key(msg)}.safetensors"
+    cached = site.state_dir / "replies" / f"train-{_request_key(msg)}.safetensors"
     reply = _load_reply(cached)
     if reply is None:
-        steps = Mechanism("dp-sgd", plan.train_noise, plan.sample_rate, plan.local_steps)
-        check_budget(ledger, [steps], max_epsilon(context.node_config))
-        model = make_trainable(gen, "saliency", selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
-        load_lora_state(model, from_wire(msg.content["adapter"]))
-        # Record the round's steps before training: a crash mid-round can only over-count.
-        ledger.record(steps.name, steps.noise_multiplier, steps.sample_rate, steps.steps)
-        ledger.save(ledger_path)
-        dp_cfg = DPSGDConfig(plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
-                             _site_seed(state_dir, cfg.seed, "train", rnd), cfg.optimizer)
+        steps = Mechanism("dp-sgd", site.plan.train_noise, site.plan.sample_rate, site.plan.local_steps)
+        site.spend([steps])  # recorded before training: a crash mid-round can only over-count
+        load_lora_state(model, incoming)
+        dp_cfg = DPSGDConfig(site.plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
+                             cfg.optimizer)
         torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
-        opt_path = _optimizer_state_path(state_dir, cfg, selected)
+        opt_path = _optimizer_state_path(site.state_dir, cfg, selected)
         opt_state = torch.load(opt_path, weights_only=True) if opt_path and opt_path.exists() else None
-        hist = dp_finetune(gen, model, data, dp_cfg, plan.train_noise, None, show_progress=False,
+        hist = dp_finetune(site.gen, model, site.data, dp_cfg, site.plan.train_noise, None, show_progress=False,
                            optimizer_state=opt_state)
-        reply = lora_state(model), {"examples": int(len(data)), "loss": float(np.nanmean(hist.loss)),
-                                    "train_time_s": float(hist.wall_time_s)}
+        reply = lora_state(model), {"examples": int(len(site.data))}
         _save_reply(cached, *reply)
         if opt_path:
             save_torch(opt_path, hist.optimizer_state)
-    state, metrics = reply
+    ledger = site.ledger()
     content = RecordDict({
-        "adapter": to_wire(state),
-        "metrics": MetricRecord({**metrics, "epsilon": float(ledger.epsilon())}),
-        "privacy": _report(ledger, site),
+        "adapter": to_wire(reply[0]),
+        "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon())}),
+        "privacy": _report(ledger, site.name),
     })
     return Message(content, reply_to=msg)

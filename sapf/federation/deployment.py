@@ -282,22 +282,43 @@ class SiteConfig:
 
     data: Path
     state_dir: Path
-    max_epsilon: float | None = None
+    max_epsilon: float  # the site's lifetime budget for this dataset (required)
+    delta: float | None = None  # None: 1/(n ln n) of the site's n
+    base_models: tuple[Path, ...] = ()  # model dirs the site loads besides the shipped one
+    limits: str = ""  # SiteLimits overrides, "max-rank=16,max-clip=1"
+    new_dataset: bool = False  # the data changed on purpose: retire the old ledger, start a new one
 
     def node_config(self) -> dict:
-        cfg = {"data-path": str(self.data.resolve()), "state-dir": str(self.state_dir.resolve())}
-        if self.max_epsilon is not None:
-            cfg["max-epsilon"] = float(self.max_epsilon)
+        cfg = {"data-path": str(self.data.resolve()), "state-dir": str(self.state_dir.resolve()),
+               "max-epsilon": float(self.max_epsilon)}
+        if self.delta is not None:
+            cfg["delta"] = float(self.delta)
+        if self.base_models:
+            cfg["base-models"] = "\n".join(str(p.resolve()) for p in self.base_models)
+        if self.limits:
+            cfg["limits"] = self.limits
+        if self.new_dataset:
+            cfg["new-dataset"] = True
         return cfg
 
 
 def check_site(site: SiteConfig) -> int:
-    """Refuse a site whose data cannot be read before it joins anything; return its example count."""
-    from sapf.engine.data import load_dataset
+    """Refuse a site whose settings or data are unusable before it joins anything; return its example count."""
+    import math
 
-    if site.max_epsilon is not None and not site.max_epsilon > 0:
-        raise SapfError(f"--max-epsilon must be positive, got {site.max_epsilon}")
-    return len(load_dataset(str(site.data), 28, 1))
+    from sapf.engine.data import load_dataset
+    from sapf.engine.privacy import check_privacy_args
+    from sapf.federation.site_policy import SiteLimits
+
+    if not (math.isfinite(site.max_epsilon) and site.max_epsilon > 0):
+        raise SapfError(f"--max-epsilon must be finite and positive, got {site.max_epsilon}")
+    SiteLimits.parse(site.limits)
+    for p in site.base_models:
+        if not p.is_dir():
+            raise SapfError(f"--base-model {p} is not a directory")
+    n = len(load_dataset(str(site.data), 28, 1))
+    check_privacy_args(site.max_epsilon, site.delta, n)
+    return n
 
 
 def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = None, port: int | None = None,
@@ -318,7 +339,11 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
         started = time.time()
         # Same process group as `sapf join`: Ctrl-C (or a signal to the group) stops the SuperNode
         # and the app processes it starts.
-        proc = subprocess.Popen(supernode_command(superlink, site.node_config(), tls, auth_key, port or _free_port()))
+        cmd = supernode_command(superlink, site.node_config(), tls, auth_key, port or _free_port())
+        # Flower's SuperNode retries an unreachable SuperLink for ever by default; let it try only as
+        # long as we would wait, so `sapf join` always returns.
+        cmd += ["--max-wait-time", str(max(1.0, wait - (time.time() - t0)))]
+        proc = subprocess.Popen(cmd)
         try:
             code = proc.wait()
         finally:

@@ -53,8 +53,22 @@ class FederationConfig:
 
     @classmethod
     def from_record(cls, rec) -> "FederationConfig":
-        """Known keys only: a message or run config may carry more (selected, round...)."""
-        return cls(**{f.name: rec[f.name] for f in fields(cls) if f.name in rec})
+        """Known keys only: a message or run config may carry more (selected, round...). Each value
+        must have its field's type (an int where an int is declared, never a bool; a float field
+        takes an int): a site reads plans from a server it does not trust."""
+        values = {}
+        for f in fields(cls):
+            if f.name not in rec:
+                continue
+            v, kind = rec[f.name], type(getattr(cls, f.name))
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if type(v) is not kind:
+                from sapf.errors import SapfError
+
+                raise SapfError(f"plan field {f.name} must be of type {kind.__name__}, got {type(v).__name__}")
+            values[f.name] = v
+        return cls(**values)
 
     def local_steps_for(self, n: int) -> int:
         """DP-SGD steps per round at a site holding n examples."""

@@ -67,13 +67,18 @@ def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: l
         if r.has_error():
             say(f"saliency: site {r.metadata.src_node_id} replied with an error: {r.error.reason}")
             continue
-        s = r.content["scores"]["scores"].numpy() if "scores" in r.content else None
-        if s is None or s.shape != (len(names),) or not np.isfinite(s).all():
+        try:
+            s = np.asarray(r.content["scores"]["scores"].numpy(), np.float64)
+            sigma, n = float(r.content["metrics"]["noise_multiplier"]), int(r.content["metrics"]["examples"])
+        except (KeyError, ValueError, TypeError, OverflowError) as e:
+            say(f"saliency: site {r.metadata.src_node_id} sent a malformed reply ({type(e).__name__}); left out")
+            continue
+        if s.shape != (len(names),) or not np.isfinite(s).all():
             say(f"saliency: site {r.metadata.src_node_id} sent a malformed score vector; left out")
             continue
         scores.append(s)
-        noise.append(float(r.content["metrics"]["noise_multiplier"]))
-        examples.append(int(r.content["metrics"]["examples"]))
+        noise.append(sigma)
+        examples.append(n)
     if len(scores) < cfg.min_clients:
         raise SapfError(f"saliency round: {len(scores)} valid replies, fewer than --min-clients {cfg.min_clients}")
     total = np.sum(scores, axis=0)
@@ -89,7 +94,7 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
     msgs = [Message(RecordDict({"config": config, "adapter": to_wire(state)}), dst_node_id=n,
                     message_type="train", group_id=f"round-{rnd}") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
-    updates, weights, losses, eps = [], [], [], []
+    updates, weights, eps = [], [], []
     for r in replies:
         node = r.metadata.src_node_id
         if r.has_error():
@@ -98,7 +103,8 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
         try:
             update = from_wire(r.content["adapter"])
             n = int(r.content["metrics"]["examples"])
-        except (KeyError, ValueError, TypeError) as e:
+            site_eps = float(r.content["metrics"]["epsilon"])
+        except (KeyError, ValueError, TypeError, OverflowError) as e:
             say(f"round {rnd}: site {node} sent a malformed reply ({e}); left out")
             continue
         why = validate_update(update, state) or (None if n > 0 else "no examples")
@@ -107,13 +113,11 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
             continue
         updates.append(update)
         weights.append(n)
-        losses.append(float(r.content["metrics"]["loss"]))
-        eps.append(float(r.content["metrics"]["epsilon"]))
+        eps.append(site_eps)
     if len(updates) < cfg.min_clients:
         raise SapfError(f"round {rnd}: {len(updates)} valid replies, fewer than --min-clients {cfg.min_clients}; "
                         f"the last checkpoint is kept (resume with --resume)")
-    metrics = {"round": rnd, "replies": len(updates), "loss": float(np.average(losses, weights=weights)),
-               "max_site_epsilon": max(eps), "examples": int(sum(weights))}
+    metrics = {"round": rnd, "replies": len(updates), "max_site_epsilon": max(eps), "examples": int(sum(weights))}
     averaged = weighted_average(updates, weights)
     if cfg.freeze_lora_a:  # FFA-LoRA: A is the server's; a site that moved it (e.g. an older sapf) cannot drift it
         averaged = {k: state[k] if ".lora_A." in k else v for k, v in averaged.items()}
@@ -157,7 +161,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
         history.append(metrics)
         _write_site_reports(out, replies)
         _save_checkpoint(out, rnd, selection, state, history)
-        say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, loss {metrics['loss']:.4f}, "
+        say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, "
             f"max site ε {metrics['max_site_epsilon']:.3f}, {metrics['wall_time_s']:.0f} s")
     load_lora_state(model, state)
     finish(out, cfg, gen, model, selection, history)
@@ -166,14 +170,12 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
 def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, history: list[dict]) -> None:
     from sapf.engine.sampling import sample
     from sapf.outputs import class_grid, save_png
-    from sapf.plots import plot_curve
 
     merged = merged_generator(gen, model, "saliency")
     for name, write in (("adapter", lambda d: model.save_pretrained(d)), ("model", lambda d: save_generator(merged, d))):
         with atomic_output_dir(out / name, force=True) as tmp:
             write(tmp)
     write_json(out / "metrics.json", {"rounds": history, "trainable_parameters": count_parameters(model, True)})
-    plot_curve(out / "loss.png", {"loss": [h["loss"] for h in history]}, "round", "noise-prediction MSE", "federated DP-LoRA")
     images, labels = sample(merged, 100, steps=50, seed=cfg.seed, show_progress=False)
     grid = class_grid(images, labels)
     save_png(out / "grid.png", grid)

@@ -3,12 +3,15 @@
 What crosses the network, and nothing else:
 - server → site: public things (the plan's hyper-parameters, selected matrix names, the
   current global adapter);
-- site → server: the *noisy* saliency score vector, DP-trained adapter tensors, and scalars
-  (example count, ε spent, loss) plus the site's ε history (mechanism parameters, no data).
+- site → server: the *noisy* saliency score vector, DP-trained adapter tensors, and declared-public
+  scalars (the site's example count, ε spent, the query's σ) plus the site's ε history (mechanism
+  parameters, no data). No loss, timing or other statistic of private data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -24,6 +27,7 @@ from sapf.engine.privacy import RDP_ORDERS, Mechanism, PrivacyLedger, check_priv
 from sapf.engine.run import SPLIT_SEED
 from sapf.errors import SapfError
 from sapf.federation.plan import FederationConfig
+from sapf.federation.site_policy import Refusal
 from sapf.outputs import atomic_path, read_json, write_json
 
 
@@ -70,8 +74,24 @@ def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
     return Path.home() / ".sapf" / "sites" / site
 
 
-def max_epsilon(node_config: dict) -> float:
-    return float(node_config.get("max-epsilon", math.inf))
+def dataset_fingerprint(data: ImageDataset) -> str:
+    """sha256 of a dataset's content as loaded (images and labels): names the dataset a ledger belongs to."""
+    h = hashlib.sha256(np.ascontiguousarray(data.images).tobytes())
+    h.update(np.ascontiguousarray(data.labels).tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def site_lock(state_dir: Path):
+    """One request at a time reads, checks, records and saves the site's ledger (an exclusive
+    file lock), so concurrent requests cannot both pass the budget check or lose an update."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -84,18 +104,19 @@ class SitePlan:
     local_steps: int
 
 
-def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None) -> SitePlan:
-    """Noise for this site's whole planned run (query + rounds × local steps), calibrated once.
+def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None, delta: float | None = None) -> SitePlan:
+    """Noise for this site's whole planned run (query + rounds × local steps), calibrated once at
+    the site's δ (default: the plan's, else 1/(n ln n)).
 
     With `state_dir` the plan is kept on the site's disk: a deployed site answers every request in
     a fresh process (Flower's subprocess isolation), and the calibration costs seconds each time.
     """
-    delta = check_privacy_args(cfg.epsilon, cfg.delta or None, n)
+    delta = check_privacy_args(cfg.epsilon, delta if delta is not None else (cfg.delta or None), n)
     if cfg.batch_size > n:
         raise SapfError(f"batch size {cfg.batch_size} is larger than this site's {n} examples")
     saved = None
     if state_dir is not None:
-        saved = state_dir / "plans" / f"plan-{fingerprint(cfg.to_record(), n, list(RDP_ORDERS))}.json"
+        saved = state_dir / "plans" / f"plan-{fingerprint(cfg.to_record(), n, delta, list(RDP_ORDERS))}.json"
         if saved.exists():
             return SitePlan(**read_json(saved))
     steps = cfg.rounds * cfg.local_steps_for(n)
@@ -107,18 +128,24 @@ def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None) -> S
     return plan
 
 
-def open_ledger(path: Path, cfg: FederationConfig, delta: float) -> PrivacyLedger:
-    """The site's ledger survives restarts: it is read back from disk when present."""
+def open_ledger(path: Path, max_epsilon: float, delta: float, accountant: str) -> PrivacyLedger:
+    """The site's lifetime ledger, read back from disk when present. Its δ and accountant are fixed
+    when it starts; a plan that would account differently is refused (SapfError)."""
     if path.exists():
-        return PrivacyLedger.load(path)
-    return PrivacyLedger(cfg.epsilon, delta, cfg.accountant)
+        ledger = PrivacyLedger.load(path)
+        if ledger.delta != delta or ledger.accountant != accountant:
+            raise Refusal(f"refused: this site's ledger accounts at δ={ledger.delta:g} with {ledger.accountant}; "
+                            f"the plan asks δ={delta:g} with {accountant}")
+        ledger.target_epsilon = max_epsilon
+        return ledger
+    return PrivacyLedger(max_epsilon, delta, accountant)
 
 
 def check_budget(ledger: PrivacyLedger, extra: list[Mechanism], limit: float) -> float:
     """ε after `extra`; refuse (SapfError) when it would pass the site's limit."""
     after = ledger.would_spend(extra)
-    if after > limit * (1 + 1e-9):
-        raise SapfError(f"refused: this would bring the site to ε={after:.3f}, past its limit ε={limit:.3f} "
+    if not after <= limit * (1 + 1e-9):
+        raise Refusal(f"refused: this would bring the site to ε={after:.3f}, past its limit ε={limit:.3f} "
                         f"(spent so far {ledger.epsilon():.3f})")
     return after
 

@@ -1,0 +1,216 @@
+"""What a site accepts: it trusts no plan, no adapter and no path the server sends.
+
+Every field a site reads from a request is checked here against the site's *own* settings —
+its lifetime ``max-epsilon``, its δ, the base models it allows and the caps of
+:class:`SiteLimits` (constants that ``sapf join --limit`` may change, never values from the
+plan) — before any private data is touched. A refusal is a :class:`Refusal`, whose message
+names only plan values and public counts, so it may go back to the server as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from sapf.errors import SapfError
+from sapf.federation.plan import FederationConfig
+
+
+class Refusal(SapfError):
+    """A site's refusal of a request; its one-line message is safe to send to the server."""
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """The largest plan a site runs. Generous for real runs; what they stop is a plan whose size is
+    an attack (a search that spins, memory that runs out, an adapter that overflows)."""
+
+    max_rounds: int = 1_000
+    max_local_steps: int = 100_000  # DP-SGD steps a round
+    max_total_steps: int = 1_000_000  # over the whole plan
+    max_batch_size: int = 65_536
+    max_multiplicity: int = 32
+    max_rank: int = 256
+    max_lora_alpha: float = 4_096.0
+    max_clip: float = 100.0
+    max_lr: float = 100.0
+    max_adapter_norm: float = 1_000.0  # L2 norm of a whole incoming adapter (the shipped model's start: ~60)
+
+    @classmethod
+    def parse(cls, text: str) -> "SiteLimits":
+        """``"max-rank=16,max-clip=1"`` → limits (the format of ``sapf join --limit``)."""
+        known = {f.name: f.type for f in fields(cls)}
+        out = cls()
+        for item in filter(None, (s.strip() for s in str(text).split(","))):
+            key, _, value = item.partition("=")
+            name = key.strip().replace("-", "_")
+            if name not in known or not value:
+                raise SapfError(f"unknown site limit '{key}' (known: {', '.join(k.replace('_', '-') for k in known)})")
+            cast = int if known[name] in (int, "int") else float
+            try:
+                v = cast(value)
+            except ValueError:
+                raise SapfError(f"site limit {key} must be a number, got '{value}'") from None
+            if not (math.isfinite(v) and v > 0):
+                raise SapfError(f"site limit {key} must be positive, got {value}")
+            out = replace(out, **{name: v})
+        return out
+
+    def to_text(self) -> str:
+        return ",".join(f"{f.name.replace('_', '-')}={getattr(self, f.name)}" for f in fields(self)
+                        if getattr(self, f.name) != f.default)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """A site's own settings: from ``sapf join`` (node config), or in simulation from the plan."""
+
+    max_epsilon: float  # lifetime ε of this site's dataset
+    delta: float | None  # None: 1/(n ln n) of the site's n
+    base_models: tuple[str, ...]  # model dirs it loads besides the shipped one ("" = shipped)
+    limits: SiteLimits
+    new_dataset: bool = False  # the operator confirms the data changed: start a new ledger
+
+
+def site_settings(node_config: dict, cfg: FederationConfig) -> SiteSettings:
+    """Deployed (``data-path`` in the node config): ``max-epsilon`` is required. Simulation: the
+    user who typed ``sapf federate`` plays every site, so each site's budget is the plan's ε and
+    the plan's base model is allowed."""
+    deployed = "data-path" in node_config
+    if "max-epsilon" in node_config:
+        max_eps = float(node_config["max-epsilon"])
+    elif deployed:
+        raise Refusal("refused: this site states no max-epsilon (sapf join --max-epsilon)")
+    else:
+        max_eps = float(cfg.epsilon)
+    if not (math.isfinite(max_eps) and max_eps > 0):
+        raise Refusal("refused: the site's max-epsilon must be finite and > 0")
+    delta = float(node_config["delta"]) if "delta" in node_config else None
+    allowed = tuple(p for p in str(node_config.get("base-models", "")).split("\n") if p)
+    if not deployed:
+        allowed += (cfg.base_model,)
+    return SiteSettings(max_eps, delta, allowed, SiteLimits.parse(str(node_config.get("limits", ""))),
+                        bool(node_config.get("new-dataset", False)))
+
+
+def _in(name: str, value, lo, hi, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        raise Refusal(f"refused: plan field {name}={value!r} is outside this site's range "
+                      f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
+
+
+def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
+    """Refuse a plan any of whose fields lies outside what this site runs (before data is read)."""
+    from sapf.engine.finetune import OPTIMIZERS
+    from sapf.engine.privacy import ACCOUNTANTS
+
+    lim = settings.limits
+    if not (isinstance(cfg.epsilon, (int, float)) and math.isfinite(cfg.epsilon) and cfg.epsilon > 0):
+        raise Refusal(f"refused: a site trains only with a finite ε > 0, the plan asks ε={cfg.epsilon!r}")
+    if cfg.epsilon > settings.max_epsilon * (1 + 1e-9):
+        raise Refusal(f"refused: the plan's ε={cfg.epsilon:g} is past this site's limit ε={settings.max_epsilon:g}")
+    _in("delta", cfg.delta, 0.0, 1.0)
+    if settings.delta is not None and cfg.delta and cfg.delta != settings.delta:
+        raise Refusal(f"refused: this site accounts at δ={settings.delta:g}; the plan asks δ={cfg.delta:g}")
+    for name, allowed in (("accountant", ACCOUNTANTS), ("candidates", ("all", "attention")), ("optimizer", OPTIMIZERS)):
+        if getattr(cfg, name) not in allowed:
+            raise Refusal(f"refused: plan field {name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    _in("top_fraction", cfg.top_fraction, 0.0, 1.0, lo_open=True)
+    _in("selection_budget", cfg.selection_budget, 0.0, 1.0, lo_open=True)
+    if cfg.selection_budget >= 1:
+        raise Refusal("refused: plan field selection_budget must be below 1")
+    _in("selection_clip", cfg.selection_clip, 0.0, lim.max_clip, lo_open=True)
+    _in("selection_sample_rate", cfg.selection_sample_rate, 0.0, 1.0, lo_open=True)
+    _in("rounds", cfg.rounds, 1, lim.max_rounds)
+    _in("local_steps", cfg.local_steps, 1, lim.max_local_steps)
+    _in("local_epochs", cfg.local_epochs, 0.0, float(lim.max_local_steps))
+    _in("batch_size", cfg.batch_size, 1, lim.max_batch_size)
+    _in("multiplicity", cfg.multiplicity, 1, lim.max_multiplicity)
+    _in("clip", cfg.clip, 0.0, lim.max_clip, lo_open=True)
+    _in("lr", cfg.lr, 0.0, lim.max_lr, lo_open=True)
+    _in("rank", cfg.rank, 1, lim.max_rank)
+    _in("lora_alpha", cfg.lora_alpha, 0.0, lim.max_lora_alpha, lo_open=True)
+    if cfg.base_model and cfg.base_model not in settings.base_models:
+        raise Refusal("refused: the plan names a base model this site does not allow (sapf join --base-model)")
+
+
+def check_site_plan(cfg: FederationConfig, settings: SiteSettings, n: int) -> None:
+    """The checks that need the site's example count n (a public number: see the README)."""
+    if cfg.batch_size > n:
+        raise Refusal(f"refused: batch size {cfg.batch_size} is larger than this site's {n} examples")
+    local = cfg.local_steps_for(n)
+    _in("local steps a round", local, 1, settings.limits.max_local_steps)
+    _in("total steps", cfg.rounds * local, 1, settings.limits.max_total_steps)
+
+
+def check_noise(name: str, sigma: float) -> None:
+    """A site never releases with σ ≤ 0 (or a σ that is not a number)."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise Refusal(f"refused: the {name} would have noise multiplier {sigma!r}; a site releases only with σ > 0")
+
+
+def check_selected(selected, candidates: list[str], top_fraction: float) -> list[str]:
+    """The matrices a training request names: distinct candidates of the base model, no more than
+    the plan's top fraction of them."""
+    from sapf.engine.saliency import top_count
+
+    if not isinstance(selected, (list, tuple)) or not selected or not all(isinstance(s, str) for s in selected):
+        raise Refusal("refused: the request's selected matrices must be a non-empty list of names")
+    known = set(candidates)
+    if len(set(selected)) != len(selected) or not set(selected) <= known:
+        raise Refusal("refused: the request selects matrices that are not distinct candidates of the base model")
+    if len(selected) > top_count(len(candidates), top_fraction):
+        raise Refusal("refused: the request selects more matrices than the plan's top fraction")
+    return list(selected)
+
+
+def check_round(rnd, rounds: int) -> int:
+    if not (isinstance(rnd, int) and not isinstance(rnd, bool) and 1 <= rnd <= rounds):
+        raise Refusal(f"refused: round {rnd!r} is not one of the plan's rounds 1..{rounds}")
+    return rnd
+
+
+def check_incoming_weights(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                           limits: SiteLimits) -> None:
+    """An adapter from the server: exactly the expected tensors, finite, and within the site's norm
+    bound (a site-side constant). Weights only: tensors are read from the message, never code."""
+    from sapf.federation.task import validate_update
+
+    why = validate_update(state, reference)
+    if why:
+        raise Refusal(f"refused: the incoming adapter has {why}")
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
+    if not norm <= limits.max_adapter_norm:
+        raise Refusal(f"refused: the incoming adapter's norm {norm:.3g} is past this site's bound "
+                      f"{limits.max_adapter_norm:g}")
+
+
+def ensure_same_dataset(state_dir: Path, fingerprint: str, n: int, new_dataset: bool) -> None:
+    """One lifetime ledger for one dataset. The first request records the data's content hash; a
+    later request on other data is refused unless the operator confirms a new dataset, in which
+    case the old state (ledger, plans, replies) is kept aside in ``retired-<hash>/`` and a new
+    ledger starts. Call under the site's lock."""
+    from sapf.outputs import read_json, write_json
+
+    marker = state_dir / "dataset.json"
+    if marker.exists():
+        old = read_json(marker)
+        if old.get("sha256") == fingerprint:
+            return
+        if not new_dataset:
+            print(f"[sapf site] the data (sha256 {fingerprint[:12]}, {n} examples) differs from the dataset this "
+                  f"state dir's ledger belongs to (sha256 {str(old.get('sha256'))[:12]}); refusing. Restart with "
+                  "`sapf join --new-dataset` if it is a new dataset.", flush=True)
+            raise Refusal("refused: this site's data changed since its ledger began; its operator must confirm "
+                          "a new dataset")
+        retired = state_dir / f"retired-{str(old.get('sha256'))[:12]}"
+        retired.mkdir(exist_ok=True)
+        for p in list(state_dir.iterdir()):
+            if p.name not in (".lock",) and not p.name.startswith("retired-"):
+                p.rename(retired / p.name)
+    write_json(marker, {"sha256": fingerprint, "examples": n})
