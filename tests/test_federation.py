@@ -109,11 +109,11 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
 
 
 def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):
-    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run")
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run", delta=1e-3)
     node = {"partition-id": 1, "num-partitions": 2, "max-epsilon": 1.0}
     q = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type="query.saliency")
     reply = site.app(q, _ctx(node))
-    assert reply.has_error() and "refused" in reply.error.reason
+    assert reply.has_error() and "past this site's limit" in reply.error.reason
     assert not (tmp_path / "run" / "sites" / "site-1" / "ledger.json").exists()  # nothing was spent
     # A site whose ledger is already at its limit refuses a training round and spends nothing more.
     ledger_path = tmp_path / "run" / "sites" / "site-1" / "ledger.json"
@@ -127,7 +127,7 @@ def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_n
     t = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": 1}),
                             "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
     reply = site.app(t, _ctx(node))
-    assert reply.has_error() and "refused" in reply.error.reason
+    assert reply.has_error() and "past its limit" in reply.error.reason
     assert ledger_path.read_text() == before
 
 

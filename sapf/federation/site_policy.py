@@ -85,6 +85,7 @@ def site_settings(node_config: dict, cfg: FederationConfig) -> SiteSettings:
     elif deployed:
         raise Refusal("refused: this site states no max-epsilon (sapf join --max-epsilon)")
     else:
+        check_epsilon(cfg)
         max_eps = float(cfg.epsilon)
     if not (math.isfinite(max_eps) and max_eps > 0):
         raise Refusal("refused: the site's max-epsilon must be finite and > 0")
@@ -94,6 +95,11 @@ def site_settings(node_config: dict, cfg: FederationConfig) -> SiteSettings:
         allowed += (cfg.base_model,)
     return SiteSettings(max_eps, delta, allowed, SiteLimits.parse(str(node_config.get("limits", ""))),
                         bool(node_config.get("new-dataset", False)))
+
+
+def check_epsilon(cfg: FederationConfig) -> None:
+    if not (isinstance(cfg.epsilon, (int, float)) and math.isfinite(cfg.epsilon) and cfg.epsilon > 0):
+        raise Refusal(f"refused: a site trains only with a finite ε > 0, the plan asks ε={cfg.epsilon!r}")
 
 
 def _in(name: str, value, lo, hi, lo_open: bool = False) -> None:
@@ -110,8 +116,7 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     from sapf.engine.privacy import ACCOUNTANTS
 
     lim = settings.limits
-    if not (isinstance(cfg.epsilon, (int, float)) and math.isfinite(cfg.epsilon) and cfg.epsilon > 0):
-        raise Refusal(f"refused: a site trains only with a finite ε > 0, the plan asks ε={cfg.epsilon!r}")
+    check_epsilon(cfg)
     if cfg.epsilon > settings.max_epsilon * (1 + 1e-9):
         raise Refusal(f"refused: the plan's ε={cfg.epsilon:g} is past this site's limit ε={settings.max_epsilon:g}")
     _in("delta", cfg.delta, 0.0, 1.0)
@@ -135,7 +140,8 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     _in("lr", cfg.lr, 0.0, lim.max_lr, lo_open=True)
     _in("rank", cfg.rank, 1, lim.max_rank)
     _in("lora_alpha", cfg.lora_alpha, 0.0, lim.max_lora_alpha, lo_open=True)
-    if cfg.base_model and cfg.base_model not in settings.base_models:
+    allowed = {str(Path(p).resolve()) for p in settings.base_models if p}
+    if cfg.base_model and str(Path(cfg.base_model).resolve()) not in allowed:
         raise Refusal("refused: the plan names a base model this site does not allow (sapf join --base-model)")
 
 

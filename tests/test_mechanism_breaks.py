@@ -1,0 +1,367 @@
+"""Privacy tests that fail when the mechanism breaks, through the real code paths.
+
+Each test runs the code the product runs (``dp_finetune``, the saliency query, ``sapf select``,
+the site's real ClientApp with real Flower Messages) and checks a property that a broken
+mechanism would violate: replica averaging dropped, noise shrunk or reused, a release
+unrecorded, a NaN let through. Where a test's power is not obvious, it also runs the broken
+variant and checks that the property then fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from conftest import tiny_generator
+from sapf.engine import finetune
+from sapf.engine.data import load_dataset
+from sapf.engine.finetune import DPSGDConfig, dp_finetune, lora_state, make_trainable
+from sapf.engine.model import load_generator
+from sapf.engine.privacy import Mechanism, PrivacyLedger
+from sapf.engine.saliency import SaliencyQuery, candidate_modules, noisy_saliency_scores
+from sapf.federation import client_app as site_app
+from sapf.federation.plan import FederationConfig
+from sapf.federation.site_policy import Refusal, check_noise
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load_dataset("mnist5k", 16, 1).subset(np.arange(0, 5000, 125))  # 40 real digits
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
+
+
+def _one_sgd_step(data, *, clip, sigma, multiplicity=1, strategy="full", batch=None):
+    """Δθ of one DP-SGD step of ``dp_finetune`` with SGD at lr 1: −(clipped sum + noise) / B."""
+    gen = tiny_generator()
+    names = candidate_modules(gen.unet, "all")[:6]
+    model = make_trainable(gen, strategy, names)
+    before = _flat(model)
+    ledger = PrivacyLedger(10.0, 1e-5)
+    cfg = DPSGDConfig(steps=1, batch_size=batch or len(data), multiplicity=multiplicity, clip=clip, lr=1.0,
+                      optimizer="sgd")
+    dp_finetune(gen, model, data, cfg, sigma, ledger, show_progress=False)
+    return (_flat(model) - before) * cfg.batch_size, ledger
+
+
+def test_one_example_with_k_replicas_moves_a_dp_sgd_step_by_at_most_c(digits16, monkeypatch):
+    # One example, sampled with rate 1, K = 4 replicas: the step's noiseless clipped sum is that example's
+    # contribution, so its norm is at most C. Gradients are far above C here, so the clip binds.
+    C, K = 1e-4, 4
+    one = digits16.subset([7])
+    moved, ledger = _one_sgd_step(one, clip=C, sigma=1e-9, multiplicity=K)
+    assert 0.9 * C < float(moved.norm()) <= C * (1 + 1e-3)
+    assert [(m.name, m.sample_rate, m.steps) for m in ledger.mechanisms] == [("dp-sgd", 1.0, 1)]
+    # The mistake of public DP-LoRA code (each replica clipped as its own record) breaks the bound.
+    monkeypatch.setattr(finetune, "average_replicas", lambda params, k: _no_average(params))
+    broken, _ = _one_sgd_step(one, clip=C, sigma=1e-9, multiplicity=K)
+    assert float(broken.norm()) > 1.5 * C
+
+
+def _no_average(params):
+    for p in params:
+        if isinstance(p.grad_sample, list):
+            p.grad_sample = torch.cat(p.grad_sample, dim=0)
+
+
+def test_dp_sgd_noise_has_the_planned_standard_deviation(digits16):
+    # Δθ·B = −(S + N(0, σ²C²)) with ‖S‖ ≤ B·C: over ~30k coordinates the spread is σC to a fraction of a percent.
+    C, sigma, B = 1e-3, 0.8, 2
+    moved, ledger = _one_sgd_step(digits16.subset([3, 9]), clip=C, sigma=sigma, batch=B)
+    d = moved.numel()
+    assert d > 20_000
+    assert float(moved.std()) == pytest.approx(sigma * C, rel=0.03)
+    assert ledger.mechanisms == [Mechanism("dp-sgd", sigma, 1.0, 1)]
+
+
+def test_dp_sgd_noise_is_fresh_for_every_run(digits16):
+    a, _ = _one_sgd_step(digits16.subset([3, 9]), clip=1e-3, sigma=0.8)
+    b, _ = _one_sgd_step(digits16.subset([3, 9]), clip=1e-3, sigma=0.8)
+    # Shared noise would make the difference at most the two clipped sums (‖·‖ ≤ 4C); fresh noise: ≈ √2·σC·√d.
+    assert float((a - b).norm()) > 50 * 4 * 1e-3
+
+
+def test_a_non_finite_per_example_gradient_never_reaches_the_release(digits16, monkeypatch):
+    # An adapter crafted to overflow for class 3 only (its class-embedding row ~ 1e37): the examples of
+    # class 3 get NaN gradients, which are zeroed before clipping, so the trained weights stay finite
+    # whether or not such an example was sampled.
+    def train_once():
+        gen = tiny_generator()
+        model = make_trainable(gen, "saliency", candidate_modules(gen.unet, "all")[:6])
+        with torch.no_grad():
+            emb = next(p for n, p in model.named_parameters() if "class_embedding" in n and p.requires_grad)
+            emb[3] = 1e37
+        data = digits16.subset(np.flatnonzero(np.isin(digits16.labels, [3, 5])))
+        cfg = DPSGDConfig(steps=2, batch_size=len(data), multiplicity=2, clip=1e-2, lr=1e-2, optimizer="sgd")
+        dp_finetune(gen, model, data, cfg, 1.0, None, show_progress=False)
+        return _flat(model)
+
+    assert torch.isfinite(train_once()).all()
+    monkeypatch.setattr(finetune, "zero_nonfinite_rows", lambda params: 0)  # the mechanism without the guard
+    assert not torch.isfinite(train_once()).all()
+
+
+def test_saliency_query_noise_has_the_planned_std_and_records_its_sample_rate(digits16):
+    C, sigma = 1e-2, 3.0
+    q = SaliencyQuery(clip=C, sample_rate=0.5, candidates="all")
+    ledger = PrivacyLedger(10.0, 1e-5)
+    draws = [noisy_saliency_scores(tiny_generator(), digits16.subset([4]), q, sigma, ledger, False)[1] for _ in range(4)]
+    # The noiseless scores of ≤ 1 example sum to ≤ C²: against noise of std σC² per score, they are negligible.
+    noise = np.concatenate(draws)
+    assert noise.size >= 100 and np.std(noise) == pytest.approx(sigma * C**2, rel=0.15)
+    assert ledger.mechanisms == [Mechanism("saliency-query", sigma, 0.5, 4)]
+
+
+def test_two_central_selects_at_different_epsilon_do_not_share_noise(tmp_path, tiny_model_dir):
+    # The attack: with a shared noise draw z, (σ₂y₁ − σ₁y₂)/(σ₂ − σ₁) recovers the noiseless scores (L1 ≤ n·C²).
+    from sapf.engine.run import TrainConfig, select_only
+
+    ds = load_dataset("mnist5k", 16, 1)
+    npz = tmp_path / "three.npz"
+    np.savez(npz, images=((ds.images[:3, 0] + 1) * 127.5).round().astype(np.uint8), labels=ds.labels[:3])
+    runs = []
+    for eps in (1.0, 2.0):
+        cfg = TrainConfig(data=str(npz), base_model=str(tiny_model_dir), holdout=0.0, epsilon=eps, delta=1e-5)
+        select_only(cfg, tmp_path / f"sel{eps}", show_progress=False)
+        sel = json.loads((tmp_path / f"sel{eps}" / "selection.json").read_text())
+        runs.append((np.asarray(sel["scores"]), sel["noise_multiplier"], sel["sensitivity"]))
+    (y1, s1, d), (y2, s2, _) = runs
+    recovered = (s2 * y1 - s1 * y2) / (s2 - s1)
+    assert np.abs(recovered).sum() > 10 * 3 * d  # independent noise: far from any noiseless score vector
+
+
+# --- the site ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flower_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture
+def site_npz(tmp_path):
+    ds = load_dataset("mnist5k", 28, 1)
+    path = tmp_path / "site.npz"
+    np.savez(path, images=((ds.images[:24, 0] + 1) * 127.5).round().astype(np.uint8), labels=ds.labels[:24])
+    return path
+
+
+def _node(tmp_path, npz, tiny_model_dir, **extra):
+    """A deployed site's node config, as `sapf join` writes it."""
+    return {"data-path": str(npz), "state-dir": str(tmp_path / "state"), "max-epsilon": 20.0,
+            "base-models": str(tiny_model_dir), **extra}
+
+
+def _plan(tiny_model_dir, **kw):
+    base = dict(base_model=str(tiny_model_dir), rounds=2, local_steps=2, batch_size=4, epsilon=8.0)
+    return FederationConfig(**{**base, **kw})
+
+
+def _query(cfg_record: dict) -> Message:
+    return Message(RecordDict({"config": ConfigRecord(cfg_record)}), dst_node_id=1, message_type="query.saliency")
+
+
+def _ask(msg: Message, node: dict) -> Message:
+    return site_app.app(msg, Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+
+
+def _ledger(tmp_path) -> PrivacyLedger | None:
+    path = tmp_path / "state" / "ledger.json"
+    return PrivacyLedger.load(path) if path.exists() else None
+
+
+def test_a_site_repeating_a_query_with_a_field_changed_gives_independent_noise(tmp_path, tiny_model_dir, site_npz,
+                                                                               flower_identity):
+    node = _node(tmp_path, site_npz, tiny_model_dir, **{"max-epsilon": 40.0})
+    replies = [_ask(_query(_plan(tiny_model_dir, epsilon=eps).to_record()), node) for eps in (8.0, 12.0)]
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+    (y1, y2) = (r.content["scores"]["scores"].numpy() for r in replies)
+    s1, s2 = (float(r.content["metrics"]["noise_multiplier"]) for r in replies)
+    d = 1e-2 ** 2  # the plan's selection clip squared: the sensitivity
+    recovered = (s2 * y1 - s1 * y2) / (s2 - s1)
+    assert np.abs(recovered).sum() > 10 * 24 * d  # with a shared draw this would be the raw scores (L1 ≤ 24·C²)
+    # Both releases were recorded before they left.
+    assert [(m.name, m.noise_multiplier) for m in _ledger(tmp_path).mechanisms] == [("saliency-query", s1),
+                                                                                   ("saliency-query", s2)]
+
+
+@pytest.mark.parametrize("change,node_change,expected", [
+    ({"epsilon": math.inf}, {}, "finite ε"),
+    ({"epsilon": 0.0}, {}, "finite ε"),
+    ({"epsilon": -1.0}, {}, "finite ε"),
+    ({"epsilon": math.nan}, {}, "finite ε"),
+    ({"epsilon": 30.0}, {}, "past this site's limit"),
+    ({}, {"max-epsilon": None}, "no max-epsilon"),
+    ({"epsilon": math.inf}, {"max-epsilon": None}, "no max-epsilon"),
+    ({"batch_size": 10**9}, {}, "batch_size"),
+    ({"rank": 10**6}, {}, "rank"),
+    ({"multiplicity": 10**4}, {}, "multiplicity"),
+    ({"rounds": 10**7}, {}, "rounds"),
+    ({"clip": math.inf}, {}, "clip"),
+    ({"clip": 0.0}, {}, "clip"),
+    ({"selection_sample_rate": 1.5}, {}, "selection_sample_rate"),
+    ({"selection_sample_rate": 0.0}, {}, "selection_sample_rate"),
+    ({"selection_budget": 1.0}, {}, "selection_budget"),
+    ({"lr": math.nan}, {}, "lr"),
+    ({"accountant": "none"}, {}, "accountant"),
+    ({"base_model": "/etc"}, {}, "base model"),
+    ({"rounds": "3"}, {}, "type int"),
+    ({"rounds": True}, {}, "type int"),
+    ({"local_epochs": 1e9}, {}, "local_epochs"),
+])
+def test_a_site_refuses_a_plan_outside_its_own_limits_and_spends_nothing(tmp_path, tiny_model_dir, site_npz,
+                                                                         flower_identity, change, node_change, expected):
+    node = {k: v for k, v in {**_node(tmp_path, site_npz, tiny_model_dir), **node_change}.items() if v is not None}
+    reply = _ask(_query({**_plan(tiny_model_dir).to_record(), **change}), node)
+    assert reply.has_error() and reply.error.code == site_app.ERROR_REFUSED
+    assert expected in reply.error.reason, reply.error.reason
+    assert _ledger(tmp_path) is None
+
+
+def test_a_simulated_site_without_max_epsilon_refuses_epsilon_inf(tmp_path, tiny_model_dir, mnist_small_npz,
+                                                                  flower_identity):
+    cfg = FederationConfig(data=str(mnist_small_npz), num_sites=2, base_model=str(tiny_model_dir), epsilon=math.inf,
+                           batch_size=8, out=str(tmp_path / "run"))
+    reply = _ask(_query(cfg.to_record()), {"partition-id": 0, "num-partitions": 2})
+    assert reply.has_error() and "finite ε" in reply.error.reason
+    assert not (tmp_path / "run" / "sites").exists() or not list((tmp_path / "run" / "sites").rglob("ledger.json"))
+
+
+def test_a_site_never_releases_without_noise():
+    for sigma in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(Refusal, match="σ > 0"):
+            check_noise("DP-SGD", sigma)
+    check_noise("DP-SGD", 0.5)
+
+
+def _train_msg(cfg: FederationConfig, selected, state, rnd=1) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": selected, "round": rnd}),
+                               "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
+
+
+def test_a_site_refuses_crafted_training_requests(tmp_path, tiny_model_dir, site_npz, flower_identity):
+    cfg = _plan(tiny_model_dir)
+    gen = load_generator(tiny_model_dir)
+    names = candidate_modules(gen.unet, cfg.candidates)
+    selected = names[:3]
+    state = lora_state(make_trainable(gen, "saliency", selected))
+    node = _node(tmp_path, site_npz, tiny_model_dir)
+    huge = {k: v * 1e6 if "lora_A" in k else v for k, v in state.items()}
+    nan = {k: torch.full_like(v, math.nan) for k, v in state.items()}
+    extra = {**state, "evil": torch.zeros(3)}
+    cases = [
+        (_train_msg(cfg, selected, huge), "norm"),
+        (_train_msg(cfg, selected, nan), "non-finite"),
+        (_train_msg(cfg, selected, extra), "wrong keys"),
+        (_train_msg(cfg, ["conv_in", "../../etc"], state), "not distinct candidates"),
+        (_train_msg(cfg, names, state), "more matrices"),
+        (_train_msg(cfg, selected, state, rnd=0), "round"),
+        (_train_msg(cfg, selected, state, rnd=99), "round"),
+    ]
+    for msg, expected in cases:
+        reply = _ask(msg, node)
+        assert reply.has_error() and expected in reply.error.reason, (expected, reply.error.reason)
+    assert _ledger(tmp_path) is None  # nothing was spent
+    # A crafted adapter within the site's (raised) norm bound that overflows for one class: the reply stays finite.
+    node["limits"] = "max-adapter-norm=1e39"
+    crafted = {k: v.clone() for k, v in state.items()}
+    emb_key = next(k for k in crafted if "class_embedding" in k)
+    crafted[emb_key][3] = 1e37
+    reply = _ask(_train_msg(cfg, selected, crafted), node)
+    assert not reply.has_error(), reply.error.reason
+    back = reply.content["adapter"].to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for k, v in back.items() if k != emb_key)
+    assert torch.isfinite(back[emb_key][[0, 1, 2, 4, 5, 6, 7, 8, 9]]).all()  # row 3 is the server's own (inf in fp16)
+
+
+def test_error_replies_carry_no_paths_or_data_facts(tmp_path, tiny_model_dir, flower_identity):
+    secret = tmp_path / "patients-of-dr-x" / "hiv-positive.npz"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not an npz")
+    node = _node(tmp_path, secret, tiny_model_dir)
+    reply = _ask(_query(_plan(tiny_model_dir).to_record()), node)
+    assert reply.has_error() and reply.error.code == site_app.ERROR_FAILED
+    assert reply.error.reason == site_app.FAILED_REASON
+
+
+def test_one_lifetime_ledger_per_dataset(tmp_path, tiny_model_dir, site_npz, flower_identity):
+    node = _node(tmp_path, site_npz, tiny_model_dir)
+    assert not _ask(_query(_plan(tiny_model_dir).to_record()), node).has_error()
+    other = tmp_path / "other.npz"
+    with np.load(site_npz) as z:
+        np.savez(other, images=z["images"][::-1], labels=z["labels"][::-1])
+    node_other = {**node, "data-path": str(other)}
+    reply = _ask(_query(_plan(tiny_model_dir).to_record()), node_other)
+    assert reply.has_error() and "data changed" in reply.error.reason
+    assert [m.steps for m in _ledger(tmp_path).mechanisms] == [1]  # the old ledger, untouched
+    # The operator confirms a new dataset: the old state is kept aside, a new ledger starts.
+    assert not _ask(_query(_plan(tiny_model_dir).to_record()), {**node_other, "new-dataset": True}).has_error()
+    assert [m.steps for m in _ledger(tmp_path).mechanisms] == [1]
+    assert len(list((tmp_path / "state").glob("retired-*/ledger.json"))) == 1
+
+
+def test_a_plan_at_another_delta_than_the_ledgers_is_refused(tmp_path, tiny_model_dir, site_npz, flower_identity):
+    node = _node(tmp_path, site_npz, tiny_model_dir, delta=1e-4)
+    assert not _ask(_query(_plan(tiny_model_dir).to_record()), node).has_error()
+    assert _ledger(tmp_path).delta == 1e-4
+    reply = _ask(_query(_plan(tiny_model_dir, delta=1e-3).to_record()), node)
+    assert reply.has_error() and "δ" in reply.error.reason
+
+
+def test_concurrent_requests_lose_no_ledger_update(tmp_path, site_npz):
+    from sapf.federation.client_app import Site
+    from sapf.federation.site_policy import SiteLimits, SiteSettings
+    from sapf.federation.task import SitePlan
+
+    data = load_dataset(str(site_npz), 16, 1)
+    site = Site(FederationConfig(), SiteSettings(1e6, None, (), SiteLimits()), None, data, "s",
+                SitePlan(1e-3, 5.0, 1.0, 0.1, 100, 1), tmp_path / "state")
+    step = Mechanism("dp-sgd", 1.0, 0.1, 1)
+
+    def spend_many():
+        for _ in range(15):
+            site.spend([step])
+
+    threads = [threading.Thread(target=spend_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(m.steps for m in _ledger(tmp_path).mechanisms) == 60
+
+
+def test_every_recorded_epsilon_holds_under_an_independent_pld_accountant(tmp_path, tiny_model_dir, mnist_small_npz):
+    # Google's dp_accounting (PLD) recomputes ε from privacy.json alone: at most the recorded ε (to 1%),
+    # which is at most the target.
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from typer.testing import CliRunner
+
+    from sapf.cli import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--base-model", str(tiny_model_dir), "--data", str(mnist_small_npz),
+                                 "--epsilon", "3", "--steps", "3", "--batch-size", "16", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    priv = json.loads((out / "privacy.json").read_text())
+    events = [dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(m["sample_rate"], dp_event.GaussianDpEvent(m["noise_multiplier"]))
+        if m["sample_rate"] < 1 else dp_event.GaussianDpEvent(m["noise_multiplier"]), m["steps"])
+        for m in priv["mechanisms"]]
+    acc = pld_privacy_accountant.PLDAccountant()
+    acc.compose(dp_event.ComposedDpEvent(events))
+    assert [m["name"] for m in priv["mechanisms"]] == ["saliency-query", "dp-sgd"]
+    assert acc.get_epsilon(priv["delta"]) <= priv["epsilon_spent"] * 1.01
+    assert priv["epsilon_spent"] <= priv["target_epsilon"]
+    assert "neighbouring" in priv and "add/remove" in priv["guarantee"]
