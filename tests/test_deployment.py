@@ -90,7 +90,7 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags):
         for i, data in enumerate(site_files):
             sites.append(_start(SAPF + ["join", "--superlink", f"127.0.0.1:{port}", "--data", str(data),
                                         "--state-dir", str(tmp_path / f"ledger{i}"), "--max-epsilon", "50",
-                                        *site_flags(i)], tmp_path / f"join{i}.log"))
+                                        "--base-model", str(tiny_model_dir), *site_flags(i)], tmp_path / f"join{i}.log"))
         try:
             rc = serve.wait(timeout=420)
         except subprocess.TimeoutExpired:
@@ -143,8 +143,13 @@ def test_serve_and_join_with_tls_and_supernode_auth(tmp_path, tiny_model_dir, si
 
 def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
     cases = [
-        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0])], "TLS is on by default"),
-        (["join", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "nope.npz"), "--insecure"], "not found"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--max-epsilon", "5"], "TLS is on by default"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "nope.npz"), "--insecure", "--max-epsilon", "5"],
+         "not found"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "inf"],
+         "--max-epsilon"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "5",
+          "--limit", "max-rank=lots"], "max-rank"),
         (["serve", "--sites", "2", "--out", str(tmp_path / "r")], "TLS is on by default"),
         (["serve", "--sites", "2", "--insecure", "--certs", str(tmp_path), "--out", str(tmp_path / "r")], "exclude"),
         (["certs", "--out", str(tmp_path / "c"), "--host", "127.0.0.1", "--days", "0"], "--days"),
@@ -153,7 +158,7 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
         (["federate", "--clients", "2", "--optimizer", "lbfgs", "--out", str(tmp_path / "f")], "--optimizer"),
     ]
     for args, expected in cases:
-        res = subprocess.run(SAPF + args, capture_output=True, text=True)
+        res = subprocess.run(SAPF + args, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2, (args, res.stderr)
         assert expected in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -198,3 +203,13 @@ def test_serve_exits_nonzero_when_the_server_app_fails(tmp_path):
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
     time.sleep(2.0)
     assert _flower_processes() - before == set()
+
+
+def test_join_gives_up_after_wait(tmp_path, site_files):
+    # Nothing listens on port 1: Flower's SuperNode would retry for ever; `sapf join` ends after --wait.
+    t0 = time.time()
+    res = subprocess.run(SAPF + ["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure",
+                                 "--max-epsilon", "5", "--wait", "2", "--state-dir", str(tmp_path / "st")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and time.time() - t0 < 60
+    assert "sapf: error: could not join 127.0.0.1:1" in res.stderr and "Traceback" not in res.stderr
