@@ -192,7 +192,7 @@ def train(
     ema_decay: float = typer.Option(0.0, help="EMA of the trained weights (0: off)."),
     holdout: float = typer.Option(0.2, help="Share of the data kept out of training for evaluation (0: none)."),
     accountant: str = typer.Option("rdp", help="rdp or prv."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of public randomness only (LoRA initialisation, random selection, the sample grid); DP noise and batches are always fresh."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
 ):
     """Fine-tune the public generator on private data under (ε, δ)-DP."""
@@ -228,7 +228,6 @@ def select(
     sample_rate: float = typer.Option(1.0, help="Poisson sample rate of the query."),
     holdout: float = typer.Option(0.2),
     accountant: str = typer.Option("rdp"),
-    seed: int = typer.Option(0),
     force: bool = typer.Option(False),
 ):
     """Run the noisy saliency query alone and write selection.json."""
@@ -236,7 +235,7 @@ def select(
 
     cfg = TrainConfig(data=data, base_model=str(base_model) if base_model else None, holdout=holdout,
                       epsilon=_epsilon(epsilon), delta=delta, accountant=accountant, top_fraction=top_fraction,
-                      candidates=candidates, score=score, selection_clip=clip, selection_sample_rate=sample_rate, seed=seed)
+                      candidates=candidates, score=score, selection_clip=clip, selection_sample_rate=sample_rate)
     sel = select_only(cfg, out, force)
     _say(f"selected {len(sel.selected)} of {len(sel.candidates)} matrices; wrote {out}/selection.json")
 
@@ -261,7 +260,7 @@ _FREEZE_A = typer.Option(_F.freeze_lora_a, "--freeze-lora-a/--train-lora-a",
 _RANK = typer.Option(_F.rank, help="LoRA rank.")
 _LR = typer.Option(None, help=f"Learning rate of local DP-SGD (default: {LORA_LR:g} for adam, {SGD_LORA_LR:g} for sgd).")
 _BASE = typer.Option(None, "--base-model", help="Base generator dir, present at every site (default: the shipped public model).")
-_SEED = typer.Option(0)
+_SEED = typer.Option(0, help="Seed of public randomness only (initial adapter, partition, sample grids); DP noise is always fresh.")
 
 
 def _plan(out: Path, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,

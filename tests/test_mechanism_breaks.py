@@ -365,3 +365,14 @@ def test_every_recorded_epsilon_holds_under_an_independent_pld_accountant(tmp_pa
     assert acc.get_epsilon(priv["delta"]) <= priv["epsilon_spent"] * 1.01
     assert priv["epsilon_spent"] <= priv["target_epsilon"]
     assert "neighbouring" in priv and "add/remove" in priv["guarantee"]
+
+
+def test_a_model_directory_is_read_as_weights_only(tmp_path):
+    # A pickled checkpoint can run code when unpickled: sapf (and so every site) loads safetensors only.
+    from sapf.errors import SapfError
+
+    gen = tiny_generator()
+    gen.unet.save_pretrained(tmp_path / "pickled" / "unet", safe_serialization=False)
+    assert (tmp_path / "pickled" / "unet" / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(SapfError, match="cannot load the UNet"):
+        load_generator(tmp_path / "pickled")

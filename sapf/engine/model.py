@@ -117,7 +117,8 @@ def load_generator(path: str | Path | None = None) -> Generator:
     if cls != "UNet2DModel":
         raise SapfError(f"'{path}' holds a {cls or 'unknown model'}, not a diffusers UNet2DModel")
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+        # safetensors only: a pickled checkpoint can run code when loaded, and a site must load weights only.
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, use_safetensors=True)
     except Exception as e:  # diffusers raises many types for missing/corrupt weights
         raise SapfError(f"cannot load the UNet in '{unet_dir}': {str(e).splitlines()[0]}") from None
     if (sched_dir / "scheduler_config.json").exists():

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
 from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
@@ -163,6 +164,7 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
     ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
     sel = choose_matrices(cfg.selection, gen, data, cfg.query(), cfg.top_fraction, pp.selection_noise, ledger,
                           cfg.seed, show_progress)
+    torch.manual_seed(cfg.seed)  # public randomness: the LoRA initialisation
     model = make_trainable(gen, cfg.selection, sel.selected, cfg.rank, cfg.lora_alpha)
     trainable = count_parameters(model, trainable_only=True)
     hist = dp_finetune(gen, model, data, cfg.dpsgd(steps), pp.train_noise, ledger, show_progress)

@@ -12,6 +12,10 @@ from sapf.outputs import check_output_dir, read_json, write_json
 
 
 def validate(cfg: FederationConfig) -> None:
+    import math
+
+    if not (math.isfinite(cfg.epsilon) and cfg.epsilon > 0):  # every site would refuse it
+        raise SapfError(f"--epsilon must be finite and > 0 for a federation (sites train only under DP), got {cfg.epsilon}")
     if cfg.num_sites < 1:
         raise SapfError("--clients must be at least 1")
     if not 1 <= cfg.min_clients <= cfg.num_sites:
