@@ -462,7 +462,25 @@ def evaluate(
 
 
 def main() -> None:
-    app()
+    """`sapf`: usage errors (a missing or malformed option) are one line on stderr and exit 2, like every
+    other bad input, instead of Typer's boxed panel."""
+    import sys
+
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
+        code = 2
+    except click.exceptions.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "sapf"
+        typer.echo(f"sapf: error: {e.format_message()} (see '{where} --help')", err=True)
+        code = 2
+    except click.exceptions.Abort:
+        typer.echo("sapf: interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

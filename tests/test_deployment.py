@@ -146,6 +146,7 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
         (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--max-epsilon", "5"], "TLS is on by default"),
         (["join", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "nope.npz"), "--insecure", "--max-epsilon", "5"],
          "not found"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure"], "'--max-epsilon'"),
         (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "inf"],
          "--max-epsilon"),
         (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "5",

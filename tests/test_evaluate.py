@@ -39,10 +39,12 @@ def test_a_set_against_itself_is_ideal_and_noise_is_worse(real, net):
     h = features(net, noisy)
     assert frechet_distance(f, g) < frechet_distance(f, h)
     assert kernel_inception_distance(f, g, subsets=5) < kernel_inception_distance(f, h, subsets=5)
-    assert precision_recall(f, g)[0] > precision_recall(f, h)[0]
+    # Mild noise keeps most samples on the real manifold (precision ~0.96 either way) but loses its spread: recall.
+    assert precision_recall(f, g)[1] > precision_recall(f, h)[1] + 0.1
     # Shifted digits (moved 6 pixels) are further still from the real distribution than a fresh real set.
-    shifted = np.roll(hold.images[500:1000], 6, axis=-1)
-    assert frechet_distance(f, g) < frechet_distance(f, features(net, shifted))
+    shifted = features(net, np.roll(hold.images[500:1000], 6, axis=-1))
+    assert frechet_distance(f, g) < frechet_distance(f, shifted)
+    assert precision_recall(f, g)[0] > precision_recall(f, shifted)[0] + 0.3
 
 
 def test_downstream_classifier_real_beats_noise(real):

@@ -19,7 +19,8 @@ from sapf.engine.saliency import candidate_modules
 from sapf.errors import SapfError
 from sapf.federation import client_app as site
 from sapf.federation.simulation import federate
-from sapf.federation.task import FederationConfig, from_wire, recompute_epsilon, validate_update, weighted_average
+from sapf.federation.combine import UPDATE_NORM_FACTOR, combine_noisy_sums, combine_updates
+from sapf.federation.task import FederationConfig, from_wire, recompute_epsilon, validate_update
 
 
 @pytest.fixture
@@ -131,13 +132,29 @@ def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_n
     assert ledger_path.read_text() == before
 
 
-def test_aggregation_helpers():
+def test_validation_and_bounded_combination():
     a = {"w": torch.ones(2, 2)}
-    b = {"w": torch.zeros(2, 2)}
-    assert torch.allclose(weighted_average([a, b], [3, 1])["w"], torch.full((2, 2), 0.75))
     assert "wrong keys" in validate_update({"v": torch.ones(2, 2)}, a)
     assert "wrong shape" in validate_update({"w": torch.ones(3)}, a)
     assert "non-finite" in validate_update({"w": torch.tensor([[1.0, float("nan")], [0, 0]])}, a)
+    rng = np.random.default_rng(0)
+    # Noisy sums: a site's vector of 1e30s moves the combination by at most 2/sites in L1, as any other vector would.
+    honest = [v * 40 / v.sum() for v in (np.abs(rng.normal(1.0, 0.3, 40)) for _ in range(4))]  # sites of equal size
+    evil = np.zeros(40)
+    evil[7] = 1e30
+    fair = combine_noisy_sums(honest)
+    attacked = combine_noisy_sums(honest[:3] + [evil])
+    assert np.abs(attacked - fair).sum() <= 2 / 4 + 1e-12
+    assert np.isclose(np.abs(fair).sum(), 1.0) and np.argsort(-fair)[:5].tolist() == np.argsort(-sum(honest))[:5].tolist()
+    # Updates: equal weights, each change clipped to 3x the median change norm.
+    current = {"w": torch.zeros(10, 10)}
+    changes = [torch.randn(10, 10, generator=torch.Generator().manual_seed(i)) * 0.1 for i in range(3)]
+    huge = {"w": torch.full((10, 10), 65504.0)}  # float16's largest value, with an example count of 1e18
+    new, norms, bound = combine_updates([{"w": c} for c in changes] + [huge], current)
+    assert bound == pytest.approx(UPDATE_NORM_FACTOR * sorted(norms)[1])  # the low median of four
+    assert float(new["w"].norm()) <= (sum(float(c.norm()) for c in changes) + bound) / 4 + 1e-9
+    plain, _, _ = combine_updates([{"w": c} for c in changes], current)
+    torch.testing.assert_close(plain["w"], sum(changes) / 3)  # honest sites: the plain mean
 
 
 def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz):
@@ -149,8 +166,10 @@ def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz):
         assert (out / f).exists(), f
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2] and all(r["replies"] == 2 for r in metrics["rounds"])
-    for k in (0, 1):
-        report = json.loads((out / "privacy" / f"site-{k}.json").read_text())
+    reports = sorted((out / "privacy").glob("*.json"))  # named by the node that sent them: site-<node id>.json
+    assert len(reports) == 2 and all(p.stem == f"site-{json.loads(p.read_text())['node_id']}" for p in reports)
+    for path in reports:
+        report = json.loads(path.read_text())
         assert [m["name"] for m in report["mechanisms"]] == ["saliency-query", "dp-sgd"]
         assert report["mechanisms"][1]["steps"] == 4
         assert recompute_epsilon(report) <= 10.0
@@ -170,6 +189,16 @@ class _Faulty:
         if (self.flags / f"raise-{pid}-{rnd}").exists():
             raise RuntimeError("site crashed mid-round")
         reply = self.real(msg, context)
+        if (self.flags / f"rogue-{pid}-{rnd}").exists() and not reply.has_error():
+            # A hostile site: a report name that climbs out of privacy/, float16's largest values, a huge count.
+            reply.content["privacy"] = ConfigRecord({"site": "../config", "report": "{\"status\": \"completed\"}"})
+            if "adapter" in reply.content:
+                state = reply.content["adapter"].to_torch_state_dict()
+                reply.content["adapter"] = ArrayRecord(torch_state_dict={k: torch.full_like(v, 65504.0)
+                                                                         for k, v in state.items()})
+            reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "examples": 10**18})
+        if (self.flags / f"nometric-{pid}-{rnd}").exists() and not reply.has_error():
+            reply.content["metrics"] = MetricRecord({"examples": 1})  # no epsilon
         if (self.flags / f"nan-{pid}-{rnd}").exists() and not reply.has_error():
             state = reply.content["adapter"].to_torch_state_dict()
             state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
@@ -193,7 +222,7 @@ def _faulty_app(flags: Path) -> ClientApp:
 def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatch, capfd):
     flags = tmp_path / "flags"
     flags.mkdir()
-    for f in ("raise-1-1", "nan-2-2", "raise-0-3", "raise-1-3", "raise-2-3"):
+    for f in ("rogue-0-0", "nometric-1-0", "raise-1-1", "rogue-0-1", "nan-2-2", "raise-0-3", "raise-1-3", "raise-2-3"):
         (flags / f).touch()
     monkeypatch.setattr(site, "app", _faulty_app(flags))
     out = tmp_path / "fed"
@@ -202,6 +231,12 @@ def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatc
         federate(cfg)  # rounds 1-2 go on without the bad site; round 3 has no valid reply
     log = capfd.readouterr().err
     assert "round 1: site" in log and "error" in log and "rejected: non-finite" in log
+    assert "privacy report rejected" in log and "missing field 'noise_multiplier'" in log and "clipped" in log
+    # The rogue site wrote nothing outside privacy/, faked no completion, and moved the average only by a bounded step.
+    assert json.loads((out / "config.json").read_text())["command"] == "federate"
+    assert all(p.name.startswith("site-") for p in (out / "privacy").iterdir())
+    first = json.loads((out / "checkpoint" / "state.json").read_text())["history"][0]
+    assert first["replies"] == 2 and max(first["update_norms"]) > 100 * first["update_norm_bound"] / 3
     ck = json.loads((out / "checkpoint" / "state.json").read_text())
     assert ck["round"] == 2 and [r["replies"] for r in ck["history"]] == [2, 2]
     from safetensors.torch import load_file

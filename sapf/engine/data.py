@@ -267,7 +267,9 @@ def train_holdout_split(ds: ImageDataset, holdout: int | float, seed: int) -> tu
     hold = record_keys(ds, f"holdout-{seed}") < frac
     if hold.all() or not hold.any():
         raise SapfError(f"a holdout of {holdout} leaves one side of the split empty for {len(ds)} examples")
-    return (ds.subset(np.flatnonzero(~hold), f"{ds.name}-train"), ds.subset(np.flatnonzero(hold), f"{ds.name}-holdout"))
+    # The training side in a seeded order (the built-in sets are sorted by label; callers take prefixes).
+    train = np.random.default_rng(seed).permutation(np.flatnonzero(~hold))
+    return ds.subset(train, f"{ds.name}-train"), ds.subset(np.flatnonzero(hold), f"{ds.name}-holdout")
 
 
 def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:

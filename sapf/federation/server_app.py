@@ -1,5 +1,5 @@
-"""The server: a Flower ServerApp that sums noisy saliency scores, averages DP-LoRA adapters,
-checkpoints every round and writes the merged generator.
+"""The server: a Flower ServerApp that combines noisy saliency scores, averages DP-LoRA adapters,
+checkpoints every round and writes the merged generator. It trusts no site (:mod:`sapf.federation.combine`).
 
 Policy on faults: a round goes on with the replies that arrive (within ``round_timeout``) as
 long as at least ``min_clients`` of them are valid; a reply that is an error, or has wrong
@@ -26,8 +26,9 @@ from sapf.engine.finetune import load_lora_state, lora_state, make_trainable, me
 from sapf.engine.model import count_parameters, save_generator
 from sapf.engine.saliency import candidate_modules, select_top
 from sapf.errors import SapfError
+from sapf.federation.combine import combine_noisy_sums, combine_updates, metric, report_of
 from sapf.federation.task import (FederationConfig, base_generator, from_wire, recompute_epsilon, save_tensors, to_wire,
-                                  validate_update, weighted_average)
+                                  validate_update)
 from sapf.outputs import atomic_output_dir, read_json, write_json
 
 log = logging.getLogger("sapf.server")
@@ -50,42 +51,56 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
 
 
 def _write_site_reports(out: Path, replies: list[Message]) -> None:
+    """Each site's ε history, validated, in ``privacy/site-<node id>.json``: named by the node that sent
+    it, never by a name the site chooses (a site could otherwise write ``../status``)."""
     for r in replies:
-        if r.has_error() or "privacy" not in r.content:
+        if r.has_error():
             continue
-        rec = r.content["privacy"]
-        report = json.loads(str(rec["report"]))
-        write_json(out / "privacy" / f"{rec['site']}.json", report)
+        node = int(r.metadata.src_node_id)
+        report, why = report_of(r)
+        if report is None:
+            say(f"site {node}: privacy report rejected: {why}")
+            continue
+        write_json(out / "privacy" / f"site-{node}.json", {"node_id": node, **report})
+
+
+def _parse(reply: Message, what: str, parse):
+    """`parse(reply)` or None, with every failure — a reply of any shape — logged and left out."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        say(f"{what}: site {node} replied with an error: {reply.error.reason}")
+        return None
+    try:
+        return parse(reply)
+    except Exception as e:  # noqa: BLE001 - a site may send anything; no reply stops a round
+        why = f"missing field {e}" if isinstance(e, KeyError) else e if isinstance(e, ValueError) else type(e).__name__
+        say(f"{what}: site {node} reply rejected: {why}")
+        return None
 
 
 def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: list[str]) -> dict:
     msgs = [Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=n, message_type="query.saliency",
                     group_id="saliency") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
-    scores, noise, examples = [], [], []
-    for r in replies:
-        if r.has_error():
-            say(f"saliency: site {r.metadata.src_node_id} replied with an error: {r.error.reason}")
-            continue
-        try:
-            s = np.asarray(r.content["scores"]["scores"].numpy(), np.float64)
-            sigma, n = float(r.content["metrics"]["noise_multiplier"]), int(r.content["metrics"]["examples"])
-        except (KeyError, ValueError, TypeError, OverflowError) as e:
-            say(f"saliency: site {r.metadata.src_node_id} sent a malformed reply ({type(e).__name__}); left out")
-            continue
+
+    def parse(r: Message):
+        s = np.asarray(r.content["scores"]["scores"].numpy(), np.float64)
         if s.shape != (len(names),) or not np.isfinite(s).all():
-            say(f"saliency: site {r.metadata.src_node_id} sent a malformed score vector; left out")
-            continue
-        scores.append(s)
-        noise.append(sigma)
-        examples.append(n)
-    if len(scores) < cfg.min_clients:
-        raise SapfError(f"saliency round: {len(scores)} valid replies, fewer than --min-clients {cfg.min_clients}")
-    total = np.sum(scores, axis=0)
+            raise ValueError("malformed score vector")
+        sigma, n = metric(r, "noise_multiplier", float), metric(r, "examples", int)
+        if not (sigma > 0 and n > 0):
+            raise ValueError("the reply's noise multiplier and example count must be positive")
+        return s, sigma, n
+
+    valid = [v for v in (_parse(r, "saliency", parse) for r in replies) if v is not None]
+    if len(valid) < cfg.min_clients:
+        raise SapfError(f"saliency round: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}")
+    total = combine_noisy_sums([s for s, _, _ in valid])
     return {"strategy": "saliency", "candidates": names, "selected": select_top(names, total, cfg.top_fraction),
-            "scores": total.tolist(), "sites": len(scores), "site_noise_multipliers": noise, "site_examples": examples,
-            "clip": cfg.selection_clip, "score": "sqnorm", "sensitivity_per_site": cfg.selection_clip**2,
-            "top_fraction": cfg.top_fraction, "replies": replies}
+            "scores": total.tolist(), "combination": "equal-weight mean of unit-L1 site vectors",
+            "sites": len(valid), "site_noise_multipliers": [v[1] for v in valid],
+            "site_examples": [v[2] for v in valid], "clip": cfg.selection_clip, "score": "sqnorm",
+            "sensitivity_per_site": cfg.selection_clip**2, "top_fraction": cfg.top_fraction, "replies": replies}
 
 
 def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selected: list[str],
@@ -94,33 +109,30 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
     msgs = [Message(RecordDict({"config": config, "adapter": to_wire(state)}), dst_node_id=n,
                     message_type="train", group_id=f"round-{rnd}") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
-    updates, weights, eps = [], [], []
-    for r in replies:
-        node = r.metadata.src_node_id
-        if r.has_error():
-            say(f"round {rnd}: site {node} replied with an error: {r.error.reason}")
-            continue
-        try:
-            update = from_wire(r.content["adapter"])
-            n = int(r.content["metrics"]["examples"])
-            site_eps = float(r.content["metrics"]["epsilon"])
-        except (KeyError, ValueError, TypeError, OverflowError) as e:
-            say(f"round {rnd}: site {node} sent a malformed reply ({e}); left out")
-            continue
-        why = validate_update(update, state) or (None if n > 0 else "no examples")
+
+    def parse(r: Message):
+        update = from_wire(r.content["adapter"])
+        why = validate_update(update, state)
         if why:
-            say(f"round {rnd}: site {node} reply rejected: {why}")
-            continue
-        updates.append(update)
-        weights.append(n)
-        eps.append(site_eps)
-    if len(updates) < cfg.min_clients:
-        raise SapfError(f"round {rnd}: {len(updates)} valid replies, fewer than --min-clients {cfg.min_clients}; "
+            raise ValueError(why)
+        return update, metric(r, "examples", int), metric(r, "epsilon", float)
+
+    valid = [v for v in (_parse(r, f"round {rnd}", parse) for r in replies) if v is not None]
+    if len(valid) < cfg.min_clients:
+        raise SapfError(f"round {rnd}: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}; "
                         f"the last checkpoint is kept (resume with --resume)")
-    metrics = {"round": rnd, "replies": len(updates), "max_site_epsilon": max(eps), "examples": int(sum(weights))}
-    averaged = weighted_average(updates, weights)
+    averaged, norms, bound = combine_updates([u for u, _, _ in valid], state)
+    clipped = sum(n > bound for n in norms)
+    if clipped:
+        say(f"round {rnd}: {clipped} site update(s) past {bound:.3g} (3x the median change) clipped")
+    why = validate_update(averaged, state)
+    if why:  # cannot happen with finite inputs; checked so that nothing unchecked becomes the global model
+        raise SapfError(f"round {rnd}: the combined adapter is unusable ({why}); the last checkpoint is kept")
     if cfg.freeze_lora_a:  # FFA-LoRA: A is the server's; a site that moved it (e.g. an older sapf) cannot drift it
         averaged = {k: state[k] if ".lora_A." in k else v for k, v in averaged.items()}
+    metrics = {"round": rnd, "replies": len(valid), "max_site_epsilon": max(v[2] for v in valid),
+               "examples": int(sum(min(v[1], 10**12) for v in valid)), "update_norms": [round(n, 6) for n in norms],
+               "update_norm_bound": round(bound, 6)}
     return averaged, metrics, replies
 
 

@@ -192,11 +192,5 @@ def validate_update(state: dict[str, torch.Tensor], reference: dict[str, torch.T
     return None
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    return {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in states[0]}
-
-
 def recompute_epsilon(report: dict) -> float:
     return epsilon_of([Mechanism(**m) for m in report["mechanisms"]], report["delta"], report["accountant"])

@@ -1,0 +1,98 @@
+"""How the server combines what sites send: it trusts no site.
+
+Every field of a reply is parsed here, inside validation, so no reply of any shape stops a round;
+what fails is left out with its reason. What passes is bounded before it is combined, so one site
+cannot decide a sum alone:
+
+- **Noisy sums** (the saliency scores, and every per-record noisy sum to come): each site's vector
+  is scaled to unit L1 norm and the sites are weighted equally. A site's declared example count is
+  its own claim, and a vector of 1e30s would otherwise pick the matrices by itself; after scaling,
+  any one site moves the combined vector's L1 by at most 2/(number of sites), whatever it sends.
+  For honest sites of equal size this is the plain sum up to a constant (the ranking is the same).
+- **Adapter updates**: each site's change to the global adapter is clipped to
+  ``UPDATE_NORM_FACTOR`` × the (low) median of the sites' change norms, and the clipped changes are
+  averaged with equal weights. With an honest majority the low median is an honest norm (with two
+  sites, the smaller one), so a site
+  that sends huge values (float16 reaches 65504) or a huge example count moves the average by at
+  most ``UPDATE_NORM_FACTOR`` × median / sites. The averaged adapter is checked again.
+- **Privacy reports** are validated against their schema and named by the node that sent them,
+  never by a name the site chooses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import torch
+
+UPDATE_NORM_FACTOR = 3.0  # an honest site's change norm is within this of the median (measured spread: < 1.5x)
+MAX_REPORT_CHARS = 1_000_000
+MAX_MECHANISMS = 10_000
+
+
+def report_of(reply) -> tuple[dict | None, str | None]:
+    """A site's privacy report (its ε history) from a reply: (report, None) or (None, why not)."""
+    from sapf.engine.privacy import ACCOUNTANTS
+
+    try:
+        text = reply.content["privacy"]["report"]
+        if not isinstance(text, str) or len(text) > MAX_REPORT_CHARS:
+            return None, "report is not a string of at most 1 MB"
+        report = json.loads(text)
+        delta, accountant, mechanisms = report["delta"], report["accountant"], report["mechanisms"]
+        if not (isinstance(delta, float) and 0 < delta < 1):
+            return None, "report delta is not in (0, 1)"
+        if accountant not in ACCOUNTANTS:
+            return None, "report accountant is unknown"
+        if not (isinstance(mechanisms, list) and len(mechanisms) <= MAX_MECHANISMS):
+            return None, "report mechanisms are not a list"
+        clean = []
+        for m in mechanisms:
+            name, sigma, q, steps = m["name"], m["noise_multiplier"], m["sample_rate"], m["steps"]
+            ok = (isinstance(name, str) and len(name) <= 64 and _number(sigma) and sigma >= 0 and _number(q)
+                  and 0 < q <= 1 and isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps <= 10**9)
+            if not ok:
+                return None, "report has a malformed mechanism"
+            clean.append({"name": name, "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": steps})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return None, f"report is malformed ({type(e).__name__})"
+    return {"delta": delta, "accountant": accountant, "mechanisms": clean}, None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def metric(reply, key: str, kind: type):
+    """A scalar from a reply's metrics, of the given type (int or float), finite; raises ValueError."""
+    v = reply.content["metrics"][key]
+    if not _number(v):
+        raise ValueError(f"metric {key} is not a finite number")
+    v = kind(v)
+    if kind is int and v != reply.content["metrics"][key]:
+        raise ValueError(f"metric {key} is not an integer")
+    return v
+
+
+def combine_noisy_sums(vectors: list[np.ndarray]) -> np.ndarray:
+    """Equal-weight combination of the sites' noisy sum vectors, each scaled to unit L1 norm."""
+    scaled = [v / max(float(np.abs(v).sum()), 1e-300) for v in vectors]
+    return np.sum(scaled, axis=0) / len(scaled)
+
+
+def combine_updates(updates: list[dict[str, torch.Tensor]], current: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], list[float], float]:
+    """The new global adapter: current + the equal-weight mean of each site's change, each change
+    clipped to UPDATE_NORM_FACTOR × the low median change norm. Returns (adapter, change norms, bound)."""
+    changes = [{k: u[k].double() - current[k].double() for k in current} for u in updates]
+    norms = [math.sqrt(sum(float(d.pow(2).sum()) for d in c.values())) for c in changes]
+    bound = UPDATE_NORM_FACTOR * statistics.median_low(norms)
+    mean = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in current.items()}
+    for c, n in zip(changes, norms):
+        scale = min(1.0, bound / n) if n > 0 else 1.0
+        for k in mean:
+            mean[k] += c[k] * (scale / len(changes))
+    return {k: (current[k].double() + mean[k]).to(current[k].dtype) for k in current}, norms, bound
