@@ -326,11 +326,12 @@ def _exit_on_sigterm() -> None:
 def serve(
     out: Path = typer.Option(Path("runs/serve"), "--out", help="Run directory (on this, the server's, machine)."),
     sites: int = typer.Option(..., "--sites", help="Sites to wait for before the run starts."),
-    host: str = typer.Option("0.0.0.0", help="Address the SuperLink listens on."),
-    port: int = typer.Option(9092, help="Port of the SuperLink (Fleet, Control and Runtime APIs)."),
+    host: str = typer.Option("0.0.0.0", help="Address the sites dial (the Fleet gate; the SuperLink itself listens on 127.0.0.1)."),
+    port: int = typer.Option(9092, help="Port the sites dial: the Fleet API only."),
     certs: Optional[Path] = typer.Option(None, "--certs", help="Directory from `sapf certs` (ca.crt, server.pem, server.key)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS (tests and closed networks only)."),
-    supernode_key: list[Path] = typer.Option([], "--supernode-key", help="A site's public key (repeat): turns on SuperNode authentication."),
+    supernode_key: list[Path] = typer.Option([], "--supernode-key", help="A site's public key (repeat): only these nodes may join."),
+    open_enrollment: bool = typer.Option(False, "--open-enrollment", help="Under TLS, let any node that holds ca.crt join (no site keys)."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
     top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
@@ -346,6 +347,11 @@ def serve(
     from sapf.federation.deployment import Tls, serve as run_serve
     from sapf.federation.simulation import prepare_run_dir
 
+    if insecure and supernode_key:
+        raise SapfError("--supernode-key needs TLS (Flower authenticates SuperNodes only over TLS); drop --insecure")
+    if not insecure and not supernode_key and not open_enrollment:
+        raise SapfError("under TLS only registered sites may join: give each site's --supernode-key KEY.pub, "
+                        "or --open-enrollment to let any node holding ca.crt join")
     tls = Tls.from_dir(certs, insecure, server=True)
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")

@@ -78,7 +78,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags):
+def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, while_up=None):
     port = _free_port()
     before = _flower_processes()
     out = tmp_path / "run"
@@ -87,6 +87,8 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags):
                            "--base-model", str(tiny_model_dir), "--out", str(out), *server_flags], tmp_path / "serve.log")
     sites = []
     try:
+        if while_up is not None:
+            while_up(port)
         for i, data in enumerate(site_files):
             sites.append(_start(SAPF + ["join", "--superlink", f"127.0.0.1:{port}", "--data", str(data),
                                         "--state-dir", str(tmp_path / f"ledger{i}"), "--max-epsilon", "50",
@@ -121,8 +123,28 @@ def _check_run(out: Path, tmp_path: Path) -> None:
     assert len(json.loads((out / "metrics.json").read_text())["rounds"]) == 2
 
 
+def _only_the_fleet_api_faces_the_sites(port: int) -> None:
+    """What a site (or anyone) reaching the public port gets: the Fleet API, and no Control API."""
+    import httpx
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            fleet = httpx.post(f"http://127.0.0.1:{port}/v1/fleet/get-run", content=b"", timeout=5)
+            break
+        except httpx.HTTPError:
+            assert time.time() < deadline, "the Fleet gate did not open"
+            time.sleep(0.5)
+    assert b"sapf fleet gate" not in fleet.content  # forwarded to the SuperLink (which rejects an empty body)
+    for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/control/stream-logs",
+                 "/v1/control/register-node", "/v1/runtime/acquire-task", "/v1/fleet/../control/start-run"):
+        r = httpx.post(f"http://127.0.0.1:{port}{path}", content=b"", timeout=5)
+        assert r.status_code == 404 and b"sapf fleet gate" in r.content, path
+
+
 def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
-    out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure"], lambda i: ["--insecure"])
+    out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure"], lambda i: ["--insecure"],
+                      while_up=_only_the_fleet_api_faces_the_sites)
     _check_run(out, tmp_path)
     assert "http://127.0.0.1" in (out / "superlink" / "superlink.log").read_text()
 
@@ -151,8 +173,11 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
          "--max-epsilon"),
         (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "5",
           "--limit", "max-rank=lots"], "max-rank"),
-        (["serve", "--sites", "2", "--out", str(tmp_path / "r")], "TLS is on by default"),
+        (["serve", "--sites", "2", "--open-enrollment", "--out", str(tmp_path / "r")], "TLS is on by default"),
         (["serve", "--sites", "2", "--insecure", "--certs", str(tmp_path), "--out", str(tmp_path / "r")], "exclude"),
+        (["serve", "--sites", "2", "--certs", str(tmp_path / "c0"), "--out", str(tmp_path / "r")], "--open-enrollment"),
+        (["serve", "--sites", "2", "--insecure", "--supernode-key", str(tmp_path / "k.pub"), "--out", str(tmp_path / "r")],
+         "needs TLS"),
         (["certs", "--out", str(tmp_path / "c"), "--host", "127.0.0.1", "--days", "0"], "--days"),
         (["serve", "--sites", "2", "--insecure", "--resume", "--out", str(tmp_path / "r")], "no checkpoint"),
         (["serve", "--sites", "2", "--insecure", "--optimizer", "lbfgs", "--out", str(tmp_path / "r")], "--optimizer"),

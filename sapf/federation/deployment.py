@@ -148,13 +148,13 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path, time
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise SapfError(f"the SuperLink exited with code {proc.returncode}; see {log}")
+            raise SapfError(f"{log.stem} exited with code {proc.returncode}; see {log}")
         try:
             with socket.create_connection((host, port), timeout=1.0):
                 return
         except OSError:
             time.sleep(0.5)
-    raise SapfError(f"the SuperLink did not open {host}:{port} within {timeout:.0f} s; see {log}")
+    raise SapfError(f"{host}:{port} did not open within {timeout:.0f} s; see {log}")
 
 
 def superlink_command(host: str, port: int, tls: Tls, supernode_auth: bool, database: Path | None) -> list[str]:
@@ -212,11 +212,24 @@ def spawn(cmd: list[str], log: Path, env: dict | None = None, new_session: bool 
                                 env={**os.environ, **(env or {})})
 
 
+def gate_command(host: str, port: int, upstream_port: int, tls: Tls) -> list[str]:
+    """The Fleet gate (:mod:`sapf.federation.fleet_gate`) on the public address, in front of the SuperLink."""
+    scheme = "http" if tls.insecure else "https"
+    cmd = [sys.executable, "-m", "sapf.federation.fleet_gate", "--host", host, "--port", str(port),
+           "--upstream", f"{scheme}://127.0.0.1:{upstream_port}"]
+    if not tls.insecure:
+        cmd += ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key), "--ca-certfile", str(tls.ca)]
+    return cmd
+
+
 def serve(cfg: FederationConfig, host: str, port: int, tls: Tls, supernode_keys: list[Path],
-          public_address: str | None = None, timeout: float = 24 * 3600.0, on_ready=None, on_round=None) -> dict:
+          timeout: float = 24 * 3600.0, on_ready=None, on_round=None) -> dict:
     """Run one federated DP-SAPF run on a fresh SuperLink; return the run's status.json.
 
-    The SuperLink, its log and the Flower CLI configuration live under ``RUN_DIR/superlink/``.
+    The SuperLink listens on 127.0.0.1 only (its Control and runtime APIs share its one port with the
+    Fleet API, and Flower's default Control API lets any caller in); the Fleet gate faces `host`:`port`
+    and passes the Fleet API alone. The SuperLink, the gate, their logs and the Flower CLI configuration
+    live under ``RUN_DIR/superlink/``.
     """
     out = Path(cfg.out).resolve()
     cfg.out = str(out)
@@ -224,13 +237,16 @@ def serve(cfg: FederationConfig, host: str, port: int, tls: Tls, supernode_keys:
         if not key.is_file():
             raise SapfError(f"SuperNode public key {key} not found")
     work = out / "superlink"
-    address = public_address or f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    home = write_flower_home(work / "flwr-home", address, tls)
+    internal = _free_port()
+    home = write_flower_home(work / "flwr-home", f"127.0.0.1:{internal}", tls)
     app_dir = write_app(work / "app", cfg)
-    log = work / "superlink.log"
-    link = spawn(superlink_command(host, port, tls, bool(supernode_keys), work / "state.db"), log)
+    log, gate_log = work / "superlink.log", work / "fleet-gate.log"
+    link = spawn(superlink_command("127.0.0.1", internal, tls, bool(supernode_keys), work / "state.db"), log)
+    gate = None
     try:
-        _wait_for_port(address.rsplit(":", 1)[0].strip("[]"), port, link, log)
+        _wait_for_port("127.0.0.1", internal, link, log)
+        gate = spawn(gate_command(host, port, internal, tls), gate_log)
+        _wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host.strip("[]"), port, gate, gate_log)
         for key in supernode_keys:
             _flwr(["supernode", "register", str(key.resolve()), CONNECTION], home)
         if on_ready is not None:
@@ -238,6 +254,7 @@ def serve(cfg: FederationConfig, host: str, port: int, tls: Tls, supernode_keys:
         run_id = _flwr(["run", str(app_dir), CONNECTION], home, timeout=300)["run-id"]
         return follow_run(run_id, out, home, link, log, timeout, on_round)
     finally:
+        stop_process(gate)
         stop_process(link)
 
 
