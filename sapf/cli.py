@@ -407,19 +407,24 @@ def join(
 def certs(
     out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem, server.key (and site keys)."),
     host: list[str] = typer.Option([], "--host", help="Name or IP the sites dial (repeat); localhost and 127.0.0.1 are always added."),
-    sites: list[str] = typer.Option([], "--site", help="Make a SuperNode key pair for this site name (repeat)."),
+    sites: list[str] = typer.Option([], "--site", help="Make a SuperNode key pair for this site name (repeat). Without --host: only the key pair, made at the site."),
     days: int = typer.Option(365, help="Validity in days."),
     force: bool = typer.Option(False, help="Replace existing files."),
 ):
-    """Make a private CA, the SuperLink's TLS certificate and (optionally) SuperNode key pairs."""
+    """Make a private CA and the SuperLink's TLS certificate (with --host), and/or SuperNode key pairs (--site).
+
+    A site makes its own key pair (`sapf certs --out DIR --site NAME`) and sends only NAME.pub to the operator."""
     from sapf.federation.credentials import make_certificates, make_supernode_keys
 
-    paths = make_certificates(out, host, days, force)
-    pairs = make_supernode_keys(out, sites, force) if sites else []
-    _say(f"wrote {paths['ca']} (give to every site), {paths['cert']} and {paths['key']} (SuperLink only), "
-         f"{paths['ca_key']} (keep offline)")
-    for private, public in pairs:
-        _say(f"site key: {private} (to that site: sapf join --auth-key) and {public} (sapf serve --supernode-key)")
+    if not host and not sites:
+        raise SapfError("give --host NAME (the SuperLink's certificate) and/or --site NAME (a site's key pair)")
+    if host:
+        paths = make_certificates(out, host, days, force)
+        _say(f"wrote {paths['ca']} (give to every site), {paths['cert']} and {paths['key']} (SuperLink only), and the "
+             f"CA's private key {paths['ca_key']}: move it off this machine and keep it offline")
+    for private, public in make_supernode_keys(out, sites, force) if sites else []:
+        _say(f"site key pair: {private} stays at the site (sapf join --auth-key {private}); send only {public} to the "
+             f"operator (sapf serve --supernode-key)")
 
 
 @command()

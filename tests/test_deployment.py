@@ -151,14 +151,27 @@ def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
 
 def test_serve_and_join_with_tls_and_supernode_auth(tmp_path, tiny_model_dir, site_files):
     certs = tmp_path / "certs"
-    res = subprocess.run(SAPF + ["certs", "--out", str(certs), "--host", "127.0.0.1", "--site", "a", "--site", "b"],
-                         capture_output=True, text=True)
+    res = subprocess.run(SAPF + ["certs", "--out", str(certs), "--host", "127.0.0.1", "--site", "a", "--site", "b",
+                                 "--site", "rogue"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     keys = ["a", "b"]
+    rogue = []
+
+    def rogue_node_tries_first(port):  # an unregistered node, holding ca.crt, tries to take a site's place
+        rogue.append(_start(SAPF + ["join", "--superlink", f"127.0.0.1:{port}", "--data", str(site_files[0]),
+                                    "--state-dir", str(tmp_path / "rogue"), "--max-epsilon", "50", "--wait", "30",
+                                    "--ca", str(certs / "ca.crt"), "--auth-key", str(certs / "rogue")],
+                            tmp_path / "rogue.log"))
+        time.sleep(8)
+
     out = _federation(tmp_path, tiny_model_dir, site_files,
                       ["--certs", str(certs), "--supernode-key", str(certs / "a.pub"), "--supernode-key", str(certs / "b.pub")],
-                      lambda i: ["--ca", str(certs / "ca.crt"), "--auth-key", str(certs / keys[i])])
+                      lambda i: ["--ca", str(certs / "ca.crt"), "--auth-key", str(certs / keys[i])],
+                      while_up=rogue_node_tries_first)
     _check_run(out, tmp_path)
+    assert rogue[0].wait(timeout=120) != 0  # refused all along, gave up after --wait
+    assert "could not join" in (tmp_path / "rogue.log").read_text()
+    assert not (tmp_path / "rogue" / "ledger.json").exists()
     log = (out / "superlink" / "superlink.log").read_text()
     assert "https://127.0.0.1" in log and "--enable-supernode-auth" in log
 
@@ -239,3 +252,108 @@ def test_join_gives_up_after_wait(tmp_path, site_files):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and time.time() - t0 < 60
     assert "sapf: error: could not join 127.0.0.1:1" in res.stderr and "Traceback" not in res.stderr
+
+
+EVIL_APP = '''
+import json
+import os
+import time
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+if os.environ.get("SAPF_TEST_ROLE") == "site":  # what a hostile server would do next to the private data
+    with open(os.environ["SAPF_TEST_MARKER"], "w") as f:
+        f.write("the server's code ran at the site")
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid, context):
+    t0 = time.time()
+    while not list(grid.get_node_ids()) and time.time() - t0 < 120:
+        time.sleep(1)
+    msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.saliency")
+            for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=120))
+    with open(context.run_config["result"], "w") as f:
+        json.dump([[r.has_error(), r.error.reason if r.has_error() else ""] for r in replies], f)
+
+
+@client.query("saliency")
+def query(msg, context):
+    return Message(RecordDict(), reply_to=msg)
+'''
+
+
+def test_a_site_refuses_an_app_bundle_that_carries_code(tmp_path, site_files):
+    from sapf.federation.deployment import Tls, superlink_command, write_flower_home
+
+    app = tmp_path / "evil-app"
+    app.mkdir()
+    (app / "evil.py").write_text(EVIL_APP)
+    result, marker = tmp_path / "result.json", tmp_path / "marker"
+    (app / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "evil"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "evil"
+
+[tool.flwr.app.components]
+serverapp = "evil:server"
+clientapp = "evil:client"
+
+[tool.flwr.app.config]
+result = "{result}"
+""")
+    port = _free_port()
+    link = _start(superlink_command("127.0.0.1", port, Tls(insecure=True), False, None), tmp_path / "link.log")
+    os.environ.update(SAPF_TEST_ROLE="site", SAPF_TEST_MARKER=str(marker))  # inherited by the site's processes
+    try:
+        site = _start(SAPF + ["join", "--superlink", f"127.0.0.1:{port}", "--data", str(site_files[0]), "--insecure",
+                              "--max-epsilon", "5", "--state-dir", str(tmp_path / "state")], tmp_path / "join.log")
+    finally:
+        del os.environ["SAPF_TEST_ROLE"], os.environ["SAPF_TEST_MARKER"]
+    try:
+        home = write_flower_home(tmp_path / "flwr-home", f"127.0.0.1:{port}", Tls(insecure=True))
+        deadline = time.time() + 60
+        while True:
+            sub = subprocess.run(["flwr", "run", str(app), "sapf", "--format", "json"], capture_output=True, text=True,
+                                 env={**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(app)}, timeout=120)
+            if sub.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)  # the SuperLink may not be up yet
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        deadline = time.time() + 240
+        while not result.exists() and time.time() < deadline:
+            time.sleep(1)
+        replies = json.loads(result.read_text())
+    finally:
+        for p in (site, link):
+            _stop_group(p)
+    assert replies and all(err and "refused: the app bundle carries files of its own" in why for err, why in replies)
+    assert not marker.exists()
+    assert "refused: the app bundle" in (tmp_path / "join.log").read_text()
+
+
+def test_certs_keep_the_ca_key_apart_and_a_site_makes_its_own_key_pair(tmp_path):
+    res = subprocess.run(SAPF + ["certs", "--out", str(tmp_path / "server"), "--host", "127.0.0.1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "server").iterdir()) == ["ca.crt", "offline", "server.key", "server.pem"]
+    assert (tmp_path / "server" / "offline" / "ca.key").stat().st_mode & 0o077 == 0
+    assert "offline" in res.stderr and "off this machine" in res.stderr
+    res = subprocess.run(SAPF + ["certs", "--out", str(tmp_path / "site"), "--site", "hospital-a"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["hospital-a", "hospital-a.pub"]
+    assert "send only" in res.stderr

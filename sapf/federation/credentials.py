@@ -47,13 +47,19 @@ def _subject_alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
+CA_KEY_DIR = "offline"
+
+
 def make_certificates(out: Path, hosts: list[str], days: int = 365, force: bool = False) -> dict[str, Path]:
     """A CA and a server certificate valid for `hosts` (names or IPs the sites dial) and loopback."""
     if days < 1:
         raise SapfError(f"--days must be at least 1, got {days}")
     # `sapf serve` itself reaches its SuperLink on the loopback address.
     hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
-    paths = {"ca": out / CA_CERT, "cert": out / SERVER_CERT, "key": out / SERVER_KEY, "ca_key": out / "ca.key"}
+    # The CA's key signs server certificates only: it goes in a folder of its own, to be moved offline,
+    # never beside server.key (which the SuperLink's machine must hold).
+    paths = {"ca": out / CA_CERT, "cert": out / SERVER_CERT, "key": out / SERVER_KEY,
+             "ca_key": out / CA_KEY_DIR / "ca.key"}
     clash = [str(p) for p in paths.values() if p.exists()]
     if clash and not force:
         raise SapfError(f"{clash[0]} already exists (use --force to replace the certificates)")

@@ -350,7 +350,11 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
         raise SapfError(f"--superlink must be HOST:PORT, got {superlink!r}")
     if auth_key is not None and not auth_key.is_file():
         raise SapfError(f"SuperNode private key {auth_key} not found")
+    from sapf.federation.app_guard import install_runner, path_with_runner
+
     site.state_dir.mkdir(parents=True, exist_ok=True)
+    # Flower starts each ClientApp as `flwr-clientapp` from PATH: ours checks the app bundle first.
+    env = {**os.environ, "PATH": path_with_runner(install_runner(site.state_dir / "bin").parent)}
     t0 = time.time()
     while True:
         started = time.time()
@@ -360,7 +364,7 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
         # Flower's SuperNode retries an unreachable SuperLink for ever by default; let it try only as
         # long as we would wait, so `sapf join` always returns.
         cmd += ["--max-wait-time", str(max(1.0, wait - (time.time() - t0)))]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(cmd, env=env)
         try:
             code = proc.wait()
         finally:

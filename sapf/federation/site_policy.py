@@ -216,7 +216,7 @@ def ensure_same_dataset(state_dir: Path, fingerprint: str, n: int, new_dataset: 
                           "a new dataset")
         retired = state_dir / f"retired-{str(old.get('sha256'))[:12]}"
         retired.mkdir(exist_ok=True)
-        for p in list(state_dir.iterdir()):
-            if p.name not in (".lock",) and not p.name.startswith("retired-"):
+        for p in list(state_dir.iterdir()):  # the dataset's state; never the lock or `sapf join`'s runner (bin/)
+            if p.name in ("ledger.json", "dataset.json", "plans", "replies") or p.name.startswith("optimizer-"):
                 p.rename(retired / p.name)
     write_json(marker, {"sha256": fingerprint, "examples": n})
