@@ -329,10 +329,11 @@ result = "{result}"
         while True:
             sub = subprocess.run(["flwr", "run", str(app), "sapf", "--format", "json"], capture_output=True, text=True,
                                  env={**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(app)}, timeout=120)
-            if sub.returncode == 0 or time.time() > deadline:
+            ok = sub.returncode == 0 and json.loads(sub.stdout).get("success")
+            if ok or time.time() > deadline:
                 break
             time.sleep(2)  # the SuperLink may not be up yet
-        assert sub.returncode == 0, sub.stdout + sub.stderr
+        assert sub.returncode == 0 and json.loads(sub.stdout)["success"], sub.stdout + sub.stderr
         deadline = time.time() + 240
         while not result.exists() and time.time() < deadline:
             time.sleep(1)
