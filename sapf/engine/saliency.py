@@ -27,9 +27,9 @@ from torch import nn
 from sapf.engine.data import ImageDataset
 from sapf.engine.diffusion import add_noise, per_example_loss
 from sapf.engine.model import Generator
-from sapf.engine.noise import fresh_numpy_generator, fresh_torch_generator
-from sapf.engine.persample import (average_replicas, clear_grad_samples, per_sample_norms, replicate,
-                                   wrap_for_per_sample_grads, zero_nonfinite_rows)
+from sapf.engine.noise import fresh_torch_generator
+from sapf.engine.noisy_sum import NoisySum, noisy_sum
+from sapf.engine.persample import average_replicas, clear_grad_samples, per_sample_norms, replicate, wrap_for_per_sample_grads
 from sapf.engine.privacy import PrivacyLedger
 from sapf.errors import SapfError
 
@@ -81,12 +81,10 @@ class SaliencyQuery:
     batch_size: int = 128  # a compute chunk only: the query sums over all sampled examples
 
 
-def _clipped_block_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, names: list[str],
-                          torch_gen: torch.Generator, rng: np.random.Generator, show_progress: bool) -> tuple[np.ndarray, int]:
-    """Σ over a Poisson sample of the clipped per-example block scores. Private: never returned
-    to callers except through :func:`noisy_saliency_scores`, which adds the noise."""
-    from sapf.engine.progress import progress_bar
-
+def _block_score_contributions(gen: Generator, data: ImageDataset, q: SaliencyQuery, names: list[str]):
+    """The query's per-record contribution: v_ij = ‖ĝ_ij‖² (or ‖ĝ_ij‖) for each candidate j, where ĝ_i
+    is record i's gradient over all candidates (mean of its K replicas) clipped to C as one vector.
+    ‖v_i‖₂ ≤ C² (or C) by construction. Returns (contribution function, closer)."""
     unet = copy.deepcopy(gen.unet).train()
     for p in unet.parameters():
         p.requires_grad_(False)
@@ -96,50 +94,49 @@ def _clipped_block_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, 
         w.requires_grad_(True)
     gsm = wrap_for_per_sample_grads(unet)
     conditional = gen.num_classes > 0
-    member = rng.random(len(data)) < q.sample_rate if q.sample_rate < 1 else np.ones(len(data), bool)
-    idx_all = np.flatnonzero(member)
-    totals = torch.zeros(len(names), dtype=torch.float64)
     x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     K = q.multiplicity
-    n_batches = math.ceil(len(idx_all) / q.batch_size)
-    with progress_bar("saliency query", n_batches, show_progress) as bar:
-        for b in range(0, len(idx_all), q.batch_size):
-            idx = torch.from_numpy(idx_all[b : b + q.batch_size])
-            x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
-            xt, t, noise = add_noise(gen.scheduler, x0, torch_gen)
-            pred = gsm(xt, t, class_labels=y if conditional else None).sample
-            per_example_loss(pred, noise).mean().backward()
-            average_replicas(weights, K)
-            zero_nonfinite_rows(weights)  # a crafted input must never turn the sum (and so the release) NaN
-            factor = (q.clip / (per_sample_norms(weights) + 1e-12)).clamp(max=1.0)  # (B,)
-            for j, w in enumerate(weights):
-                block = w.grad_sample.flatten(1).norm(dim=1) * factor  # ‖ĝ_ij‖
-                totals[j] += (block.pow(2) if q.score == "sqnorm" else block).sum().double()
-            clear_grad_samples(weights)
-            bar.advance()
-    gsm._close()
-    return totals.numpy(), int(len(idx_all))
+    torch_gen = fresh_torch_generator()  # diffusion noise and timesteps inside a private gradient
+
+    def contributions(idx: np.ndarray) -> torch.Tensor:
+        idx = torch.from_numpy(idx)
+        x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
+        xt, t, noise = add_noise(gen.scheduler, x0, torch_gen)
+        pred = gsm(xt, t, class_labels=y if conditional else None).sample
+        per_example_loss(pred, noise).mean().backward()
+        average_replicas(weights, K)
+        factor = (q.clip / (per_sample_norms(weights) + 1e-12)).clamp(max=1.0)  # (B,)
+        blocks = torch.stack([w.grad_sample.flatten(1).norm(dim=1) * factor for w in weights], dim=1)  # ‖ĝ_ij‖
+        clear_grad_samples(weights)
+        return blocks.pow(2) if q.score == "sqnorm" else blocks
+
+    return contributions, gsm._close
 
 
 def noisy_saliency_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
                           ledger: PrivacyLedger | None, show_progress: bool = True) -> tuple[list[str], np.ndarray, int]:
-    """Run the DP saliency query: (candidate names, noisy scores, examples used).
+    """Run the DP saliency query, a noisy sum (:mod:`sapf.engine.noisy_sum`) of the per-record block
+    scores: (candidate names, noisy scores, examples used).
 
     Recorded in `ledger` (whatever σ, 0 included: the ledger then says ε = ∞) before it returns.
     The Poisson sample, the diffusion noise and timesteps, and the Gaussian noise come from fresh
     OS entropy (:mod:`sapf.engine.noise`), never from a seed: two queries never share a draw.
     """
+    from sapf.engine.progress import progress_bar
+
     names = candidate_modules(gen.unet, q.candidates)
-    sens = score_sensitivity(q.score, q.clip)
     if q.multiplicity < 1:
         raise SapfError("--multiplicity must be at least 1")
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise SapfError(f"the query's noise multiplier must be finite and >= 0, got {noise_multiplier}")
-    rng = fresh_numpy_generator()
-    raw, used = _clipped_block_scores(gen, data, q, names, fresh_torch_generator(), rng, show_progress)
-    noisy = raw + rng.normal(0.0, noise_multiplier * sens, size=raw.shape) if noise_multiplier > 0 else raw
-    if ledger is not None:
-        ledger.record("saliency-query", noise_multiplier, q.sample_rate, 1)
+    release = NoisySum("saliency-query", score_sensitivity(q.score, q.clip), noise_multiplier, q.sample_rate)
+    contributions, close = _block_score_contributions(gen, data, q, names)
+    expected_chunks = math.ceil(len(data) * q.sample_rate / q.batch_size)
+    try:
+        with progress_bar("saliency query", expected_chunks, show_progress) as bar:
+            noisy, used = noisy_sum(release=release, num_records=len(data), dim=len(names),
+                                    contributions=contributions, ledger=ledger, chunk=q.batch_size,
+                                    progress=bar.advance)
+    finally:
+        close()
     return names, noisy, used
 
 

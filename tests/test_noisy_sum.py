@@ -1,0 +1,54 @@
+"""The noisy-sum mechanism itself: the bound, the noise, the record — with contributions that try to break them."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sapf.engine.noisy_sum import NoisySum, noisy_sum
+from sapf.engine.privacy import Mechanism, PrivacyLedger
+from sapf.errors import SapfError
+
+
+def _rows(table: torch.Tensor):
+    return lambda idx: table[torch.from_numpy(idx)]
+
+
+def test_one_added_record_moves_the_noiseless_sum_by_at_most_the_bound():
+    rng = np.random.default_rng(0)
+    data = torch.from_numpy(rng.normal(0, 100, (50, 30)))  # every row far past the bound
+    release = NoisySum("test", bound=0.5, noise_multiplier=0.0)
+    without, _ = noisy_sum(release=release, num_records=49, dim=30, contributions=_rows(data[:49]), ledger=None)
+    with_one, used = noisy_sum(release=release, num_records=50, dim=30, contributions=_rows(data), ledger=None, chunk=7)
+    assert used == 50
+    moved = np.linalg.norm(with_one - without)
+    assert 0.5 * (1 - 1e-9) <= moved <= 0.5 * (1 + 1e-9)
+
+
+def test_a_non_finite_contribution_counts_as_zero():
+    data = torch.ones(4, 3)
+    data[2, 1] = math.nan
+    data[3, 0] = math.inf
+    total, _ = noisy_sum(release=NoisySum("test", 10.0, 0.0), num_records=4, dim=3, contributions=_rows(data),
+                         ledger=None)
+    np.testing.assert_allclose(total, [2.0, 2.0, 2.0])
+
+
+def test_the_noise_has_std_sigma_times_bound_is_fresh_and_recorded_before_return():
+    ledger = PrivacyLedger(10.0, 1e-5)
+    release = NoisySum("semantic-query", bound=0.5, noise_multiplier=2.0, sample_rate=0.3)
+    zeros = lambda idx: torch.zeros(len(idx), 20_000)  # noqa: E731
+    a, used = noisy_sum(release=release, num_records=1000, dim=20_000, contributions=zeros, ledger=ledger)
+    b, _ = noisy_sum(release=release, num_records=1000, dim=20_000, contributions=zeros, ledger=ledger)
+    assert np.std(a) == pytest.approx(1.0, rel=0.02) and np.std(b) == pytest.approx(1.0, rel=0.02)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.05  # two releases never share a draw
+    assert 200 < used < 400  # a Poisson sample at rate 0.3
+    assert ledger.mechanisms == [Mechanism("semantic-query", 2.0, 0.3, 2)]
+
+
+def test_bad_releases_are_refused():
+    for kw in (dict(bound=0.0), dict(bound=math.inf), dict(noise_multiplier=-1.0), dict(noise_multiplier=math.nan),
+               dict(sample_rate=0.0), dict(sample_rate=1.5)):
+        with pytest.raises(SapfError):
+            NoisySum(**{"name": "x", "bound": 1.0, "noise_multiplier": 1.0, **kw})
