@@ -132,7 +132,7 @@ def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_n
     assert ledger_path.read_text() == before
 
 
-def test_validation_and_bounded_combination():
+def test_validation_and_bounded_combination(flower_identity):
     a = {"w": torch.ones(2, 2)}
     assert "wrong keys" in validate_update({"v": torch.ones(2, 2)}, a)
     assert "wrong shape" in validate_update({"w": torch.ones(3)}, a)
@@ -155,6 +155,20 @@ def test_validation_and_bounded_combination():
     assert float(new["w"].norm()) <= (sum(float(c.norm()) for c in changes) + bound) / 4 + 1e-9
     plain, _, _ = combine_updates([{"w": c} for c in changes], current)
     torch.testing.assert_close(plain["w"], sum(changes) / 3)  # honest sites: the plain mean
+    # Reports: any shape a site sends is rejected with a reason, never raised.
+    from sapf.federation.combine import report_of
+
+    def reply(report: str) -> Message:
+        return Message(RecordDict({"privacy": ConfigRecord({"site": "x", "report": report})}), dst_node_id=1,
+                       message_type="train")
+
+    good = json.dumps({"delta": 1e-5, "accountant": "rdp",
+                       "mechanisms": [{"name": "dp-sgd", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}]})
+    assert report_of(reply(good))[0]["mechanisms"][0]["steps"] == 3
+    huge = good.replace('"noise_multiplier": 1.0', '"noise_multiplier": 1' + "0" * 400)
+    for bad in ("[" * 100_000, huge, "null", '{"delta": "x"}', good.replace("dp-sgd", "x" * 100)):
+        report, why = report_of(reply(bad))
+        assert report is None and why
 
 
 def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz):

@@ -296,6 +296,10 @@ def test_error_replies_carry_no_paths_or_data_facts(tmp_path, tiny_model_dir, fl
 
 
 def test_one_lifetime_ledger_per_dataset(tmp_path, tiny_model_dir, site_npz, flower_identity):
+    from sapf.errors import SapfError
+    from sapf.federation.site_policy import retire_dataset
+    from sapf.federation.task import dataset_fingerprint
+
     node = _node(tmp_path, site_npz, tiny_model_dir)
     assert not _ask(_query(_plan(tiny_model_dir).to_record()), node).has_error()
     other = tmp_path / "other.npz"
@@ -305,18 +309,38 @@ def test_one_lifetime_ledger_per_dataset(tmp_path, tiny_model_dir, site_npz, flo
     reply = _ask(_query(_plan(tiny_model_dir).to_record()), node_other)
     assert reply.has_error() and "data changed" in reply.error.reason
     assert [m.steps for m in _ledger(tmp_path).mechanisms] == [1]  # the old ledger, untouched
-    # The operator confirms a new dataset: the old state is kept aside, a new ledger starts.
-    assert not _ask(_query(_plan(tiny_model_dir).to_record()), {**node_other, "new-dataset": True}).has_error()
+    # Only `sapf join --new-dataset` (before its SuperNode starts) sets the old ledger aside; a request cannot.
+    retired = retire_dataset(tmp_path / "state", dataset_fingerprint(None, node_other))
+    assert (retired / "ledger.json").exists() and _ledger(tmp_path) is None
+    assert not _ask(_query(_plan(tiny_model_dir).to_record()), node_other).has_error()
     assert [m.steps for m in _ledger(tmp_path).mechanisms] == [1]
-    assert len(list((tmp_path / "state").glob("retired-*/ledger.json"))) == 1
+    # Going back to the first data never starts its ledger afresh.
+    with pytest.raises(SapfError, match="set aside before"):
+        retire_dataset(tmp_path / "state", dataset_fingerprint(None, node))
 
 
-def test_a_plan_at_another_delta_than_the_ledgers_is_refused(tmp_path, tiny_model_dir, site_npz, flower_identity):
+def test_the_fingerprint_is_the_datas_not_the_plans(tmp_path, site_npz):
+    from sapf.federation.task import dataset_fingerprint
+
+    node = {"data-path": str(site_npz)}
+    small, big = load_dataset(str(site_npz), 16, 1), load_dataset(str(site_npz), 28, 1)
+    assert dataset_fingerprint(small, node) == dataset_fingerprint(big, node)  # a base model of another size
+
+
+def test_a_site_accounts_at_its_own_delta(tmp_path, tiny_model_dir, site_npz, flower_identity):
+    from sapf.engine.privacy import default_delta
+
     node = _node(tmp_path, site_npz, tiny_model_dir, delta=1e-4)
     assert not _ask(_query(_plan(tiny_model_dir).to_record()), node).has_error()
     assert _ledger(tmp_path).delta == 1e-4
     reply = _ask(_query(_plan(tiny_model_dir, delta=1e-3).to_record()), node)
     assert reply.has_error() and "δ" in reply.error.reason
+    # Without --delta a deployed site uses 1/(n ln n) of its n; a server cannot pick a larger δ for it.
+    fresh = _node(tmp_path / "b", site_npz, tiny_model_dir)
+    reply = _ask(_query(_plan(tiny_model_dir, delta=0.9 / 24).to_record()), fresh)
+    assert reply.has_error() and "δ" in reply.error.reason and _ledger(tmp_path / "b") is None
+    assert not _ask(_query(_plan(tiny_model_dir).to_record()), fresh).has_error()
+    assert _ledger(tmp_path / "b").delta == pytest.approx(default_delta(24))
 
 
 def test_concurrent_requests_lose_no_ledger_update(tmp_path, site_npz):
@@ -326,7 +350,7 @@ def test_concurrent_requests_lose_no_ledger_update(tmp_path, site_npz):
 
     data = load_dataset(str(site_npz), 16, 1)
     site = Site(FederationConfig(), SiteSettings(1e6, None, (), SiteLimits()), None, data, "s",
-                SitePlan(1e-3, 5.0, 1.0, 0.1, 100, 1), tmp_path / "state")
+                SitePlan(1e-3, 5.0, 1.0, 0.1, 100, 1), tmp_path / "state", "f" * 64)
     step = Mechanism("dp-sgd", 1.0, 0.1, 1)
 
     def spend_many():

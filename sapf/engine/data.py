@@ -248,22 +248,29 @@ def record_keys(ds: ImageDataset, salt: str) -> np.ndarray:
     prefix = salt.encode() + b"\0"
     keys = np.empty(len(ds), np.float64)
     for i in range(len(ds)):
-        h = hashlib.sha256(prefix + ds.images[i].tobytes() + ds.labels[i : i + 1].tobytes()).digest()
+        label = class_key(ds, int(ds.labels[i])).encode()  # the class's name: adding a class renumbers none
+        h = hashlib.sha256(prefix + ds.images[i].tobytes() + b"\0" + label).digest()
         keys[i] = int.from_bytes(h[:8], "little") / 2.0**64
     return keys
 
 
-def train_holdout_split(ds: ImageDataset, holdout: int | float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+def class_key(ds: ImageDataset, label: int) -> str:
+    """A class's stable name (a folder's class index moves when a class folder is added; its name does not)."""
+    return ds.class_names[label] if label < len(ds.class_names) else str(label)
+
+
+def train_holdout_split(ds: ImageDataset, holdout: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
     """A seeded split by record hash (:func:`record_keys`): a record is held out when its key is below
-    the holdout share (`holdout` is a fraction, or a count turned into a fraction of the data).
+    the holdout share.
 
     Each record's side depends on that record alone, so adding or removing one record moves no other
     (a permutation-based split would reshuffle every record). The holdout's size and its classes'
     shares are those of the data in expectation (for MNIST-5k at 0.2: about 1,000, 100 a class).
     """
-    frac = holdout if isinstance(holdout, float) and holdout < 1 else float(holdout) / max(len(ds), 1)
+    # A share, never a count: a count would move the threshold, and so other records, when one is added.
+    frac = float(holdout)
     if not 0 < frac < 1:
-        raise SapfError(f"holdout {holdout} must be a share in (0, 1) or a count below the data's {len(ds)}")
+        raise SapfError(f"--holdout must be a share of the data in (0, 1), got {holdout}")
     hold = record_keys(ds, f"holdout-{seed}") < frac
     if hold.all() or not hold.any():
         raise SapfError(f"a holdout of {holdout} leaves one side of the split empty for {len(ds)} examples")
@@ -284,9 +291,14 @@ def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: floa
     elif scheme == "dirichlet":
         if alpha <= 0:
             raise SapfError("--alpha must be > 0")
-        shares = np.random.default_rng(seed).dirichlet(np.full(num_sites, alpha), size=ds.num_classes)
-        edges = np.cumsum(shares, axis=1)
-        site = np.array([min(int(np.searchsorted(edges[y], k, side="right")), num_sites - 1)
+        import hashlib
+
+        def edges(label: int) -> np.ndarray:  # a class's site shares, drawn from the seed and the class's name
+            name_seed = int.from_bytes(hashlib.sha256(class_key(ds, label).encode()).digest()[:8], "little")
+            return np.cumsum(np.random.default_rng([seed, name_seed]).dirichlet(np.full(num_sites, alpha)))
+
+        cum = {int(y): edges(int(y)) for y in np.unique(ds.labels)}
+        site = np.array([min(int(np.searchsorted(cum[int(y)], k, side="right")), num_sites - 1)
                          for y, k in zip(ds.labels, keys)], np.int64)
     else:
         raise SapfError(f"unknown partition '{scheme}' (iid or dirichlet)")

@@ -31,7 +31,7 @@ from sapf.engine.saliency import candidate_modules, noisy_saliency_scores
 from sapf.engine.data import ImageDataset
 from sapf.federation.site_policy import (Refusal, SiteSettings, check_incoming_weights, check_noise, check_plan,
                                         check_round, check_selected, check_site_plan, ensure_same_dataset,
-                                        site_settings)
+                                        site_delta, site_settings)
 from sapf.federation.task import (FederationConfig, SitePlan, base_generator, check_budget, dataset_fingerprint,
                                   fingerprint, from_wire, open_ledger, plan_site, save_tensors, site_data, site_lock,
                                   site_state_dir, to_wire)
@@ -77,6 +77,7 @@ class Site:
     name: str
     plan: SitePlan
     state_dir: Path
+    fingerprint: str  # of the site's data: names the dataset its ledger belongs to
 
     @property
     def ledger_path(self) -> Path:
@@ -90,8 +91,7 @@ class Site:
         by default the mechanisms themselves), record `mechanisms` and save — all before the release
         is computed, so a crash can only over-count."""
         with site_lock(self.state_dir):
-            ensure_same_dataset(self.state_dir, dataset_fingerprint(self.data), len(self.data),
-                                self.settings.new_dataset)
+            ensure_same_dataset(self.state_dir, self.fingerprint, len(self.data))
             ledger = self.ledger()
             check_budget(ledger, budget_check if budget_check is not None else mechanisms, self.settings.max_epsilon)
             for m in mechanisms:
@@ -114,10 +114,11 @@ def _setup(msg: Message, context: Context) -> Site:
     data, name = site_data(cfg, context.node_config, gen)
     check_site_plan(cfg, settings, len(data))
     state_dir = site_state_dir(cfg, context.node_config, name)
-    plan = plan_site(cfg, len(data), state_dir, settings.delta)
+    delta = site_delta(cfg, settings, len(data), deployed="data-path" in context.node_config)
+    plan = plan_site(cfg, len(data), state_dir, delta)
     check_noise("saliency query", plan.selection_noise)
     check_noise("DP-SGD", plan.train_noise)
-    return Site(cfg, settings, gen, data, name, plan, state_dir)
+    return Site(cfg, settings, gen, data, name, plan, state_dir, dataset_fingerprint(data, context.node_config))
 
 
 @app.query("saliency")

@@ -208,8 +208,10 @@ def spawn(cmd: list[str], log: Path, env: dict | None = None, new_session: bool 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
         fh.write(f"$ {shlex.join(cmd)}\n".encode())
+        # Flower's legacy gRPC APIs (which would listen on 0.0.0.0, past the Fleet gate) start only when these are set.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_INTERNAL_GRPC_")}
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=new_session,
-                                env={**os.environ, **(env or {})})
+                                env={**base, **(env or {})})
 
 
 def gate_command(host: str, port: int, upstream_port: int, tls: Tls) -> list[str]:
@@ -314,8 +316,6 @@ class SiteConfig:
             cfg["base-models"] = "\n".join(str(p.resolve()) for p in self.base_models)
         if self.limits:
             cfg["limits"] = self.limits
-        if self.new_dataset:
-            cfg["new-dataset"] = True
         return cfg
 
 
@@ -352,9 +352,19 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
         raise SapfError(f"SuperNode private key {auth_key} not found")
     from sapf.federation.app_guard import install_runner, path_with_runner
 
+    from sapf.federation.site_policy import retire_dataset
+    from sapf.federation.task import dataset_fingerprint, site_lock
+
     site.state_dir.mkdir(parents=True, exist_ok=True)
-    # Flower starts each ClientApp as `flwr-clientapp` from PATH: ours checks the app bundle first.
-    env = {**os.environ, "PATH": path_with_runner(install_runner(site.state_dir / "bin").parent)}
+    if site.new_dataset:  # once, before any request: the data changed on purpose
+        with site_lock(site.state_dir):
+            retired = retire_dataset(site.state_dir, dataset_fingerprint(None, site.node_config()))
+        if retired is not None:
+            say(f"--new-dataset: the earlier dataset's ledger and state are kept in {retired}; a new ledger starts")
+    # Flower starts each ClientApp as `flwr-clientapp` from PATH: ours checks the app bundle first. The site's
+    # own Flower home keeps the apps it installs apart from any other Flower user's on the machine.
+    env = {**os.environ, "PATH": path_with_runner(install_runner(site.state_dir / "bin").parent),
+           "FLWR_HOME": str((site.state_dir / "flwr-home").resolve())}
     t0 = time.time()
     while True:
         started = time.time()

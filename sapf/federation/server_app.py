@@ -201,7 +201,12 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     except ImportError:
         say("ONNX export is not available in this installation; skipped")
     reports = sorted((out / "privacy").glob("*.json")) if (out / "privacy").exists() else []
-    eps = {p.stem: recompute_epsilon(read_json(p)) for p in reports}
+    eps = {}
+    for p in reports:  # validated when written; still, a report must not stop the run at its end
+        try:
+            eps[p.stem] = recompute_epsilon(read_json(p))
+        except Exception as e:  # noqa: BLE001
+            say(f"{p.name}: ε not recomputed ({type(e).__name__})")
     write_json(out / "status.json", {"status": "completed", "rounds": cfg.rounds, "site_epsilon": eps})
 
 

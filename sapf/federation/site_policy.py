@@ -72,7 +72,6 @@ class SiteSettings:
     delta: float | None  # None: 1/(n ln n) of the site's n
     base_models: tuple[str, ...]  # model dirs it loads besides the shipped one ("" = shipped)
     limits: SiteLimits
-    new_dataset: bool = False  # the operator confirms the data changed: start a new ledger
 
 
 def site_settings(node_config: dict, cfg: FederationConfig) -> SiteSettings:
@@ -93,8 +92,7 @@ def site_settings(node_config: dict, cfg: FederationConfig) -> SiteSettings:
     allowed = tuple(p for p in str(node_config.get("base-models", "")).split("\n") if p)
     if not deployed:
         allowed += (cfg.base_model,)
-    return SiteSettings(max_eps, delta, allowed, SiteLimits.parse(str(node_config.get("limits", ""))),
-                        bool(node_config.get("new-dataset", False)))
+    return SiteSettings(max_eps, delta, allowed, SiteLimits.parse(str(node_config.get("limits", ""))))
 
 
 def check_epsilon(cfg: FederationConfig) -> None:
@@ -120,8 +118,6 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     if cfg.epsilon > settings.max_epsilon * (1 + 1e-9):
         raise Refusal(f"refused: the plan's ε={cfg.epsilon:g} is past this site's limit ε={settings.max_epsilon:g}")
     _in("delta", cfg.delta, 0.0, 1.0)
-    if settings.delta is not None and cfg.delta and cfg.delta != settings.delta:
-        raise Refusal(f"refused: this site accounts at δ={settings.delta:g}; the plan asks δ={cfg.delta:g}")
     for name, allowed in (("accountant", ACCOUNTANTS), ("candidates", ("all", "attention")), ("optimizer", OPTIMIZERS)):
         if getattr(cfg, name) not in allowed:
             raise Refusal(f"refused: plan field {name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
@@ -143,6 +139,19 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     allowed = {str(Path(p).resolve()) for p in settings.base_models if p}
     if cfg.base_model and str(Path(cfg.base_model).resolve()) not in allowed:
         raise Refusal("refused: the plan names a base model this site does not allow (sapf join --base-model)")
+
+
+def site_delta(cfg: FederationConfig, settings: SiteSettings, n: int, deployed: bool) -> float:
+    """The δ the site accounts at: its own (`sapf join --delta`), else 1/(n ln n) of its n — never one the
+    server picks for a deployed site (in simulation the plan's δ is the user's own). A plan that names
+    another δ is refused."""
+    from sapf.engine.privacy import default_delta
+
+    own = settings.delta if settings.delta is not None else (cfg.delta or None if not deployed else None)
+    delta = own if own is not None else default_delta(n)
+    if cfg.delta and cfg.delta != delta:
+        raise Refusal(f"refused: this site accounts at δ={delta:.3g}; the plan asks δ={cfg.delta:.3g}")
+    return delta
 
 
 def check_site_plan(cfg: FederationConfig, settings: SiteSettings, n: int) -> None:
@@ -196,27 +205,48 @@ def check_incoming_weights(state: dict[str, torch.Tensor], reference: dict[str, 
                       f"{limits.max_adapter_norm:g}")
 
 
-def ensure_same_dataset(state_dir: Path, fingerprint: str, n: int, new_dataset: bool) -> None:
-    """One lifetime ledger for one dataset. The first request records the data's content hash; a
-    later request on other data is refused unless the operator confirms a new dataset, in which
-    case the old state (ledger, plans, replies) is kept aside in ``retired-<hash>/`` and a new
-    ledger starts. Call under the site's lock."""
+def ensure_same_dataset(state_dir: Path, fingerprint: str, n: int) -> None:
+    """One lifetime ledger for one dataset. The first request records the data's fingerprint; a request
+    on other data is refused (and nothing is spent). Only `sapf join --new-dataset`, before its SuperNode
+    starts, may set the ledger aside (:func:`retire_dataset`). Call under the site's lock."""
     from sapf.outputs import read_json, write_json
 
     marker = state_dir / "dataset.json"
-    if marker.exists():
-        old = read_json(marker)
-        if old.get("sha256") == fingerprint:
-            return
-        if not new_dataset:
-            print(f"[sapf site] the data (sha256 {fingerprint[:12]}, {n} examples) differs from the dataset this "
-                  f"state dir's ledger belongs to (sha256 {str(old.get('sha256'))[:12]}); refusing. Restart with "
-                  "`sapf join --new-dataset` if it is a new dataset.", flush=True)
-            raise Refusal("refused: this site's data changed since its ledger began; its operator must confirm "
-                          "a new dataset")
-        retired = state_dir / f"retired-{str(old.get('sha256'))[:12]}"
-        retired.mkdir(exist_ok=True)
-        for p in list(state_dir.iterdir()):  # the dataset's state; never the lock or `sapf join`'s runner (bin/)
-            if p.name in ("ledger.json", "dataset.json", "plans", "replies") or p.name.startswith("optimizer-"):
-                p.rename(retired / p.name)
-    write_json(marker, {"sha256": fingerprint, "examples": n})
+    if not marker.exists():
+        write_json(marker, {"sha256": fingerprint, "examples": n})
+        return
+    old = read_json(marker)
+    if old.get("sha256") != fingerprint:
+        print(f"[sapf site] the data (sha256 {fingerprint[:12]}, {n} examples) differs from the dataset this "
+              f"state dir's ledger belongs to (sha256 {str(old.get('sha256'))[:12]}); refusing. If it is a new "
+              "dataset, restart with `sapf join --new-dataset`.", flush=True)
+        raise Refusal("refused: this site's data changed since its ledger began; its operator must confirm "
+                      "a new dataset")
+
+
+DATASET_STATE = ("ledger.json", "dataset.json", "plans", "replies")  # and optimizer-*.pt
+
+
+def retire_dataset(state_dir: Path, fingerprint: str) -> Path | None:
+    """`sapf join --new-dataset`: when the state dir's ledger belongs to other data, move that dataset's
+    state (ledger, plans, replies, optimizer state) to ``retired-<its hash>/`` and return that folder. A
+    dataset that was retired before is not started afresh: that is refused (restore its folder by hand)."""
+    from sapf.outputs import read_json
+
+    marker = state_dir / "dataset.json"
+    if not marker.exists():
+        return None
+    old = str(read_json(marker).get("sha256"))
+    if old == fingerprint:
+        return None
+    if (state_dir / f"retired-{fingerprint[:12]}").exists():
+        raise SapfError(f"this data's ledger was set aside before ({state_dir / f'retired-{fingerprint[:12]}'}); "
+                        "move its files back into the state dir to continue it, never start it afresh")
+    retired = state_dir / f"retired-{old[:12]}"
+    if retired.exists():
+        raise SapfError(f"{retired} already exists; move it away first")
+    retired.mkdir()
+    for p in list(state_dir.iterdir()):  # the dataset's state; never the lock or `sapf join`'s runner (bin/)
+        if p.name in DATASET_STATE or p.name.startswith("optimizer-"):
+            p.rename(retired / p.name)
+    return retired

@@ -74,9 +74,21 @@ def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
     return Path.home() / ".sapf" / "sites" / site
 
 
-def dataset_fingerprint(data: ImageDataset) -> str:
-    """sha256 of a dataset's content as loaded (images and labels): names the dataset a ledger belongs to."""
-    h = hashlib.sha256(np.ascontiguousarray(data.images).tobytes())
+def dataset_fingerprint(data: ImageDataset, node_config: dict) -> str:
+    """Names the dataset a site's ledger belongs to. Deployed: sha256 of the data's bytes on disk (file, or
+    every file of a folder with its relative path), so no plan field — e.g. a base model of another size —
+    changes it. Simulation: sha256 of the partition as loaded."""
+    h = hashlib.sha256()
+    if "data-path" in node_config:
+        root = Path(str(node_config["data-path"]))
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            h.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+    h.update(np.ascontiguousarray(data.images).tobytes())
     h.update(np.ascontiguousarray(data.labels).tobytes())
     return h.hexdigest()
 
