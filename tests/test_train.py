@@ -25,8 +25,8 @@ def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_np
     assert r.exit_code == 0, r.output
     priv = json.loads((out / "privacy.json").read_text())
     assert set(priv) >= {"target_epsilon", "delta", "accountant", "epsilon_spent", "mechanisms"}
-    n = json.loads((out / "metrics.json").read_text())["examples"]  # the training split (about 96 of 120)
-    assert 90 <= n <= 105 and 0 < priv["epsilon_spent"] <= 10.0 and priv["delta"] < 1 / n
+    n = json.loads((out / "metrics.json").read_text())["examples"]  # the hash split keeps ~80% of 120 (sd ~4.4)
+    assert 80 <= n <= 112 and 0 < priv["epsilon_spent"] <= 10.0 and priv["delta"] < 1 / n
     names = [m["name"] for m in priv["mechanisms"]]
     assert names == (["saliency-query", "dp-sgd"] if selection == "saliency" else ["dp-sgd"])
     assert priv["mechanisms"][-1]["steps"] == 4 and priv["mechanisms"][-1]["sample_rate"] == pytest.approx(16 / n)
