@@ -177,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
     site = _setup(msg, context)
     cfg = site.cfg
     config = msg.content["config"]
-    rnd = check_round(config.get("round"), cfg.rounds)
+    check_round(config.get("round"), cfg.rounds)  # part of the request key, checked not used
     selected = check_selected(config.get("selected"), candidate_modules(site.gen.unet, cfg.candidates),
                               cfg.top_fraction)
     model = make_trainable(site.gen, "saliency", selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)

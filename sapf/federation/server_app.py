@@ -10,7 +10,6 @@ and ``sapf federate --resume RUN_DIR`` continues from it.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time

@@ -37,7 +37,7 @@ class SiteLimits:
     max_lora_alpha: float = 4_096.0
     max_clip: float = 100.0
     max_lr: float = 100.0
-    max_adapter_norm: float = 1_000.0  # L2 norm of a whole incoming adapter (the shipped model's start: ~60)
+    max_adapter_norm: float = 1_000.0  # L2 norm of a whole incoming adapter (the shipped model's start: ~42)
 
     @classmethod
     def parse(cls, text: str) -> "SiteLimits":
@@ -58,10 +58,6 @@ class SiteLimits:
                 raise SapfError(f"site limit {key} must be positive, got {value}")
             out = replace(out, **{name: v})
         return out
-
-    def to_text(self) -> str:
-        return ",".join(f"{f.name.replace('_', '-')}={getattr(self, f.name)}" for f in fields(self)
-                        if getattr(self, f.name) != f.default)
 
 
 @dataclass(frozen=True)

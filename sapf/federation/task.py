@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
