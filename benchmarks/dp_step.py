@@ -1,9 +1,10 @@
-"""Per-step time and peak memory of DP fine-tuning on the default public model (batch 64).
+"""Per-step time and peak memory of DP fine-tuning on the default public model, at the product's defaults
+(sapf.config.TrainConfig: batch, clip, learning rate, candidates, top fraction; K = 1 and 4).
 
 Each configuration runs in its own process so that peak RSS is its own. Writes
 benchmarks/results/dp_step.json and prints a markdown table.
 
-    python benchmarks/dp_step.py [--steps 4] [--batch-size 64]
+    python benchmarks/dp_step.py [--steps 5] [--batch-size N]
 """
 
 from __future__ import annotations
@@ -62,17 +63,19 @@ def _one(args) -> dict:
     name, strategy, private, selected, K, steps, batch = args
     import torch
 
+    from sapf.config import TrainConfig
     from sapf.engine.data import load_dataset
-    from sapf.engine.finetune import DPSGDConfig, dp_finetune, make_trainable
+    from sapf.engine.finetune import dp_finetune, make_trainable
     from sapf.engine.model import count_parameters, load_generator
 
     torch.set_num_threads(2)
+    cfg = TrainConfig(selection=strategy, multiplicity=K)
     gen = load_generator(None)
     data = load_dataset("mnist5k", 28, 1)
-    model = make_trainable(gen, strategy, selected)
+    model = make_trainable(gen, strategy, selected, cfg.rank, cfg.lora_alpha)
     with PeakRSS() as mem:
-        hist = dp_finetune(gen, model, data, DPSGDConfig(steps=steps, batch_size=batch, multiplicity=K),
-                           noise_multiplier=1.0 if private else 0.0, ledger=None, show_progress=False)
+        hist = dp_finetune(gen, model, data, cfg.dpsgd(steps, batch), noise_multiplier=1.0 if private else 0.0,
+                           ledger=None, show_progress=False)
     return {"config": name, "K": K, "trainable_params": count_parameters(model, trainable_only=True),
             "step_s": statistics.median(hist.step_times[1:]), "peak_mem_mb": round(mem.above_base_mb, 1)}
 
@@ -80,18 +83,23 @@ def _one(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the product's (TrainConfig)")
     a = ap.parse_args()
     from common import save, table
 
+    from sapf.config import TrainConfig
     from sapf.engine.data import load_dataset
     from sapf.engine.model import load_generator
-    from sapf.engine.saliency import SaliencyQuery, choose_matrices
+    from sapf.engine.run import load_private_data
+    from sapf.engine.saliency import choose_matrices
 
+    cfg = TrainConfig()
     gen = load_generator(None)
+    a.batch_size = a.batch_size or cfg.resolved(len(load_private_data(cfg.data, gen, cfg.holdout))).batch_size
     data = load_dataset("mnist5k", 28, 1).subset(range(0, 5000, 5))
-    sal = choose_matrices("saliency", gen, data, SaliencyQuery(), 0.3, 0.0, None, seed=0, show_progress=False).selected
-    att = choose_matrices("attention", gen, None, SaliencyQuery(), 0.3, 0.0, None, seed=0).selected
+    sal = choose_matrices("saliency", gen, data, cfg.query(), cfg.top_fraction, 0.0, None, seed=0,
+                          show_progress=False).selected
+    att = choose_matrices("attention", gen, None, cfg.query(), cfg.top_fraction, 0.0, None, seed=0).selected
     jobs = [(n, s, p, sal if s == "saliency" else att, K, a.steps, a.batch_size) for K in (1, 4) for n, s, p in CONFIGS]
     ctx = mp.get_context("spawn")
     rows = []

@@ -35,19 +35,19 @@ def bytes_per_round(selected: list[str]) -> dict:
     copy) vs the full UNet."""
     from flwr.app import ArrayRecord
 
-    from sapf.engine.finetune import lora_state, make_trainable
+    from sapf.engine.finetune import trainable_state, make_trainable
     from sapf.engine.model import load_generator
     from sapf.federation.task import to_wire
 
     gen = load_generator(None)
     model = make_trainable(gen, "saliency", selected)
-    adapter = to_wire(lora_state(model)).count_bytes()  # what a site really sends
+    adapter = to_wire(trainable_state(model)).count_bytes()  # what a site really sends
     full = ArrayRecord(torch_state_dict=gen.unet.state_dict()).count_bytes()
     return {"adapter_bytes": adapter, "full_model_bytes": full, "ratio": adapter / full}
 
 
 def main() -> None:
-    from sapf.federation.plan import FederationConfig
+    from sapf.config import FederationConfig
 
     d = FederationConfig()
     ap = argparse.ArgumentParser()
@@ -66,7 +66,7 @@ def main() -> None:
 
     total_steps = a.clients * a.rounds * a.local_steps
     same = ["--batch-size", str(a.batch_size), "--multiplicity", str(d.multiplicity), "--candidates", d.candidates,
-            "--clip", str(d.clip), "--lr", str(d.lr)]
+            "--clip", str(d.clip), "--lr", str(d.learning_rate())]
     if a.keep:
         a.keep.mkdir(parents=True, exist_ok=True)
     with (contextlib.nullcontext(str(a.keep)) if a.keep else tempfile.TemporaryDirectory()) as tmp:

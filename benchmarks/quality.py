@@ -81,7 +81,8 @@ def outputs(profile: str) -> Outputs:
 def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     from sapf.engine.evaluate import evaluate
     from sapf.engine.model import count_parameters, load_generator
-    from sapf.engine.run import TrainConfig, train
+    from sapf.config import TrainConfig
+    from sapf.engine.run import train
     from sapf.engine.sampling import sample
     from sapf.outputs import write_samples
 

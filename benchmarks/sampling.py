@@ -43,7 +43,7 @@ def main() -> None:
     import torch
 
     from common import save, table
-    from sapf.engine.model import Generator, build_scheduler, build_unet, default_model_dir, load_generator, save_generator
+    from sapf.engine.model import DiffusionModel, build_scheduler, build_unet, default_model_dir, load_generator, save_generator
     from sapf.engine.sampling import sample
     from sapf.export.onnx_export import _parity_inputs, export_onnx, onnx_predictions, prediction_error, torch_predictions
     from sapf.errors import SapfError
@@ -56,7 +56,7 @@ def main() -> None:
         src = default_model_dir()
     else:
         torch.manual_seed(0)
-        gen, model_note = Generator(build_unet(), build_scheduler()), "random-weight build_unet() (no shipped model yet)"
+        gen, model_note = DiffusionModel(build_unet(), build_scheduler()), "random-weight build_unet() (no shipped model yet)"
         src = tmp / "model"
         save_generator(gen, src)
         gen = load_generator(src)

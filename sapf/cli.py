@@ -13,9 +13,9 @@ from typing import Optional
 
 import typer
 
+from sapf.config import ConfigError, FederationConfig, MethodConfig, TrainConfig
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
 from sapf.errors import SapfError
-from sapf.federation.plan import FederationConfig as _F
 from sapf.sampling_inputs import DEFAULT_ETA
 
 app = typer.Typer(
@@ -36,7 +36,7 @@ def command(*args, **kwargs):
             try:
                 return fn(*a, **kw)
             except SapfError as e:
-                typer.echo(f"sapf: error: {e}", err=True)
+                typer.echo(f"sapf: error: {e.as_flag() if isinstance(e, ConfigError) else e}", err=True)
                 raise typer.Exit(2)
             except KeyboardInterrupt:
                 typer.echo("sapf: interrupted; nothing partial was left in --out", err=True)
@@ -67,7 +67,8 @@ def pretrain(
     """Train a public class-conditional generator non-privately (public data only)."""
     from sapf.engine.data import load_dataset
     from sapf.engine.model import save_generator
-    from sapf.engine.pretrain import PretrainConfig, pretrain as run_pretrain
+    from sapf.engine.pretrain import PretrainConfig
+    from sapf.engine.pretrain import pretrain as run_pretrain
     from sapf.engine.sampling import sample
     from sapf.outputs import atomic_output_dir, check_output_dir, write_json, write_samples
     from sapf.plots import plot_curve
@@ -166,151 +167,136 @@ def _epsilon(value: str) -> float:
     return eps
 
 
-_BASE_HELP = "Public base model dir (default: the shipped public model)."
+def _config(cls, values: dict, **overrides):
+    """The command's config: its options named like the config's fields, then `overrides` (each default lives
+    in the config class; the options below only read it)."""
+    from sapf.config import from_values
+
+    values = {**values, "epsilon": _epsilon(values["epsilon"]),
+              "base_model": str(values["base_model"]) if values.get("base_model") else None}
+    return from_values(cls, values, **overrides)
+
+
+def _eps_text(value: float) -> str:
+    return f"{value:g}"
+
+
+# Options shared by `train`, `select`, `federate` and `serve`: one definition each, defaults from sapf.config.
+_M = MethodConfig
+_DATA = typer.Option(_M.data, help="Private data: mnist5k, an image folder (one sub-folder per class) or an .npz.")
+_BASE = typer.Option(None, "--base-model", help="Public base model dir, present at every site (default: the shipped public model).")
+_DELTA = typer.Option(None, help="Target δ (default 1/(N ln N) of the data holder's N).")
+_SELECTION = typer.Option(_M.selection, help="saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM).")
+_CANDIDATES = typer.Option(_M.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
+_TOP = typer.Option(_M.top_fraction, help="Share of candidate matrices to fine-tune (saliency, random).")
+_SEL_BUDGET = typer.Option(_M.selection_budget, help="Share of ε given to the saliency query.")
+_MULTIPLICITY = typer.Option(_M.multiplicity, help="Noise/timestep replicas per record (averaged before clipping).")
+_CLIP = typer.Option(_M.clip, help="Per-record clipping norm C of DP-SGD (LoRA per-record norms start near 0.03).")
+_OPTIMIZER = typer.Option(_M.optimizer, help="adam (AdamW) or sgd (momentum 0.9).")
+_LR = typer.Option(None, help=f"Learning rate (Adam: {LORA_LR:g} for LoRA, {FULL_LR:g} for full; SGD: {SGD_LORA_LR:g} for LoRA).")
+_RANK = typer.Option(_M.rank, help="LoRA rank.")
+_ALPHA = typer.Option(_M.lora_alpha, help="LoRA alpha.")
+_HOLDOUT = typer.Option(_M.holdout, help="Share of the data kept out of training for evaluation (0: none).")
+_ACCOUNTANT = typer.Option(_M.accountant, help="rdp or prv (Opacus).")
+_SEED = typer.Option(_M.seed, help="Seed of public randomness only (initialisation, random selection, partitions, sample grids); DP noise and batches are always fresh.")
+_FORCE = typer.Option(False, help="Replace an existing --out.")
 
 
 @command()
 def train(
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
-    data: str = typer.Option("mnist5k", help="Private data: mnist5k, an image folder (one sub-folder per class) or an .npz."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_HELP),
-    epsilon: str = typer.Option("10", help="Target ε for the whole run (inf: non-private upper bound)."),
-    delta: Optional[float] = typer.Option(None, help="Target δ (default 1/(N ln N))."),
-    selection: str = typer.Option("saliency", help="saliency (DP-SAPF) | attention | random | full."),
-    top_fraction: float = typer.Option(0.3, help="Share of candidate matrices to fine-tune (saliency, random)."),
-    candidates: str = typer.Option("all", help="Candidate matrices: all Linear/Conv2d, or attention projections."),
-    selection_budget: float = typer.Option(0.1, help="Share of ε given to the saliency query."),
+    data: str = _DATA, base_model: Optional[Path] = _BASE,
+    epsilon: str = typer.Option(_eps_text(TrainConfig.epsilon), help="Target ε for the whole run (inf: non-private upper bound)."),
+    delta: Optional[float] = _DELTA, selection: str = _SELECTION, top_fraction: float = _TOP,
+    candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET,
     steps: Optional[int] = typer.Option(None, help=f"DP-SGD steps (default {TRAIN_STEPS})."),
     epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),
     batch_size: Optional[int] = typer.Option(None, help=f"Expected (Poisson) batch size (default {TRAIN_BATCH_SIZE}, or a quarter of a smaller dataset)."),
-    multiplicity: int = typer.Option(1, help="Noise/timestep replicas per example (averaged before clipping)."),
-    clip: float = typer.Option(0.05, help="Per-example clipping norm C (LoRA per-example norms are ~0.03)."),
-    lr: Optional[float] = typer.Option(None, help=f"Learning rate (Adam: {LORA_LR:g} for LoRA, {FULL_LR:g} for full; SGD: {SGD_LORA_LR:g} for LoRA)."),
-    optimizer: str = typer.Option("adam", help="adam (AdamW) or sgd (momentum 0.9)."),
-    rank: int = typer.Option(8, help="LoRA rank."),
-    lora_alpha: int = typer.Option(8, help="LoRA alpha."),
-    ema_decay: float = typer.Option(0.0, help="EMA of the trained weights (0: off)."),
-    holdout: float = typer.Option(0.2, help="Share of the data kept out of training for evaluation (0: none)."),
-    accountant: str = typer.Option("rdp", help="rdp or prv."),
-    seed: int = typer.Option(0, help="Seed of public randomness only (LoRA initialisation, random selection, the sample grid); DP noise and batches are always fresh."),
-    force: bool = typer.Option(False, help="Replace an existing --out."),
+    multiplicity: int = _MULTIPLICITY, clip: float = _CLIP, lr: Optional[float] = _LR, optimizer: str = _OPTIMIZER,
+    rank: int = _RANK, lora_alpha: int = _ALPHA,
+    ema_decay: float = typer.Option(TrainConfig.ema_decay, help="EMA of the trained weights (0: off)."),
+    holdout: float = _HOLDOUT, accountant: str = _ACCOUNTANT, seed: int = _SEED, force: bool = _FORCE,
 ):
     """Fine-tune the public generator on private data under (ε, δ)-DP."""
-    from sapf.engine.run import TrainConfig, train as run_train
+    from sapf.engine.run import train as run_train
 
-    eps = _epsilon(epsilon)
-    cfg = TrainConfig(
-        data=data, base_model=str(base_model) if base_model else None, holdout=holdout, epsilon=eps, delta=delta,
-        accountant=accountant, selection=selection, candidates=candidates, top_fraction=top_fraction,
-        selection_budget=selection_budget, steps=steps, epochs=epochs, batch_size=batch_size, multiplicity=multiplicity,
-        clip=clip, lr=lr, rank=rank, lora_alpha=lora_alpha, ema_decay=ema_decay, seed=seed, optimizer=optimizer,
-    )
-    if not math.isfinite(eps):
+    cfg = _config(TrainConfig, locals())
+    if not math.isfinite(cfg.epsilon):
         _say("ε = inf: training WITHOUT differential privacy (the non-private upper bound)")
     s = run_train(cfg, out, force)
     _say(
         f"wrote {out}: {s['trainable_parameters']:,} trainable parameters, {s['steps']} steps, "
-        f"ε spent {s['epsilon_spent']:.3f}; grid: {out}/grid.png; sample: sapf sample --model {out} --num 64 --out OUT"
+        f"ε spent {s['epsilon_spent']:.3f}; model card: {out}/README.md; grid: {out}/grid.png; "
+        f"sample: sapf sample --model {out} --num 64 --out OUT"
     )
 
 
 @command()
 def select(
     out: Path = typer.Option(..., "--out", help="Directory for selection.json and privacy.json."),
-    data: str = typer.Option("mnist5k", help="Private data: mnist5k, an image folder or an .npz."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help=_BASE_HELP),
+    data: str = _DATA, base_model: Optional[Path] = _BASE,
     epsilon: str = typer.Option("1", help="ε spent on the query alone."),
-    delta: Optional[float] = typer.Option(None, help="Target δ (default 1/(N ln N))."),
-    top_fraction: float = typer.Option(0.3),
-    candidates: str = typer.Option("all", help="Candidate matrices: all Linear/Conv2d, or attention projections."),
-    score: str = typer.Option("sqnorm", help="sqnorm (Σ‖ĝ‖², sensitivity C²) or norm (Σ‖ĝ‖, sensitivity C)."),
-    clip: float = typer.Option(1e-2, help="Clipping norm C of the per-example gradient over all candidates."),
-    sample_rate: float = typer.Option(1.0, help="Poisson sample rate of the query."),
-    holdout: float = typer.Option(0.2),
-    accountant: str = typer.Option("rdp"),
-    force: bool = typer.Option(False),
+    delta: Optional[float] = _DELTA, top_fraction: float = _TOP, candidates: str = _CANDIDATES,
+    score: str = typer.Option(_M.score, help="sqnorm (Σ‖ĝ‖², sensitivity C²) or norm (Σ‖ĝ‖, sensitivity C)."),
+    clip: float = typer.Option(_M.selection_clip, help="Clipping norm C of a record's gradient over all candidates."),
+    sample_rate: float = typer.Option(_M.selection_sample_rate, help="Poisson sample rate of the query."),
+    holdout: float = _HOLDOUT, accountant: str = _ACCOUNTANT, force: bool = _FORCE,
 ):
     """Run the noisy saliency query alone and write selection.json."""
-    from sapf.engine.run import TrainConfig, select_only
+    from sapf.engine.run import select_only
 
-    cfg = TrainConfig(data=data, base_model=str(base_model) if base_model else None, holdout=holdout,
-                      epsilon=_epsilon(epsilon), delta=delta, accountant=accountant, top_fraction=top_fraction,
-                      candidates=candidates, score=score, selection_clip=clip, selection_sample_rate=sample_rate)
+    cfg = _config(TrainConfig, locals(), clip=_M.clip, selection_clip=clip, selection_sample_rate=sample_rate)
     sel = select_only(cfg, out, force)
     _say(f"selected {len(sel.selected)} of {len(sel.candidates)} matrices; wrote {out}/selection.json")
 
 
-# The plan of a federated run, shared by `federate` (simulation) and `serve` (deployment);
-# the defaults are FederationConfig's, so there is one place to change them.
+# The plan of a federated run, shared by `federate` (simulation) and `serve` (deployment).
+_F = FederationConfig
 _ROUNDS = typer.Option(_F.rounds, help="Training rounds.")
 _LOCAL_STEPS = typer.Option(None, "--local-steps", help=f"DP-SGD steps per site per round (default {_F.local_steps}).")
 _LOCAL_EPOCHS = typer.Option(None, "--local-epochs", help="Alternatively, epochs of a site's data per round.")
-_EPSILON = typer.Option(str(_F.epsilon).rstrip("0").rstrip("."), help="Target ε per site for the whole run.")
-_DELTA = typer.Option(None, help="δ (default: 1/(n ln n) of each site's n).")
+_FED_EPSILON = typer.Option(_eps_text(_F.epsilon), help="Target ε per site for the whole run.")
 _BATCH = typer.Option(_F.batch_size, help="Expected (Poisson) batch size per site.")
-_MULTIPLICITY = typer.Option(_F.multiplicity, help="Replicas per example (averaged before clipping).")
-_TOP = typer.Option(_F.top_fraction, help="Share of candidate matrices to fine-tune.")
-_CANDIDATES = typer.Option(_F.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
-_CLIP = typer.Option(_F.clip, help="Per-example clipping norm C of local DP-SGD.")
-_OPTIMIZER = typer.Option(_F.optimizer, help="Optimizer of local DP-SGD: adam (AdamW) or sgd (momentum 0.9).")
 _KEEP_OPT = typer.Option(_F.keep_optimizer_state, "--keep-optimizer-state/--fresh-optimizer",
                          help="A site carries its optimizer's state (its own, never sent) from round to round.")
 _FREEZE_A = typer.Option(_F.freeze_lora_a, "--freeze-lora-a/--train-lora-a",
                          help="FFA-LoRA: keep every LoRA A at its shared random start and train B only.")
-_RANK = typer.Option(_F.rank, help="LoRA rank.")
-_LR = typer.Option(None, help=f"Learning rate of local DP-SGD (default: {LORA_LR:g} for adam, {SGD_LORA_LR:g} for sgd).")
-_BASE = typer.Option(None, "--base-model", help="Base generator dir, present at every site (default: the shipped public model).")
-_SEED = typer.Option(0, help="Seed of public randomness only (initial adapter, partition, sample grids); DP noise is always fresh.")
+_RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (its saved plan).")
 
 
-def _plan(out: Path, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-          candidates, clip, optimizer, lr, base_model, seed, **extra):
-    from sapf.federation.plan import DEFAULT_LR
-
-    if optimizer not in DEFAULT_LR:
-        raise SapfError(f"unknown --optimizer '{optimizer}' ({', '.join(DEFAULT_LR)})")
-    if local_steps is not None and local_epochs is not None:
+def _federation_config(values: dict, **overrides) -> FederationConfig:
+    if values["local_epochs"] is not None and values["local_steps"] is not None:
         raise SapfError("give --local-steps or --local-epochs, not both")
-    if local_epochs is not None and not local_epochs > 0:
-        raise SapfError(f"--local-epochs must be positive, got {local_epochs}")
-    return _F(
-        base_model=str(base_model) if base_model else "", epsilon=_epsilon(epsilon), delta=delta or 0.0,
-        rounds=rounds, local_steps=local_steps if local_steps is not None else _F.local_steps,
-        local_epochs=local_epochs or 0.0, batch_size=batch_size, multiplicity=multiplicity, top_fraction=top_fraction,
-        candidates=candidates, clip=clip, optimizer=optimizer, lr=DEFAULT_LR[optimizer] if lr is None else lr, seed=seed,
-        out=str(out), **extra)
+    given = {k: v for k, v in values.items() if not (k == "local_steps" and v is None)}
+    return _config(FederationConfig, {**given, "out": str(values["out"])}, num_sites=values["clients"], **overrides)
 
 
 @command()
 def federate(
     out: Path = typer.Option(Path("runs/federate"), "--out", help="Run directory."),
-    clients: int = typer.Option(4, "--clients", help="Number of simulated sites."),
-    data: str = typer.Option("mnist5k", help="Dataset the sites' partitions come from."),
-    partition: str = typer.Option("iid", help="iid or dirichlet (label skew)."),
-    alpha: float = typer.Option(0.5, help="Dirichlet concentration."),
+    clients: int = typer.Option(_F.num_sites, "--clients", help="Number of simulated sites."),
+    data: str = typer.Option(_F.data, help="Dataset the sites' partitions come from."),
+    partition: str = typer.Option(_F.partition, help="iid or dirichlet (label skew)."),
+    alpha: float = typer.Option(_F.alpha, help="Dirichlet concentration."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
-    epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
-    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
-    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
-    min_clients: int = typer.Option(2, help="Fewest valid replies a round may go on with."),
-    base_model: Optional[Path] = _BASE, seed: int = _SEED,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    force: bool = typer.Option(False, help="Replace an existing --out."),
+    epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, selection: str = _SELECTION,
+    batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
+    candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
+    keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
+    min_clients: int = typer.Option(_F.min_clients, help="Fewest valid replies a round may go on with."),
+    base_model: Optional[Path] = _BASE, seed: int = _SEED, resume: bool = _RESUME, force: bool = _FORCE,
 ):
-    """Fine-tune the public generator across simulated sites with Flower (DP-SAPF)."""
+    """Fine-tune the public generator across simulated sites with Flower (DP-SAPF by default)."""
     from sapf.federation.simulation import federate as run_federate
 
-    cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-                candidates, clip, optimizer, lr, base_model, seed, data=data, partition=partition, alpha=alpha,
-                num_sites=clients, min_clients=min(min_clients, clients), keep_optimizer_state=keep_optimizer_state,
-                freeze_lora_a=freeze_lora_a, rank=rank)
+    cfg = _federation_config(locals(), min_clients=min(min_clients, clients))
     _done(out, run_federate(cfg, force=force, resume=resume))
 
 
 def _done(out: Path, status: dict) -> None:
     eps = ", ".join(f"{k} ε={v:.2f}" for k, v in sorted(status["site_epsilon"].items()))
-    _say(f"done. outputs in {out}/: model/ (diffusers), adapter/ (peft), model.onnx, grid.png, comparison.png "
-         f"(public | federated), privacy/ ({eps})")
+    _say(f"done. outputs in {out}/: README.md (model card), model/ (diffusers pipeline), adapter/ (peft), model.onnx, "
+         f"grid.png, comparison.png (public | federated), privacy/ ({eps})")
     _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
 
 
@@ -325,7 +311,7 @@ def _exit_on_sigterm() -> None:
 @command()
 def serve(
     out: Path = typer.Option(Path("runs/serve"), "--out", help="Run directory (on this, the server's, machine)."),
-    sites: int = typer.Option(..., "--sites", help="Sites to wait for before the run starts."),
+    clients: int = typer.Option(..., "--clients", help="Sites to wait for before the run starts."),
     host: str = typer.Option("0.0.0.0", help="Address the sites dial (the Fleet gate; the SuperLink itself listens on 127.0.0.1)."),
     port: int = typer.Option(9092, help="Port the sites dial: the Fleet API only."),
     certs: Optional[Path] = typer.Option(None, "--certs", help="Directory from `sapf certs` (ca.crt, server.pem, server.key)."),
@@ -333,18 +319,18 @@ def serve(
     supernode_key: list[Path] = typer.Option([], "--supernode-key", help="A site's public key (repeat): only these nodes may join."),
     open_enrollment: bool = typer.Option(False, "--open-enrollment", help="Under TLS, let any node that holds ca.crt join (no site keys)."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
-    epsilon: str = _EPSILON, delta: Optional[float] = _DELTA, batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY,
-    top_fraction: float = _TOP, candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER,
-    lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
+    epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, selection: str = _SELECTION,
+    batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
+    candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
+    keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: Optional[int] = typer.Option(None, help="Fewest valid replies a round may go on with (default: all sites)."),
-    base_model: Optional[Path] = _BASE, seed: int = _SEED,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (its saved plan)."),
-    force: bool = typer.Option(False, help="Replace an existing --out."),
+    base_model: Optional[Path] = _BASE, seed: int = _SEED, resume: bool = _RESUME, force: bool = _FORCE,
 ):
     """Start a SuperLink, run DP-SAPF across the sites that `sapf join` it, and write the run dir."""
     import shutil
 
-    from sapf.federation.deployment import Tls, serve as run_serve
+    from sapf.federation.deployment import Tls
+    from sapf.federation.deployment import serve as run_serve
     from sapf.federation.simulation import prepare_run_dir
 
     if insecure and supernode_key:
@@ -355,15 +341,13 @@ def serve(
     tls = Tls.from_dir(certs, insecure, server=True)
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
-    cfg = _plan(out, rounds, local_steps, local_epochs, epsilon, delta, batch_size, multiplicity, top_fraction,
-                candidates, clip, optimizer, lr, base_model, seed, num_sites=sites, min_clients=min_clients or sites,
-                keep_optimizer_state=keep_optimizer_state, freeze_lora_a=freeze_lora_a, rank=rank)
+    cfg = _federation_config(locals(), min_clients=min_clients or clients)
     cfg = prepare_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
                                                              "supernode_auth": bool(supernode_key)})
     shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)
     ready = (f"SuperLink up on {host}:{port} ({'insecure' if insecure else 'TLS'}); waiting for {cfg.num_sites} sites: "
-             f"sapf join --superlink HOST:{port} --data PATH" + (" --insecure" if insecure else " --ca ca.crt")
-             + (" --auth-key KEY" if supernode_key else ""))
+             f"sapf join --superlink HOST:{port} --data PATH --max-epsilon EPS"
+             + (" --insecure" if insecure else " --ca ca.crt") + (" --auth-key KEY" if supernode_key else ""))
     _exit_on_sigterm()
     status = run_serve(cfg, host, port, tls, list(supernode_key), on_ready=lambda: _say(ready),
                        on_round=lambda r: _say(f"round {r}/{cfg.rounds} done"))
@@ -389,7 +373,8 @@ def join(
     """Join a federation as one site: start a Flower SuperNode that trains on --data locally."""
     import hashlib
 
-    from sapf.federation.deployment import SiteConfig, Tls, check_site, join as run_join
+    from sapf.federation.deployment import SiteConfig, Tls, check_site
+    from sapf.federation.deployment import join as run_join
 
     tls = Tls.for_site(ca, insecure)
     if not data.exists():

@@ -15,10 +15,10 @@ TINY = dict(image_size=16, channels=1, num_classes=10, block_out_channels=(8, 16
 
 
 def tiny_generator(seed: int = 0):
-    from sapf.engine.model import Generator, build_scheduler, build_unet
+    from sapf.engine.model import DiffusionModel, build_scheduler, build_unet
 
     torch.manual_seed(seed)
-    return Generator(build_unet(**TINY), build_scheduler())
+    return DiffusionModel(build_unet(**TINY), build_scheduler())
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, 
     port = _free_port()
     before = _flower_processes()
     out = tmp_path / "run"
-    serve = _start(SAPF + ["serve", "--sites", "2", "--port", str(port), "--host", "127.0.0.1", "--rounds", "2",
+    serve = _start(SAPF + ["serve", "--clients", "2", "--port", str(port), "--host", "127.0.0.1", "--rounds", "2",
                            "--local-steps", "2", "--batch-size", "8", "--multiplicity", "1",
                            "--base-model", str(tiny_model_dir), "--out", str(out), *server_flags], tmp_path / "serve.log")
     sites = []
@@ -142,6 +142,7 @@ def _only_the_fleet_api_faces_the_sites(port: int) -> None:
         assert r.status_code == 404 and b"sapf fleet gate" in r.content, path
 
 
+@pytest.mark.slow
 def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
     out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure"], lambda i: ["--insecure"],
                       while_up=_only_the_fleet_api_faces_the_sites)
@@ -149,6 +150,7 @@ def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
     assert "http://127.0.0.1" in (out / "superlink" / "superlink.log").read_text()
 
 
+@pytest.mark.slow
 def test_serve_and_join_with_tls_and_supernode_auth(tmp_path, tiny_model_dir, site_files):
     certs = tmp_path / "certs"
     res = subprocess.run(SAPF + ["certs", "--out", str(certs), "--host", "127.0.0.1", "--site", "a", "--site", "b",
@@ -186,14 +188,14 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
          "--max-epsilon"),
         (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "5",
           "--limit", "max-rank=lots"], "max-rank"),
-        (["serve", "--sites", "2", "--open-enrollment", "--out", str(tmp_path / "r")], "TLS is on by default"),
-        (["serve", "--sites", "2", "--insecure", "--certs", str(tmp_path), "--out", str(tmp_path / "r")], "exclude"),
-        (["serve", "--sites", "2", "--certs", str(tmp_path / "c0"), "--out", str(tmp_path / "r")], "--open-enrollment"),
-        (["serve", "--sites", "2", "--insecure", "--supernode-key", str(tmp_path / "k.pub"), "--out", str(tmp_path / "r")],
+        (["serve", "--clients", "2", "--open-enrollment", "--out", str(tmp_path / "r")], "TLS is on by default"),
+        (["serve", "--clients", "2", "--insecure", "--certs", str(tmp_path), "--out", str(tmp_path / "r")], "exclude"),
+        (["serve", "--clients", "2", "--certs", str(tmp_path / "c0"), "--out", str(tmp_path / "r")], "--open-enrollment"),
+        (["serve", "--clients", "2", "--insecure", "--supernode-key", str(tmp_path / "k.pub"), "--out", str(tmp_path / "r")],
          "needs TLS"),
         (["certs", "--out", str(tmp_path / "c"), "--host", "127.0.0.1", "--days", "0"], "--days"),
-        (["serve", "--sites", "2", "--insecure", "--resume", "--out", str(tmp_path / "r")], "no checkpoint"),
-        (["serve", "--sites", "2", "--insecure", "--optimizer", "lbfgs", "--out", str(tmp_path / "r")], "--optimizer"),
+        (["serve", "--clients", "2", "--insecure", "--resume", "--out", str(tmp_path / "r")], "no checkpoint"),
+        (["serve", "--clients", "2", "--insecure", "--optimizer", "lbfgs", "--out", str(tmp_path / "r")], "--optimizer"),
         (["federate", "--clients", "2", "--optimizer", "lbfgs", "--out", str(tmp_path / "f")], "--optimizer"),
     ]
     for args, expected in cases:
@@ -229,12 +231,13 @@ def test_certs_chain_and_keys_are_what_flower_reads(tmp_path):
         make_certificates(tmp_path, ["x"])  # never overwrites without force
 
 
+@pytest.mark.slow
 def test_serve_exits_nonzero_when_the_server_app_fails(tmp_path):
     """Flower calls a run whose ServerApp raised "finished"; `sapf serve` must still fail."""
     before = _flower_processes()
     empty = tmp_path / "not-a-model"
     empty.mkdir()
-    res = subprocess.run(SAPF + ["serve", "--sites", "1", "--insecure", "--host", "127.0.0.1", "--port", str(_free_port()),
+    res = subprocess.run(SAPF + ["serve", "--clients", "1", "--insecure", "--host", "127.0.0.1", "--port", str(_free_port()),
                                 "--base-model", str(empty), "--out", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
@@ -244,6 +247,7 @@ def test_serve_exits_nonzero_when_the_server_app_fails(tmp_path):
     assert _flower_processes() - before == set()
 
 
+@pytest.mark.slow
 def test_join_gives_up_after_wait(tmp_path, site_files):
     # Nothing listens on port 1: Flower's SuperNode would retry for ever; `sapf join` ends after --wait.
     t0 = time.time()
@@ -289,6 +293,7 @@ def query(msg, context):
 '''
 
 
+@pytest.mark.slow
 def test_a_site_refuses_an_app_bundle_that_carries_code(tmp_path, site_files):
     from sapf.federation.deployment import Tls, superlink_command, write_flower_home
 

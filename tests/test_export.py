@@ -212,10 +212,10 @@ def test_cuda_without_cuda(exported, tmp_path):
 
 
 def test_unconditional_model(tmp_path):
-    from sapf.engine.model import Generator, build_scheduler, build_unet, save_generator
+    from sapf.engine.model import DiffusionModel, build_scheduler, build_unet, save_generator
 
     torch.manual_seed(0)
-    save_generator(Generator(build_unet(16, 1, 0, (8, 16), 1, 8, 4), build_scheduler()), tmp_path / "m")
+    save_generator(DiffusionModel(build_unet(16, 1, 0, (8, 16), 1, 8, 4), build_scheduler()), tmp_path / "m")
     meta = onnx_export.export_onnx(tmp_path / "m", tmp_path / "u.onnx")
     assert meta["num_classes"] == 0 and meta["inputs"] == ["sample", "timestep"] and meta["parity_max_abs_diff"] <= 1e-4
     s = OnnxSampler(tmp_path / "u.onnx")

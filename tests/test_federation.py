@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from sapf.engine.finetune import lora_state, make_trainable
+from sapf.engine.finetune import trainable_state, make_trainable
 from sapf.engine.model import load_generator
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.saliency import candidate_modules
@@ -74,7 +74,7 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
 
     gen = load_generator(tiny_model_dir)
     selected = names[:3]
-    state = lora_state(make_trainable(gen, "saliency", selected))
+    state = trainable_state(make_trainable(gen, "saliency", selected))
     t = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": selected, "round": 1}),
                             "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
     reply = site.app(t, _ctx(node))
@@ -123,13 +123,44 @@ def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_n
     full.save(ledger_path)
     before = ledger_path.read_text()
     names = candidate_modules(load_generator(tiny_model_dir).unet)[:2]
-    state = lora_state(make_trainable(load_generator(tiny_model_dir), "saliency", names))
+    state = trainable_state(make_trainable(load_generator(tiny_model_dir), "saliency", names))
     node["max-epsilon"] = full.epsilon() + 0.01
     t = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": 1}),
                             "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
     reply = site.app(t, _ctx(node))
     assert reply.has_error() and "past its limit" in reply.error.reason
     assert ledger_path.read_text() == before
+
+
+@pytest.mark.parametrize("selection", ["attention", "full"])
+def test_a_site_makes_a_public_selection_itself(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity, selection):
+    """DP-LoRA on all attention and full DP fine-tuning federate too: no query round, and the site chooses
+    the public matrices itself; full fine-tuning puts every weight on the wire."""
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run", selection=selection, local_steps=1)
+    node = {"partition-id": 0, "num-partitions": 2}
+    gen = load_generator(tiny_model_dir)
+    q = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type="query.saliency")
+    reply = site.app(q, _ctx(node))
+    assert reply.has_error() and "no saliency query" in reply.error.reason
+    expected = candidate_modules(gen.unet, "attention") if selection == "attention" else []
+    state = trainable_state(make_trainable(gen, selection, expected))
+    if selection == "full":
+        assert set(state) == {k for k, _ in gen.unet.named_parameters()}
+
+    def ask(**extra):
+        config = ConfigRecord({**cfg.to_record(), "round": 1, **extra})
+        msg = Message(RecordDict({"config": config, "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1,
+                      message_type="train")
+        return site.app(msg, _ctx(node))
+
+    refused = ask(selected=candidate_modules(gen.unet, "all")[:2])  # a server may not choose for a public strategy
+    assert refused.has_error() and "selects its matrices publicly" in refused.error.reason
+    reply = ask()
+    _check_only_dp_outputs_and_scalars(reply, set(state))
+    update = from_wire(reply.content["adapter"])
+    assert validate_update(update, state) is None and any(not torch.equal(update[k], state[k]) for k in state)
+    ledger = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    assert [m.name for m in ledger.mechanisms] == ["dp-sgd"]  # all of ε went to DP-SGD
 
 
 def test_validation_and_bounded_combination(flower_identity):
@@ -171,6 +202,7 @@ def test_validation_and_bounded_combination(flower_identity):
         assert report is None and why
 
 
+@pytest.mark.slow
 def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz):
     out = tmp_path / "fed"
     status = federate(_cfg(tiny_model_dir, mnist_small_npz, out))
@@ -233,6 +265,7 @@ def _faulty_app(flags: Path) -> ClientApp:
     return app
 
 
+@pytest.mark.slow
 def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatch, capfd):
     flags = tmp_path / "flags"
     flags.mkdir()
@@ -287,14 +320,14 @@ def test_pyproject_declares_the_flower_app():
 def test_plan_defaults_and_local_epochs(tmp_path):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    from sapf.engine.finetune import OPTIMIZERS
-    from sapf.engine.run import DEFAULT_HOLDOUT
-    from sapf.federation.plan import DEFAULT_LR
+    from sapf.config import TrainConfig
     from sapf.federation.deployment import write_app
 
-    assert FederationConfig().holdout == DEFAULT_HOLDOUT  # sites train on the split `sapf evaluate` holds out
-    assert FederationConfig().lr == DEFAULT_LR[FederationConfig().optimizer]
-    assert tuple(DEFAULT_LR) == OPTIMIZERS
+    # One declaration: the method settings of a federated run are those of a central one.
+    shared = {f for f in FederationConfig.__dataclass_fields__} & {f for f in TrainConfig.__dataclass_fields__}
+    assert {f: getattr(FederationConfig(), f) for f in shared if f != "batch_size"} == \
+        {f: getattr(TrainConfig(), f) for f in shared if f != "batch_size"}
+    assert FederationConfig().learning_rate() == TrainConfig().learning_rate()
     cfg = FederationConfig(local_epochs=0.5, batch_size=32)
     assert cfg.local_steps_for(1000) == 16 and cfg.local_steps_for(10) == 1
     assert FederationConfig(local_steps=7).local_steps_for(1000) == 7
@@ -304,6 +337,7 @@ def test_plan_defaults_and_local_epochs(tmp_path):
     app = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     back = FederationConfig.from_record({k.replace("-", "_"): v for k, v in app["config"].items()})
     assert back == FederationConfig(rounds=3, out="/srv/run")
+    assert "lr" not in app["config"] and back.lr is None  # "unset" is left out of the record, and reads back unset
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -314,7 +348,7 @@ def test_site_trains_with_the_planned_optimizer(tmp_path, tiny_model_dir, mnist_
     cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run", local_steps=1, optimizer=optimizer, lr=lr)
     gen = load_generator(tiny_model_dir)
     names = candidate_modules(gen.unet, cfg.candidates)[:3]
-    state = lora_state(make_trainable(gen, "saliency", names))
+    state = trainable_state(make_trainable(gen, "saliency", names))
     msg = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": 1}),
                               "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
     reply = site.app(msg, _ctx({"partition-id": 0, "num-partitions": 2}))
@@ -336,7 +370,7 @@ def test_ffa_lora_site_keeps_a_and_trains_b(tmp_path, tiny_model_dir, mnist_smal
     model = make_trainable(gen, "saliency", names, freeze_lora_a=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
-    state = lora_state(model)
+    state = trainable_state(model)
     msg = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": 1}),
                               "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1, message_type="train")
     reply = site.app(msg, _ctx({"partition-id": 0, "num-partitions": 2}))

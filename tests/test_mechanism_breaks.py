@@ -22,12 +22,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from conftest import tiny_generator
 from sapf.engine import finetune
 from sapf.engine.data import load_dataset
-from sapf.engine.finetune import DPSGDConfig, dp_finetune, lora_state, make_trainable
+from sapf.engine.finetune import DPSGDConfig, dp_finetune, trainable_state, make_trainable
 from sapf.engine.model import load_generator
 from sapf.engine.privacy import Mechanism, PrivacyLedger
 from sapf.engine.saliency import SaliencyQuery, candidate_modules, noisy_saliency_scores
 from sapf.federation import client_app as site_app
-from sapf.federation.plan import FederationConfig
+from sapf.config import FederationConfig
 from sapf.federation.site_policy import Refusal, check_noise
 
 
@@ -123,7 +123,8 @@ def test_saliency_query_noise_has_the_planned_std_and_records_its_sample_rate(di
 
 def test_two_central_selects_at_different_epsilon_do_not_share_noise(tmp_path, tiny_model_dir):
     # The attack: with a shared noise draw z, (σ₂y₁ − σ₁y₂)/(σ₂ − σ₁) recovers the noiseless scores (L1 ≤ n·C²).
-    from sapf.engine.run import TrainConfig, select_only
+    from sapf.config import TrainConfig
+    from sapf.engine.run import select_only
 
     ds = load_dataset("mnist5k", 16, 1)
     npz = tmp_path / "three.npz"
@@ -219,6 +220,10 @@ def test_a_site_repeating_a_query_with_a_field_changed_gives_independent_noise(t
     ({"rounds": "3"}, {}, "type int"),
     ({"rounds": True}, {}, "type int"),
     ({"local_epochs": 1e9}, {}, "local_epochs"),
+    ({"selection": "everything"}, {}, "selection"),
+    ({"score": "max"}, {}, "score"),
+    ({"selection_multiplicity": 10**4}, {}, "selection_multiplicity"),
+    ({"top_fraction": math.nan}, {}, "top_fraction"),
 ])
 def test_a_site_refuses_a_plan_outside_its_own_limits_and_spends_nothing(tmp_path, tiny_model_dir, site_npz,
                                                                          flower_identity, change, node_change, expected):
@@ -255,7 +260,7 @@ def test_a_site_refuses_crafted_training_requests(tmp_path, tiny_model_dir, site
     gen = load_generator(tiny_model_dir)
     names = candidate_modules(gen.unet, cfg.candidates)
     selected = names[:3]
-    state = lora_state(make_trainable(gen, "saliency", selected))
+    state = trainable_state(make_trainable(gen, "saliency", selected))
     node = _node(tmp_path, site_npz, tiny_model_dir)
     huge = {k: v * 1e6 if "lora_A" in k else v for k, v in state.items()}
     nan = {k: torch.full_like(v, math.nan) for k, v in state.items()}

@@ -3,8 +3,8 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from sapf.engine.privacy import (RDP_ORDERS, Mechanism, PrivacyLedger, calibrate_noise, check_privacy_args, default_delta,
-                                 epsilon_of, plan_privacy)
+from sapf.engine.privacy import (RDP_ORDERS, Mechanism, PlannedRelease, PrivacyLedger, calibrate_noise,
+                                 check_privacy_args, default_delta, epsilon_of, plan_privacy)
 from sapf.errors import SapfError
 
 
@@ -46,13 +46,40 @@ def test_calibrated_noise_meets_the_target_tightly(accountant):
     assert epsilon_of(prior + [Mechanism("dp-sgd", sigma * 0.98, 0.02, 200)], 1e-5, accountant) > 8.0
 
 
+def _plan(eps, releases, q=64 / 4000, steps=300):
+    return plan_privacy(target_epsilon=eps, delta=1e-5, releases=releases, train_sample_rate=q, train_steps=steps)
+
+
 def test_plan_splits_the_budget_and_the_total_meets_it():
-    p = plan_privacy(10.0, 1e-5, 64 / 4000, 300, True, selection_budget=0.1)
+    p = _plan(10.0, [PlannedRelease("saliency-query", 0.1)])
     sel_only = epsilon_of([Mechanism("s", p.selection_noise, 1.0, 1)], 1e-5)
     assert sel_only == pytest.approx(1.0, rel=0.01)
     total = epsilon_of(p.planned(), 1e-5)
     assert 9.9 <= total <= 10.0
-    assert plan_privacy(math.inf, 1e-5, 0.01, 10, True).planned() == []
+    assert _plan(math.inf, [PlannedRelease("saliency-query", 0.1)], 0.01, 10).planned() == []
+
+
+def test_the_plan_splits_epsilon_over_every_stage_of_the_run():
+    """Two releases before training (e.g. central images, then the saliency query): the first k together
+    spend ε·(share₁ + … + shareₖ), and the whole run meets ε exactly; the stage list of a run decides them."""
+    from sapf.config import TrainConfig
+    from sapf.engine.stages import plan_run, stages_of
+
+    p = _plan(10.0, [PlannedRelease("central-images", 0.05, 0.5, 3), PlannedRelease("saliency-query", 0.1)])
+    first, both = p.releases[:1], p.releases
+    assert [m.name for m in both] == ["central-images", "saliency-query"] and both[0].steps == 3
+    assert epsilon_of(first, 1e-5) == pytest.approx(0.5, rel=0.01)
+    assert epsilon_of(both, 1e-5) == pytest.approx(1.5, rel=0.01)
+    assert 9.9 <= epsilon_of(p.planned(), 1e-5) <= 10.0
+    with pytest.raises(SapfError, match="sum below 1"):
+        _plan(10.0, [PlannedRelease("a", 0.6), PlannedRelease("b", 0.5)])
+    # A public selection has no query: DP-SGD gets all of ε.
+    stages = stages_of(TrainConfig(selection="attention"))
+    assert [s.name for s in stages] == ["select", "finetune"] and not stages[0].release
+    p = plan_run(stages, epsilon=10.0, delta=1e-5, accountant="rdp", train_sample_rate=0.016, train_steps=300)
+    assert p.releases == [] and 9.9 <= epsilon_of(p.planned(), 1e-5) <= 10.0
+    saliency = stages_of(TrainConfig(selection_budget=0.2))[0]
+    assert (saliency.release, saliency.epsilon_share) == ("saliency-query", 0.2)
 
 
 def test_refusals():
@@ -77,11 +104,12 @@ def test_small_epsilon_is_certifiable_at_small_delta():
 
     from scipy.stats import norm
 
-    from sapf.engine.privacy import Mechanism, calibrate_noise, epsilon_of, plan_privacy
+    from sapf.engine.privacy import Mechanism, PlannedRelease, calibrate_noise, epsilon_of, plan_privacy
 
     sigma = calibrate_noise(0.1, 1e-5, 1.0, 1)
     assert epsilon_of([Mechanism("q", sigma, 1.0, 1)], 1e-5) <= 0.1 + 1e-9
     exact_delta = norm.cdf(1 / (2 * sigma) - 0.1 * sigma) - math.exp(0.1) * norm.cdf(-1 / (2 * sigma) - 0.1 * sigma)
     assert exact_delta <= 1e-5 and sigma <= math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.1
-    plan = plan_privacy(1.0, 1e-5, 64 / 4000, 200, True, 0.1, 1.0, "rdp")
+    plan = plan_privacy(target_epsilon=1.0, delta=1e-5, releases=[PlannedRelease("saliency-query", 0.1)],
+                        train_sample_rate=64 / 4000, train_steps=200)
     assert plan.selection_noise > 0 and plan.train_noise > 0

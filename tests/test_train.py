@@ -37,6 +37,10 @@ def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_np
     merged = UNet2DModel.from_pretrained(out / "model" / "unet")
     base = load_generator(tiny_model_dir).unet
     assert (out / "grid.png").exists() and (out / "private" / "loss.png").exists()
+    card = (out / "README.md").read_text()  # the model card: method, guarantee, every mechanism, how to sample
+    assert f"ε = {priv['epsilon_spent']:.4g}" in card and "add/remove one record" in card
+    assert all(f"| {m['name']} |" in card for m in priv["mechanisms"]) and "from_pretrained" in card
+    assert [s["name"] for s in cfg["stages"]] == ["select", "finetune"]
     changed = [n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
     if selection == "saliency":
         assert len(sel["scores"]) == len(sel["candidates"]) and 0 < len(sel["selected"]) < len(sel["candidates"])
@@ -78,7 +82,7 @@ def test_bad_training_input(tmp_path, tiny_model_dir, mnist_small_npz):
         "selection": ["--data", mnist_small_npz, "--selection", "everything"],
         "no noise level": ["--data", mnist_small_npz, "--epsilon", "0.001", "--steps", "100000"],
         "optimizer": ["--data", mnist_small_npz, "--optimizer", "rmsprop"],
-        "explicit --lr": ["--data", mnist_small_npz, "--optimizer", "sgd", "--selection", "full"],
+        "--lr must be given": ["--data", mnist_small_npz, "--optimizer", "sgd", "--selection", "full"],
     }
     for expect, extra in cases.items():
         r = run(*base, *extra)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sapf.config import ConfigError
 from sapf.errors import SapfError
 
 BUILTIN = ("mnist5k", "digits")
@@ -270,7 +271,7 @@ def train_holdout_split(ds: ImageDataset, holdout: float, seed: int) -> tuple[Im
     # A share, never a count: a count would move the threshold, and so other records, when one is added.
     frac = float(holdout)
     if not 0 < frac < 1:
-        raise SapfError(f"--holdout must be a share of the data in (0, 1), got {holdout}")
+        raise ConfigError("holdout", f"must be a share of the data in (0, 1), got {holdout}")
     hold = record_keys(ds, f"holdout-{seed}") < frac
     if hold.all() or not hold.any():
         raise SapfError(f"a holdout of {holdout} leaves one side of the split empty for {len(ds)} examples")
@@ -290,7 +291,7 @@ def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: floa
         site = np.minimum((keys * num_sites).astype(np.int64), num_sites - 1)
     elif scheme == "dirichlet":
         if alpha <= 0:
-            raise SapfError("--alpha must be > 0")
+            raise ConfigError("alpha", "must be > 0")
         import hashlib
 
         def edges(label: int) -> np.ndarray:  # a class's site shares, drawn from the seed and the class's name

@@ -165,7 +165,8 @@ def load_samples(path: str | Path, image_size: int, channels: int) -> tuple[np.n
 
 def evaluate(samples: str | Path, data: str = "mnist5k", split: str = "holdout", seed: int = 0,
              downstream_epochs: int = 10, image_size: int = 28, channels: int = 1) -> dict:
-    from sapf.engine.run import DEFAULT_HOLDOUT, SPLIT_SEED
+    from sapf.config import DEFAULT_HOLDOUT
+    from sapf.engine.run import SPLIT_SEED
 
     if split not in ("holdout", "train"):
         raise SapfError(f"--split must be holdout or train, got '{split}'")

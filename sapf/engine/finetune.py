@@ -14,34 +14,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from sapf.config import OPTIMIZERS, ConfigError, MethodConfig
 from sapf.engine.data import ImageDataset
 from sapf.engine.diffusion import add_noise, per_example_loss
-from sapf.engine.model import Generator
+from sapf.engine.model import DiffusionModel
 from sapf.engine.noise import fresh_torch_generator
-from sapf.engine.persample import (average_replicas, replicate, trainable_parameters, wrap_for_per_sample_grads,
-                                   zero_nonfinite_rows)
+from sapf.engine.persample import (
+    average_replicas,
+    replicate,
+    trainable_parameters,
+    wrap_for_per_sample_grads,
+    zero_nonfinite_rows,
+)
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DPSGDConfig:
-    steps: int = 300
-    batch_size: int = 64  # expected (Poisson) batch size
-    multiplicity: int = 4
-    clip: float = 1.0
-    lr: float = 2e-3
+    """One DP-SGD run's settings; the defaults live in :class:`sapf.config.MethodConfig` (``cfg.dpsgd(...)``)."""
+
+    steps: int
+    batch_size: int  # expected (Poisson) batch size
+    multiplicity: int  # replicas per record, averaged before clipping
+    clip: float  # per-record clipping norm C
+    lr: float
     ema_decay: float = 0.0  # 0: no EMA
-    optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9)
-
-
-OPTIMIZERS = ("adam", "sgd")
+    optimizer: str = MethodConfig.optimizer  # adam (AdamW) | sgd (momentum 0.9)
 
 
 def check_optimizer(name: str) -> None:
     if name not in OPTIMIZERS:
-        raise SapfError(f"unknown --optimizer '{name}' ({', '.join(OPTIMIZERS)})")
+        raise ConfigError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
@@ -53,7 +58,8 @@ def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int = 8, lora_alpha: int = 8,
+def make_trainable(gen: DiffusionModel, strategy: str, selected: list[str], rank: int = MethodConfig.rank,
+                   lora_alpha: int = MethodConfig.lora_alpha,
                    freeze_lora_a: bool = False) -> nn.Module:
     """A model whose trainable parameters are exactly what the strategy fine-tunes.
 
@@ -94,26 +100,34 @@ def make_trainable(gen: Generator, strategy: str, selected: list[str], rank: int
     return model.train()
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a site sends: LoRA matrices and the trainable class-embedding copy."""
-    from peft import get_peft_model_state_dict
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a site sends: the LoRA matrices and the trainable class-embedding copy, or (full
+    fine-tuning) every weight."""
+    from peft import PeftModel, get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, state)
+    if isinstance(model, PeftModel):
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
-def merged_generator(gen: Generator, model: nn.Module, strategy: str) -> Generator:
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, state)
+        return
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(state[k])
+
+
+def merged_generator(gen: DiffusionModel, model: nn.Module, strategy: str) -> DiffusionModel:
     """A plain diffusers UNet with the adapters merged in (peft merge_and_unload)."""
     unet = copy.deepcopy(model)
     unet = unet if strategy == "full" else unet.merge_and_unload()
     for p in unet.parameters():
         p.requires_grad_(False)
-    return Generator(unet.eval(), gen.scheduler, gen.source)
+    return DiffusionModel(unet.eval(), gen.scheduler, gen.source)
 
 
 @dataclass
@@ -127,7 +141,7 @@ class TrainHistory:
 
 
 def dp_finetune(
-    gen: Generator,
+    gen: DiffusionModel,
     model: nn.Module,
     data: ImageDataset,
     cfg: DPSGDConfig,
@@ -153,9 +167,9 @@ def dp_finetune(
 
     n, K = len(data), cfg.multiplicity
     if cfg.batch_size > n:
-        raise SapfError(f"--batch-size {cfg.batch_size} is larger than the data ({n} examples)")
+        raise ConfigError("batch_size", f"{cfg.batch_size} is larger than the data ({n} records)")
     if K < 1:
-        raise SapfError("--multiplicity must be at least 1")
+        raise ConfigError("multiplicity", "must be at least 1")
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise SapfError(f"the noise multiplier must be finite and >= 0, got {noise_multiplier}")
     private = noise_multiplier > 0

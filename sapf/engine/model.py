@@ -26,7 +26,10 @@ def default_model_dir() -> Path:
 
 
 @dataclass
-class Generator:
+class DiffusionModel:
+    """A class-conditional denoiser and its noise scheduler: what sapf trains, samples and exports.
+    (Named apart from ``torch.Generator``, the random-number generator.)"""
+
     unet: UNet2DModel
     scheduler: DDPMScheduler
     source: str = ""
@@ -87,13 +90,32 @@ def ddim_from(scheduler) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler.config)
 
 
-def save_generator(gen: Generator, out: Path) -> None:
+PIPELINE_MODULE = "pipeline_sapf"  # shipped in every model dir: diffusers has no class-conditional UNet pipeline
+PIPELINE_CLASS = "SapfPipeline"
+
+
+def save_generator(gen: DiffusionModel, out: Path) -> None:
+    """A diffusers pipeline directory: ``unet/``, ``scheduler/``, ``model_index.json`` and the pipeline module,
+    so that ``DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`` samples from it."""
     out = Path(out)
     gen.unet.save_pretrained(out / "unet", safe_serialization=True)
     gen.scheduler.save_pretrained(out / "scheduler")
+    write_pipeline_index(out, type(gen.scheduler).__name__)
 
 
-def load_generator(path: str | Path | None = None) -> Generator:
+def write_pipeline_index(out: Path, scheduler_class: str = "DDPMScheduler") -> None:
+    """``model_index.json`` and the pipeline module of a model directory."""
+    import diffusers
+
+    module = resources.files("sapf.export") / f"{PIPELINE_MODULE}.py"
+    (out / f"{PIPELINE_MODULE}.py").write_text(module.read_text())
+    index = {"_class_name": [PIPELINE_MODULE, PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
+             "null_class": None, "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", scheduler_class]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_generator(path: str | Path | None = None) -> DiffusionModel:
     """Load a sapf/diffusers model dir (``unet/`` + ``scheduler/``), a bare UNet2DModel dir, or a
     sapf run dir (its merged generator lives in ``model/``).
 
@@ -129,14 +151,14 @@ def load_generator(path: str | Path | None = None) -> Generator:
     else:
         scheduler = build_scheduler()
     unet.eval()
-    return Generator(unet, scheduler, str(path))
+    return DiffusionModel(unet, scheduler, str(path))
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def check_data_fits(gen: Generator, num_classes: int, channels: int) -> None:
+def check_data_fits(gen: DiffusionModel, num_classes: int, channels: int) -> None:
     """A dataset must match the model's channels and (for a conditional model) its classes."""
     if channels != gen.channels:
         raise SapfError(f"the data has {channels} channel(s) but the model expects {gen.channels}")

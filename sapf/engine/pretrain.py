@@ -12,7 +12,7 @@ from diffusers.training_utils import EMAModel
 
 from sapf.engine.data import ImageDataset
 from sapf.engine.diffusion import diffusion_loss
-from sapf.engine.model import Generator, build_scheduler, build_unet
+from sapf.engine.model import DiffusionModel, build_scheduler, build_unet
 from sapf.engine.progress import progress_bar
 
 
@@ -67,7 +67,7 @@ def random_slant(x: torch.Tensor, slant: tuple[float, float], generator: torch.G
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True) -> tuple[Generator, dict]:
+def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True) -> tuple[DiffusionModel, dict]:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -99,4 +99,4 @@ def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True
     ema.copy_to(unet.parameters())
     unet.eval()
     history = {"loss": losses, "wall_time_s": time.time() - t0, "parameters": sum(p.numel() for p in unet.parameters())}
-    return Generator(unet, scheduler, f"pretrained on {data.name}"), history
+    return DiffusionModel(unet, scheduler, f"pretrained on {data.name}"), history

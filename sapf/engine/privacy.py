@@ -13,10 +13,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sapf.config import ConfigError
 from sapf.errors import SapfError
 from sapf.outputs import read_json, write_json
 
-ACCOUNTANTS = ("rdp", "prv")
 # Rényi orders for the RDP accountant: Opacus's defaults stop at 63, which cannot certify a
 # small ε at a small δ at all (log(1/δ)/(α-1) alone exceeds 0.1 for δ=1e-5), so a 10% selection
 # share of ε=1 would be refused. Larger orders only tighten the (still valid) bound.
@@ -144,10 +144,10 @@ def check_privacy_args(epsilon: float, delta: float | None, n: int) -> float:
     if n < 2:
         raise SapfError(f"need at least 2 private examples, got {n}")
     if not epsilon > 0:
-        raise SapfError(f"--epsilon must be > 0 (or inf for non-private), got {epsilon}")
+        raise ConfigError("epsilon", f"must be > 0 (or inf for non-private), got {epsilon}")
     delta = default_delta(n) if delta is None else delta
     if not 0 < delta < 1.0 / n:
-        raise SapfError(f"--delta must lie in (0, 1/N) = (0, {1.0 / n:.3g}) for N={n}, got {delta}")
+        raise ConfigError("delta", f"must lie in (0, 1/N) = (0, {1.0 / n:.3g}) for N={n}, got {delta}")
     return delta
 
 
@@ -191,27 +191,41 @@ def calibrate_noise(
     return hi
 
 
+@dataclass(frozen=True)
+class PlannedRelease:
+    """A private release before training that a stage will make: its ledger name, the share of the
+    target ε it may spend, its Poisson sample rate and how many times it runs."""
+
+    name: str
+    epsilon_share: float
+    sample_rate: float = 1.0
+    steps: int = 1
+
+
 @dataclass
 class PrivacyPlan:
-    """Noise for the whole planned run, fixed before any private data is touched."""
+    """Noise for every release of the planned run, fixed before any private data is touched."""
 
     target_epsilon: float
     delta: float
     accountant: str
-    selection_noise: float  # σ_s of the saliency query (0: no query, or non-private)
-    selection_sample_rate: float
-    train_noise: float  # σ of DP-SGD (0: non-private)
-    train_sample_rate: float
-    train_steps: int
-    extra: list[Mechanism] = field(default_factory=list)  # other pre-queries, in order
+    releases: list[Mechanism]  # the releases before training, calibrated, in order
+    train: Mechanism  # DP-SGD (noise 0: non-private, or no training planned)
+
+    def noise_of(self, name: str) -> float:
+        """The noise multiplier planned for release `name` (0.0 when none is planned)."""
+        return next((m.noise_multiplier for m in self.releases + [self.train] if m.name == name), 0.0)
+
+    @property
+    def selection_noise(self) -> float:
+        return self.noise_of("saliency-query")
+
+    @property
+    def train_noise(self) -> float:
+        return self.train.noise_multiplier
 
     def planned(self) -> list[Mechanism]:
-        out = list(self.extra)
-        if self.selection_noise > 0:
-            out.append(Mechanism("saliency-query", self.selection_noise, self.selection_sample_rate, 1))
-        if self.train_noise > 0:
-            out.append(Mechanism("dp-sgd", self.train_noise, self.train_sample_rate, self.train_steps))
-        return out
+        return [m for m in self.releases + [self.train] if m.noise_multiplier > 0 and m.steps > 0]
 
     @property
     def private(self) -> bool:
@@ -219,28 +233,37 @@ class PrivacyPlan:
 
 
 def plan_privacy(
+    *,
     target_epsilon: float,
     delta: float,
+    releases: list[PlannedRelease],
     train_sample_rate: float,
     train_steps: int,
-    with_selection_query: bool,
-    selection_budget: float = 0.1,
-    selection_sample_rate: float = 1.0,
     accountant: str = "rdp",
-    prior: list[Mechanism] | None = None,
 ) -> PrivacyPlan:
-    """Split the budget: the saliency query gets ε·`selection_budget` on its own; DP-SGD's σ is
-    then calibrated so that the composition of everything meets the target exactly."""
+    """Split the budget over a run's releases. The first k releases together spend ε·(share₁ + … + shareₖ)
+    (each one's σ is calibrated against the composition of those before it); DP-SGD's σ is then calibrated so
+    that the composition of everything meets the target exactly. Non-private (ε = ∞): every σ is 0.
+
+    Args:
+        target_epsilon: the run's ε (``inf``: no noise anywhere).
+        delta: the run's δ.
+        releases: the releases before training, in the order they run; shares in (0, 1), summing below 1.
+        train_sample_rate: DP-SGD's Poisson rate (expected batch / N).
+        train_steps: DP-SGD steps over the whole run (0: no training).
+    """
+    train = Mechanism("dp-sgd", 0.0, train_sample_rate, train_steps)
     if not math.isfinite(target_epsilon):
-        return PrivacyPlan(target_epsilon, delta, accountant, 0.0, selection_sample_rate, 0.0, train_sample_rate, train_steps)
-    if with_selection_query and not 0 < selection_budget < 1:
-        raise SapfError(f"the selection's share of the budget must lie in (0, 1), got {selection_budget}")
-    prior = list(prior or [])
-    extra = list(prior)
-    sel = 0.0
-    if with_selection_query:
-        sel = calibrate_noise(target_epsilon * selection_budget, delta, selection_sample_rate, 1, prior, accountant)
-        prior = prior + [Mechanism("saliency-query", sel, selection_sample_rate, 1)]
-    train = calibrate_noise(target_epsilon, delta, train_sample_rate, train_steps, prior, accountant) if train_steps else 0.0
-    return PrivacyPlan(target_epsilon, delta, accountant, sel, selection_sample_rate, train, train_sample_rate,
-                       train_steps, extra)
+        return PrivacyPlan(target_epsilon, delta, accountant,
+                           [Mechanism(r.name, 0.0, r.sample_rate, r.steps) for r in releases], train)
+    shares = [r.epsilon_share for r in releases]
+    if any(not 0 < s < 1 for s in shares) or sum(shares) >= 1:
+        raise SapfError(f"each release's share of ε must lie in (0, 1) and the shares must sum below 1, got {shares}")
+    done: list[Mechanism] = []
+    for r in releases:
+        cumulative = target_epsilon * (sum(m.epsilon_share for m in releases[: len(done) + 1]))
+        sigma = calibrate_noise(cumulative, delta, r.sample_rate, r.steps, done, accountant)
+        done.append(Mechanism(r.name, sigma, r.sample_rate, r.steps))
+    if train_steps:
+        train.noise_multiplier = calibrate_noise(target_epsilon, delta, train_sample_rate, train_steps, done, accountant)
+    return PrivacyPlan(target_epsilon, delta, accountant, done, train)

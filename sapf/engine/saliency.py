@@ -24,18 +24,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from sapf.config import SCORES, SELECTIONS, ConfigError, MethodConfig
 from sapf.engine.data import ImageDataset
 from sapf.engine.diffusion import add_noise, per_example_loss
-from sapf.engine.model import Generator
+from sapf.engine.model import DiffusionModel
 from sapf.engine.noise import fresh_torch_generator
 from sapf.engine.noisy_sum import NoisySum, noisy_sum
-from sapf.engine.persample import average_replicas, clear_grad_samples, per_sample_norms, replicate, wrap_for_per_sample_grads
+from sapf.engine.persample import (
+    average_replicas,
+    clear_grad_samples,
+    per_sample_norms,
+    replicate,
+    wrap_for_per_sample_grads,
+)
 from sapf.engine.privacy import PrivacyLedger
 from sapf.errors import SapfError
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-STRATEGIES = ("saliency", "attention", "random", "full")
-SCORES = ("sqnorm", "norm")
+STRATEGIES = SELECTIONS
 
 
 def candidate_modules(unet: nn.Module, include: str = "attention") -> list[str]:
@@ -51,7 +57,7 @@ def candidate_modules(unet: nn.Module, include: str = "attention") -> list[str]:
         if is_attn or (include == "all" and isinstance(mod, (nn.Linear, nn.Conv2d))):
             names.append(name)
     if not names:
-        raise SapfError("the model has no candidate matrices (no attention projections); use --candidates all")
+        raise SapfError("the model has no candidate matrices (no attention projections); the candidate set 'all' includes every Linear/Conv2d")
     return names
 
 
@@ -65,23 +71,24 @@ def score_sensitivity(score: str, clip: float) -> float:
 
 def top_count(num_candidates: int, top_fraction: float) -> int:
     if not 0 < top_fraction <= 1:
-        raise SapfError(f"--top-fraction must lie in (0, 1], got {top_fraction}")
+        raise ConfigError("top_fraction", f"must lie in (0, 1], got {top_fraction}")
     return max(1, int(round(top_fraction * num_candidates)))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SaliencyQuery:
-    """The query's settings; noise_multiplier comes from the privacy plan (0 = non-private)."""
+    """The query's settings (defaults: :class:`sapf.config.MethodConfig`); noise_multiplier comes from the
+    privacy plan (0 = non-private)."""
 
-    clip: float = 1e-2
-    multiplicity: int = 1
-    sample_rate: float = 1.0
-    score: str = "sqnorm"
-    candidates: str = "attention"
+    clip: float = MethodConfig.selection_clip
+    multiplicity: int = MethodConfig.selection_multiplicity
+    sample_rate: float = MethodConfig.selection_sample_rate
+    score: str = MethodConfig.score
+    candidates: str = MethodConfig.candidates
     batch_size: int = 128  # a compute chunk only: the query sums over all sampled examples
 
 
-def _block_score_contributions(gen: Generator, data: ImageDataset, q: SaliencyQuery, names: list[str]):
+def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, names: list[str]):
     """The query's per-record contribution: v_ij = ‖ĝ_ij‖² (or ‖ĝ_ij‖) for each candidate j, where ĝ_i
     is record i's gradient over all candidates (mean of its K replicas) clipped to C as one vector.
     ‖v_i‖₂ ≤ C² (or C) by construction. Returns (contribution function, closer)."""
@@ -113,7 +120,7 @@ def _block_score_contributions(gen: Generator, data: ImageDataset, q: SaliencyQu
     return contributions, gsm._close
 
 
-def noisy_saliency_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
+def noisy_saliency_scores(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
                           ledger: PrivacyLedger | None, show_progress: bool = True) -> tuple[list[str], np.ndarray, int]:
     """Run the DP saliency query, a noisy sum (:mod:`sapf.engine.noisy_sum`) of the per-record block
     scores: (candidate names, noisy scores, examples used).
@@ -126,7 +133,7 @@ def noisy_saliency_scores(gen: Generator, data: ImageDataset, q: SaliencyQuery, 
 
     names = candidate_modules(gen.unet, q.candidates)
     if q.multiplicity < 1:
-        raise SapfError("--multiplicity must be at least 1")
+        raise ConfigError("selection_multiplicity", "must be at least 1")
     release = NoisySum("saliency-query", score_sensitivity(q.score, q.clip), noise_multiplier, q.sample_rate)
     contributions, close = _block_score_contributions(gen, data, q, names)
     expected_chunks = math.ceil(len(data) * q.sample_rate / q.batch_size)
@@ -169,7 +176,7 @@ class Selection:
         return d
 
 
-def choose_matrices(strategy: str, gen: Generator, data: ImageDataset | None, q: SaliencyQuery, top_fraction: float,
+def choose_matrices(strategy: str, gen: DiffusionModel, data: ImageDataset | None, q: SaliencyQuery, top_fraction: float,
                     noise_multiplier: float, ledger: PrivacyLedger | None, seed: int, show_progress: bool = True) -> Selection:
     """One interface for every strategy; only ``saliency`` touches private data (with fresh randomness:
     `seed` drives the public ``random`` strategy only)."""

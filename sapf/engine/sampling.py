@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sapf.engine.model import Generator, ddim_from
+from sapf.engine.model import DiffusionModel, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
@@ -18,7 +18,7 @@ from sapf.sampling_inputs import DEFAULT_ETA, check_eta, initial_noise, sample_l
 
 @torch.no_grad()
 def sample(
-    gen: Generator,
+    gen: DiffusionModel,
     num: int,
     class_label: int | None = None,
     steps: int = 50,

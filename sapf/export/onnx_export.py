@@ -77,7 +77,7 @@ class _UncondNoisePredictor(torch.nn.Module):
 
 def load_source(src: str | Path):
     """A run dir (merged ``model/``, or ``adapter/`` + its base) or any diffusers model dir."""
-    from sapf.engine.model import Generator, load_generator
+    from sapf.engine.model import DiffusionModel, load_generator
 
     src = Path(src)
     if not src.exists():
@@ -98,7 +98,7 @@ def load_source(src: str | Path):
             unet = PeftModel.from_pretrained(gen.unet, src / "adapter").merge_and_unload()
         except Exception as e:  # peft raises many types for a mismatched adapter
             raise SapfError(f"cannot apply the adapter in '{src / 'adapter'}' to '{base}': {str(e).splitlines()[0]}") from None
-        return Generator(unet.eval(), gen.scheduler, str(src))
+        return DiffusionModel(unet.eval(), gen.scheduler, str(src))
     return load_generator(src)
 
 

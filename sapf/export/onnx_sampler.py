@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from sapf.errors import SapfError
-from sapf.sampling_inputs import DEFAULT_ETA, check_eta, initial_noise, sample_labels, step_noise
 from sapf.outputs import to_uint8
+from sapf.sampling_inputs import DEFAULT_ETA, check_eta, initial_noise, sample_labels, step_noise
 
 # DDIMScheduler.__init__ defaults: what from_config uses for keys a DDPM config lacks.
 DDIM_DEFAULTS = {
@@ -367,7 +367,14 @@ def _progress(description: str, total: int, enabled: bool):
         yield lambda: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=not sys.stderr.isatty())

@@ -24,17 +24,40 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from sapf.engine.finetune import DPSGDConfig, dp_finetune, load_lora_state, lora_state, make_trainable
-from sapf.engine.model import Generator
-from sapf.engine.privacy import Mechanism, PrivacyLedger
-from sapf.engine.saliency import candidate_modules, noisy_saliency_scores
 from sapf.engine.data import ImageDataset
-from sapf.federation.site_policy import (Refusal, SiteSettings, check_incoming_weights, check_noise, check_plan,
-                                        check_round, check_selected, check_site_plan, ensure_same_dataset,
-                                        site_delta, site_settings)
-from sapf.federation.task import (FederationConfig, SitePlan, base_generator, check_budget, dataset_fingerprint,
-                                  fingerprint, from_wire, open_ledger, plan_site, save_tensors, site_data, site_lock,
-                                  site_state_dir, to_wire)
+from sapf.engine.finetune import dp_finetune, load_trainable_state, make_trainable, trainable_state
+from sapf.engine.model import DiffusionModel
+from sapf.engine.privacy import Mechanism, PrivacyLedger
+from sapf.engine.saliency import noisy_saliency_scores
+from sapf.federation.site_policy import (
+    Refusal,
+    SiteSettings,
+    check_incoming_weights,
+    check_noise,
+    check_plan,
+    check_round,
+    check_site_plan,
+    ensure_same_dataset,
+    site_delta,
+    site_selection,
+    site_settings,
+)
+from sapf.federation.task import (
+    FederationConfig,
+    SitePlan,
+    base_generator,
+    check_budget,
+    dataset_fingerprint,
+    fingerprint,
+    from_wire,
+    open_ledger,
+    plan_site,
+    save_tensors,
+    site_data,
+    site_lock,
+    site_state_dir,
+    to_wire,
+)
 from sapf.outputs import save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
@@ -72,7 +95,7 @@ class Site:
 
     cfg: FederationConfig
     settings: SiteSettings
-    gen: Generator
+    gen: DiffusionModel
     data: ImageDataset
     name: str
     plan: SitePlan
@@ -85,6 +108,10 @@ class Site:
 
     def ledger(self) -> PrivacyLedger:
         return open_ledger(self.ledger_path, self.settings.max_epsilon, self.plan.delta, self.cfg.accountant)
+
+    def whole_training(self) -> Mechanism:
+        """Every DP-SGD step of the plan, all rounds."""
+        return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate, self.plan.total_steps)
 
     def spend(self, mechanisms: list[Mechanism], budget_check: list[Mechanism] | None = None) -> PrivacyLedger:
         """Under the site's lock: load the ledger, refuse past max-epsilon (checking `budget_check`,
@@ -116,7 +143,8 @@ def _setup(msg: Message, context: Context) -> Site:
     state_dir = site_state_dir(cfg, context.node_config, name)
     delta = site_delta(cfg, settings, len(data), deployed="data-path" in context.node_config)
     plan = plan_site(cfg, len(data), state_dir, delta)
-    check_noise("saliency query", plan.selection_noise)
+    if cfg.selection == "saliency":
+        check_noise("saliency query", plan.selection_noise)
     check_noise("DP-SGD", plan.train_noise)
     return Site(cfg, settings, gen, data, name, plan, state_dir, dataset_fingerprint(data, context.node_config))
 
@@ -125,9 +153,11 @@ def _setup(msg: Message, context: Context) -> Site:
 @_guard
 def saliency(msg: Message, context: Context) -> Message:
     site = _setup(msg, context)
+    if site.cfg.selection != "saliency":
+        raise Refusal(f"refused: a {site.cfg.selection} plan has no saliency query")
     query = Mechanism("saliency-query", site.plan.selection_noise, site.cfg.selection_sample_rate, 1)
     # Refuse up front a run whose whole plan (query + every round) would pass the site's limit.
-    whole = [query, Mechanism("dp-sgd", site.plan.train_noise, site.plan.sample_rate, site.plan.total_steps)]
+    whole = [query, site.whole_training()]
     ledger = site.spend([query], budget_check=whole)
     _, scores, _ = noisy_saliency_scores(site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None,
                                          show_progress=False)
@@ -177,30 +207,32 @@ def train(msg: Message, context: Context) -> Message:
     site = _setup(msg, context)
     cfg = site.cfg
     config = msg.content["config"]
-    check_round(config.get("round"), cfg.rounds)  # part of the request key, checked not used
-    selected = check_selected(config.get("selected"), candidate_modules(site.gen.unet, cfg.candidates),
-                              cfg.top_fraction)
-    model = make_trainable(site.gen, "saliency", selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
+    rnd = check_round(config.get("round"), cfg.rounds)
+    selected = site_selection(cfg, config.get("selected"), site.gen)
+    model = make_trainable(site.gen, cfg.selection, selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
     if "adapter" not in msg.content:
         raise Refusal("refused: the training request carries no adapter")
     incoming = from_wire(msg.content["adapter"])
-    check_incoming_weights(incoming, lora_state(model), site.settings.limits)
+    check_incoming_weights(incoming, trainable_state(model), site.settings.limits)
     # A server that restarts asks again for a round this site may already have answered. Sending
     # the same release again is free (post-processing); training anew would spend budget twice.
     cached = site.state_dir / "replies" / f"train-{_request_key(msg)}.safetensors"
     reply = _load_reply(cached)
     if reply is None:
         steps = Mechanism("dp-sgd", site.plan.train_noise, site.plan.sample_rate, site.plan.local_steps)
-        site.spend([steps])  # recorded before training: a crash mid-round can only over-count
-        load_lora_state(model, incoming)
-        dp_cfg = DPSGDConfig(site.plan.local_steps, cfg.batch_size, cfg.multiplicity, cfg.clip, cfg.lr, 0.0,
-                             cfg.optimizer)
+        # Recorded before training: a crash mid-round can only over-count. A site refuses up front a run it
+        # could not finish: a saliency plan's query checked the whole run; a plan with no query checks all
+        # its training at round 1.
+        whole = [site.whole_training()] if cfg.selection != "saliency" and rnd == 1 else None
+        site.spend([steps], budget_check=whole)
+        load_trainable_state(model, incoming)
+        dp_cfg = cfg.dpsgd(site.plan.local_steps, cfg.batch_size)
         torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
         opt_path = _optimizer_state_path(site.state_dir, cfg, selected)
         opt_state = torch.load(opt_path, weights_only=True) if opt_path and opt_path.exists() else None
         hist = dp_finetune(site.gen, model, site.data, dp_cfg, site.plan.train_noise, None, show_progress=False,
                            optimizer_state=opt_state)
-        reply = lora_state(model), {"examples": int(len(site.data))}
+        reply = trainable_state(model), {"examples": int(len(site.data))}
         _save_reply(cached, *reply)
         if opt_path:
             save_torch(opt_path, hist.optimizer_state)

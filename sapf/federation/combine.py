@@ -37,7 +37,7 @@ MAX_MECHANISMS = 100  # a site's ledger merges consecutive steps: an honest repo
 
 def report_of(reply) -> tuple[dict | None, str | None]:
     """A site's privacy report (its ε history) from a reply: (report, None) or (None, why not)."""
-    from sapf.engine.privacy import ACCOUNTANTS
+    from sapf.config import ACCOUNTANTS
 
     try:
         text = reply.content["privacy"]["report"]

@@ -20,13 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sapf import __version__
+from sapf.config import FederationConfig, kebab
 from sapf.errors import SapfError
 from sapf.federation.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
-from sapf.federation.task import FederationConfig
 from sapf.outputs import read_json
 
 CONNECTION = "sapf"  # the SuperLink connection's name in the run's Flower configuration file
@@ -91,7 +91,7 @@ def _toml_value(v) -> str:
 def write_app(app_dir: Path, cfg: FederationConfig) -> Path:
     """The app bundle's source: a pyproject naming sapf's components, with the plan as run config."""
     app_dir.mkdir(parents=True, exist_ok=True)
-    plan = "\n".join(f"{k.replace('_', '-')} = {_toml_value(v)}" for k, v in asdict(cfg).items())
+    plan = "\n".join(f"{kebab(k)} = {_toml_value(v)}" for k, v in cfg.to_record().items())
     (app_dir / "pyproject.toml").write_text(f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -351,7 +351,6 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
     if auth_key is not None and not auth_key.is_file():
         raise SapfError(f"SuperNode private key {auth_key} not found")
     from sapf.federation.app_guard import install_runner, path_with_runner
-
     from sapf.federation.site_policy import retire_dataset
     from sapf.federation.task import dataset_fingerprint, site_lock
 

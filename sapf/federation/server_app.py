@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,23 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
-from sapf.engine.finetune import load_lora_state, lora_state, make_trainable, merged_generator
+from sapf.config import snake
+from sapf.engine.finetune import load_trainable_state, make_trainable, merged_generator, trainable_state
 from sapf.engine.model import count_parameters, save_generator
-from sapf.engine.saliency import candidate_modules, select_top
+from sapf.engine.saliency import candidate_modules, choose_matrices, select_top
+from sapf.engine.stages import stages_of
 from sapf.errors import SapfError
 from sapf.federation.combine import combine_noisy_sums, combine_updates, metric, report_of
-from sapf.federation.task import (FederationConfig, base_generator, from_wire, recompute_epsilon, save_tensors, to_wire,
-                                  validate_update)
+from sapf.federation.task import (
+    WIRE_DTYPE,
+    FederationConfig,
+    base_generator,
+    from_wire,
+    recompute_epsilon,
+    save_tensors,
+    to_wire,
+    validate_update,
+)
 from sapf.outputs import atomic_output_dir, read_json, write_json
 
 log = logging.getLogger("sapf.server")
@@ -98,13 +109,22 @@ def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: l
     return {"strategy": "saliency", "candidates": names, "selected": select_top(names, total, cfg.top_fraction),
             "scores": total.tolist(), "combination": "equal-weight mean of unit-L1 site vectors",
             "sites": len(valid), "site_noise_multipliers": [v[1] for v in valid],
-            "site_examples": [v[2] for v in valid], "clip": cfg.selection_clip, "score": "sqnorm",
-            "sensitivity_per_site": cfg.selection_clip**2, "top_fraction": cfg.top_fraction, "replies": replies}
+            "site_examples": [v[2] for v in valid], "clip": cfg.selection_clip, "score": cfg.score,
+            "sensitivity_per_site": cfg.selection_clip**2 if cfg.score == "sqnorm" else cfg.selection_clip,
+            "top_fraction": cfg.top_fraction, "replies": replies}
+
+
+def public_selection(cfg: FederationConfig, gen) -> dict:
+    """A strategy that needs no private data (attention, random, full): chosen here, and by each site itself."""
+    sel = choose_matrices(cfg.selection, gen, None, cfg.query(), cfg.top_fraction, 0.0, None, cfg.seed)
+    return {"strategy": cfg.selection, "candidates": sel.candidates, "selected": sel.selected, "sites": 0}
 
 
 def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selected: list[str],
                    state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
-    config = ConfigRecord({**cfg.to_record(), "selected": selected, "round": rnd})
+    # Only a saliency plan names its matrices: every other selection is public, and each site makes it itself.
+    named = {"selected": selected} if cfg.selection == "saliency" else {}
+    config = ConfigRecord({**cfg.to_record(), **named, "round": rnd})
     msgs = [Message(RecordDict({"config": config, "adapter": to_wire(state)}), dst_node_id=n,
                     message_type="train", group_id=f"round-{rnd}") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
@@ -129,7 +149,8 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
         raise SapfError(f"round {rnd}: the combined adapter is unusable ({why}); the last checkpoint is kept")
     if cfg.freeze_lora_a:  # FFA-LoRA: A is the server's; a site that moved it (e.g. an older sapf) cannot drift it
         averaged = {k: state[k] if ".lora_A." in k else v for k, v in averaged.items()}
-    metrics = {"round": rnd, "replies": len(valid), "max_site_epsilon": max(v[2] for v in valid),
+    metrics = {"round": rnd, "replies": len(valid),
+               "wire_bytes_per_site": int(sum(v.numel() for v in state.values()) * WIRE_DTYPE.itemsize), "max_site_epsilon": max(v[2] for v in valid),
                "examples": int(sum(min(v[1], 10**12) for v in valid)), "update_norms": [round(n, 6) for n in norms],
                "update_norm_bound": round(bound, 6)}
     return averaged, metrics, replies
@@ -142,48 +163,61 @@ def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torc
 
 
 def run_server(grid: Grid, cfg: FederationConfig) -> None:
+    """The run's stages, in order, each private query one round whose replies are the sites' noisy sums:
+    ``select`` (the saliency round, or a public choice), then ``finetune`` (rounds of local DP-SGD)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = base_generator(cfg)
     nodes = wait_for_nodes(grid, cfg.min_clients if cfg.num_sites <= 0 else cfg.num_sites)
     say(f"{len(nodes)} sites connected")
     ck = out / "checkpoint" / "state.json"
-    if ck.exists():  # resume
+    resumed = ck.exists()
+    if resumed:
         st = read_json(ck)
         selection, start, history = st["selection"], st["round"] + 1, st["history"]
-        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
-        state = load_file(str(out / "checkpoint" / "adapter.safetensors"))
         say(f"resuming after round {st['round']}")
-    else:
-        names = candidate_modules(gen.unet, cfg.candidates)
-        sel = saliency_round(grid, cfg, nodes, names)
-        _write_site_reports(out, sel.pop("replies"))
-        selection, start, history = sel, 1, []
-        write_json(out / "selection.json", selection)
-        say(f"saliency: {selection['sites']} sites; selected {len(selection['selected'])} of {len(names)} matrices")
-        torch.manual_seed(cfg.seed)  # the same initial adapter for every site
-        model = make_trainable(gen, "saliency", selection["selected"], cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
-        state = lora_state(model)
-        _save_checkpoint(out, 0, selection, state, history)
-    for rnd in range(start, cfg.rounds + 1):
-        t0 = time.time()
-        state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection["selected"], state)
-        metrics["wall_time_s"] = round(time.time() - t0, 1)
-        history.append(metrics)
-        _write_site_reports(out, replies)
-        _save_checkpoint(out, rnd, selection, state, history)
-        say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, "
-            f"max site ε {metrics['max_site_epsilon']:.3f}, {metrics['wall_time_s']:.0f} s")
-    load_lora_state(model, state)
+    for stage in stages_of(cfg):
+        if stage.name == "select" and not resumed:
+            if cfg.selection == "saliency":
+                selection = saliency_round(grid, cfg, nodes, candidate_modules(gen.unet, cfg.candidates))
+                _write_site_reports(out, selection.pop("replies"))
+            else:
+                selection = public_selection(cfg, gen)
+            write_json(out / "selection.json", selection)
+            say(f"selection ({cfg.selection}): {len(selection['selected'])} of {len(selection['candidates'])} "
+                f"matrices")
+        elif stage.name == "finetune":
+            torch.manual_seed(cfg.seed)  # the same initial adapter for every site
+            model = make_trainable(gen, cfg.selection, selection["selected"], cfg.rank, cfg.lora_alpha,
+                                   cfg.freeze_lora_a)
+            if resumed:
+                state = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+            else:
+                state, start, history = trainable_state(model), 1, []
+                _save_checkpoint(out, 0, selection, state, history)
+            for rnd in range(start, cfg.rounds + 1):
+                t0 = time.time()
+                state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection["selected"], state)
+                metrics["wall_time_s"] = round(time.time() - t0, 1)
+                history.append(metrics)
+                _write_site_reports(out, replies)
+                _save_checkpoint(out, rnd, selection, state, history)
+                say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, "
+                    f"max site ε {metrics['max_site_epsilon']:.3f}, {metrics['wall_time_s']:.0f} s")
+            load_trainable_state(model, state)
     finish(out, cfg, gen, model, selection, history)
 
 
 def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, history: list[dict]) -> None:
     from sapf.engine.sampling import sample
+    from sapf.model_card import write_model_card
     from sapf.outputs import class_grid, save_png
 
-    merged = merged_generator(gen, model, "saliency")
-    for name, write in (("adapter", lambda d: model.save_pretrained(d)), ("model", lambda d: save_generator(merged, d))):
+    merged = merged_generator(gen, model, cfg.selection)
+    writers = {"model": lambda d: save_generator(merged, d)}
+    if cfg.selection != "full":
+        writers["adapter"] = lambda d: model.save_pretrained(d)
+    for name, write in writers.items():
         with atomic_output_dir(out / name, force=True) as tmp:
             write(tmp)
     write_json(out / "metrics.json", {"rounds": history, "trainable_parameters": count_parameters(model, True)})
@@ -200,12 +234,19 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     except ImportError:
         say("ONNX export is not available in this installation; skipped")
     reports = sorted((out / "privacy").glob("*.json")) if (out / "privacy").exists() else []
-    eps = {}
+    eps, ledgers = {}, []
     for p in reports:  # validated when written; still, a report must not stop the run at its end
         try:
-            eps[p.stem] = recompute_epsilon(read_json(p))
+            report = read_json(p)
+            eps[p.stem] = recompute_epsilon(report)
+            ledgers.append((p.stem, {**report, "epsilon_spent": eps[p.stem]}))
         except Exception as e:  # noqa: BLE001
             say(f"{p.name}: ε not recomputed ({type(e).__name__})")
+    saved = out / "config.json"
+    config = {"command": read_json(saved).get("command", "federate") if saved.exists() else "federate",
+              **cfg.to_record()}
+    write_model_card(out, config=config, privacy=ledgers, stages=stages_of(cfg),
+                     examples=f"{len(ledgers)} sites; per-site record counts in each site's replies (metrics.json)")
     write_json(out / "status.json", {"status": "completed", "rounds": cfg.rounds, "site_epsilon": eps})
 
 
@@ -227,7 +268,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry point: the plan comes from the run config (pyproject / --run-config)."""
-    run_and_record(grid, FederationConfig.from_record({k.replace("-", "_"): v for k, v in context.run_config.items()}))
+    cfg = FederationConfig.from_record({snake(k): v for k, v in context.run_config.items()})
+    run_and_record(grid, cfg if cfg.out else replace(cfg, out="runs/deployed"))  # `flwr run .` names no run dir
 
 
 def make_server_app(cfg: FederationConfig) -> ServerApp:

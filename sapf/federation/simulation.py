@@ -3,29 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 from sapf.errors import SapfError
 from sapf.federation.task import FederationConfig, plan_site
 from sapf.outputs import check_output_dir, read_json, write_json
-
-
-def validate(cfg: FederationConfig) -> None:
-    import math
-
-    if not (math.isfinite(cfg.epsilon) and cfg.epsilon > 0):  # every site would refuse it
-        raise SapfError(f"--epsilon must be finite and > 0 for a federation (sites train only under DP), got {cfg.epsilon}")
-    if cfg.num_sites < 1:
-        raise SapfError("--clients must be at least 1")
-    if not 1 <= cfg.min_clients <= cfg.num_sites:
-        raise SapfError(f"--min-clients must lie between 1 and --clients ({cfg.num_sites})")
-    if cfg.rounds < 1 or cfg.local_steps < 1:
-        raise SapfError("--rounds and --local-steps must be at least 1")
-    if not 0 < cfg.top_fraction <= 1:
-        raise SapfError(f"--top-fraction must lie in (0, 1], got {cfg.top_fraction}")
-    if cfg.rank < 1:  # checked here: peft would refuse it only after the sites spent their saliency budget
-        raise SapfError(f"--rank must be at least 1, got {cfg.rank}")
 
 
 def prepare_run_dir(cfg: FederationConfig, command: str, force: bool, resume: bool, extra: dict | None = None,
@@ -40,7 +22,7 @@ def prepare_run_dir(cfg: FederationConfig, command: str, force: bool, resume: bo
         if not (out / "checkpoint" / "state.json").exists():
             raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run")
         cfg = FederationConfig.from_record({**read_json(out / "config.json"), "out": str(out)})
-    validate(cfg)
+    cfg.validate()  # the CLI shows a ConfigError as the flag to change
     if not resume:
         check_output_dir(out, force)
         if precheck is not None:
@@ -48,7 +30,7 @@ def prepare_run_dir(cfg: FederationConfig, command: str, force: bool, resume: bo
         if out.exists():  # check_output_dir let it through: empty, or --force
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        write_json(out / "config.json", {"command": command, **(extra or {}), **asdict(cfg)})
+        write_json(out / "config.json", {"command": command, **(extra or {}), **cfg.to_record()})
     (out / "status.json").unlink(missing_ok=True)
     return cfg
 
@@ -105,14 +87,10 @@ def _quiet_libraries() -> None:
 
 def _precheck(cfg: FederationConfig) -> None:
     """Catch a plan no site could run before starting Ray (sites check again for themselves)."""
-    from sapf.engine.data import load_dataset, partition, train_holdout_split
-    from sapf.engine.model import check_data_fits, load_generator
-    from sapf.engine.run import SPLIT_SEED
+    from sapf.engine.data import partition
+    from sapf.engine.model import load_generator
+    from sapf.engine.run import load_private_data
 
-    gen = load_generator(cfg.base_model or None)
-    ds = load_dataset(cfg.data, gen.image_size, gen.channels)
-    check_data_fits(gen, ds.num_classes, ds.channels)
-    if cfg.holdout > 0:
-        ds, _ = train_holdout_split(ds, cfg.holdout, SPLIT_SEED)
+    ds = load_private_data(cfg.data, load_generator(cfg.base_model), cfg.holdout)
     for part in partition(ds, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed):
         plan_site(cfg, len(part))

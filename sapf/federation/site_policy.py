@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from sapf.config import ConfigError, FederationConfig
 from sapf.errors import SapfError
-from sapf.federation.plan import FederationConfig
 
 
 class Refusal(SapfError):
@@ -37,7 +37,7 @@ class SiteLimits:
     max_lora_alpha: float = 4_096.0
     max_clip: float = 100.0
     max_lr: float = 100.0
-    max_adapter_norm: float = 1_000.0  # L2 norm of a whole incoming adapter (the shipped model's start: ~42)
+    max_adapter_norm: float = 1_000.0  # L2 norm of incoming weights (shipped model: LoRA start ~42, all weights ~77)
 
     @classmethod
     def parse(cls, text: str) -> "SiteLimits":
@@ -105,31 +105,26 @@ def _in(name: str, value, lo, hi, lo_open: bool = False) -> None:
 
 
 def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
-    """Refuse a plan any of whose fields lies outside what this site runs (before data is read)."""
-    from sapf.engine.finetune import OPTIMIZERS
-    from sapf.engine.privacy import ACCOUNTANTS
-
+    """Refuse a plan any of whose fields lies outside what this site runs (before data is read): the
+    method's own ranges (:meth:`FederationConfig.validate`), then this site's caps and allowed models."""
     lim = settings.limits
     check_epsilon(cfg)
     if cfg.epsilon > settings.max_epsilon * (1 + 1e-9):
         raise Refusal(f"refused: the plan's ε={cfg.epsilon:g} is past this site's limit ε={settings.max_epsilon:g}")
-    _in("delta", cfg.delta, 0.0, 1.0)
-    for name, allowed in (("accountant", ACCOUNTANTS), ("candidates", ("all", "attention")), ("optimizer", OPTIMIZERS)):
-        if getattr(cfg, name) not in allowed:
-            raise Refusal(f"refused: plan field {name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    _in("top_fraction", cfg.top_fraction, 0.0, 1.0, lo_open=True)
-    _in("selection_budget", cfg.selection_budget, 0.0, 1.0, lo_open=True)
-    if cfg.selection_budget >= 1:
-        raise Refusal("refused: plan field selection_budget must be below 1")
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise Refusal(f"refused: plan field {e}") from None
     _in("selection_clip", cfg.selection_clip, 0.0, lim.max_clip, lo_open=True)
-    _in("selection_sample_rate", cfg.selection_sample_rate, 0.0, 1.0, lo_open=True)
+    _in("selection_multiplicity", cfg.selection_multiplicity, 1, lim.max_multiplicity)
     _in("rounds", cfg.rounds, 1, lim.max_rounds)
     _in("local_steps", cfg.local_steps, 1, lim.max_local_steps)
-    _in("local_epochs", cfg.local_epochs, 0.0, float(lim.max_local_steps))
+    if cfg.local_epochs is not None:
+        _in("local_epochs", cfg.local_epochs, 0.0, float(lim.max_local_steps), lo_open=True)
     _in("batch_size", cfg.batch_size, 1, lim.max_batch_size)
     _in("multiplicity", cfg.multiplicity, 1, lim.max_multiplicity)
     _in("clip", cfg.clip, 0.0, lim.max_clip, lo_open=True)
-    _in("lr", cfg.lr, 0.0, lim.max_lr, lo_open=True)
+    _in("lr", cfg.learning_rate(), 0.0, lim.max_lr, lo_open=True)
     _in("rank", cfg.rank, 1, lim.max_rank)
     _in("lora_alpha", cfg.lora_alpha, 0.0, lim.max_lora_alpha, lo_open=True)
     allowed = {str(Path(p).resolve()) for p in settings.base_models if p}
@@ -143,9 +138,9 @@ def site_delta(cfg: FederationConfig, settings: SiteSettings, n: int, deployed: 
     another δ is refused."""
     from sapf.engine.privacy import default_delta
 
-    own = settings.delta if settings.delta is not None else (cfg.delta or None if not deployed else None)
+    own = settings.delta if settings.delta is not None else (cfg.delta if not deployed else None)
     delta = own if own is not None else default_delta(n)
-    if cfg.delta and cfg.delta != delta:
+    if cfg.delta is not None and cfg.delta != delta:
         raise Refusal(f"refused: this site accounts at δ={delta:.3g}; the plan asks δ={cfg.delta:.3g}")
     return delta
 
@@ -178,6 +173,19 @@ def check_selected(selected, candidates: list[str], top_fraction: float) -> list
     if len(selected) > top_count(len(candidates), top_fraction):
         raise Refusal("refused: the request selects more matrices than the plan's top fraction")
     return list(selected)
+
+
+def site_selection(cfg: FederationConfig, requested, gen) -> list[str]:
+    """The matrices this site trains. Saliency: the server's choice from the noisy scores, checked
+    (:func:`check_selected`). Every other strategy is a public choice the site makes itself; a request
+    that names matrices for one is refused (the server has nothing to choose)."""
+    from sapf.engine.saliency import candidate_modules, choose_matrices
+
+    if cfg.selection == "saliency":
+        return check_selected(requested, candidate_modules(gen.unet, cfg.candidates), cfg.top_fraction)
+    if requested is not None:
+        raise Refusal(f"refused: a {cfg.selection} plan selects its matrices publicly; the request must not name any")
+    return choose_matrices(cfg.selection, gen, None, cfg.query(), cfg.top_fraction, 0.0, None, cfg.seed).selected
 
 
 def check_round(rnd, rounds: int) -> int:

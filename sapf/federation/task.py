@@ -20,35 +20,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sapf.engine.data import ImageDataset, load_dataset, partition, train_holdout_split
-from sapf.engine.model import Generator, check_data_fits, load_generator
-from sapf.engine.privacy import RDP_ORDERS, Mechanism, PrivacyLedger, check_privacy_args, epsilon_of, plan_privacy
-from sapf.engine.run import SPLIT_SEED
+from sapf.config import FederationConfig
+from sapf.engine.data import ImageDataset, partition
+from sapf.engine.model import DiffusionModel, load_generator
+from sapf.engine.privacy import RDP_ORDERS, Mechanism, PrivacyLedger, check_privacy_args, epsilon_of
+from sapf.engine.run import load_private_data
+from sapf.engine.stages import plan_run, stages_of
 from sapf.errors import SapfError
-from sapf.federation.plan import FederationConfig
 from sapf.federation.site_policy import Refusal
 from sapf.outputs import atomic_path, read_json, write_json
 
 
-def base_generator(cfg: FederationConfig) -> Generator:
-    return load_generator(cfg.base_model or None)
+def base_generator(cfg: FederationConfig) -> DiffusionModel:
+    return load_generator(cfg.base_model)
 
 
-def site_data(cfg: FederationConfig, node_config: dict, gen: Generator) -> tuple[ImageDataset, str]:
+def site_data(cfg: FederationConfig, node_config: dict, gen: DiffusionModel) -> tuple[ImageDataset, str]:
     """A site's private training data and its name.
 
     Deployment: ``data-path`` in the node config (``sapf join --data``). Simulation: partition
     ``partition-id`` of ``num-partitions`` of the run's dataset (its training split).
     """
     if "data-path" in node_config:
-        ds = load_dataset(str(node_config["data-path"]), gen.image_size, gen.channels)
-        check_data_fits(gen, ds.num_classes, ds.channels)
+        ds = load_private_data(str(node_config["data-path"]), gen, holdout=0.0)
         return ds, f"site-{_short_hash(str(node_config['data-path']))}"
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    ds = load_dataset(cfg.data, gen.image_size, gen.channels)
-    check_data_fits(gen, ds.num_classes, ds.channels)
-    if cfg.holdout > 0:
-        ds, _ = train_holdout_split(ds, cfg.holdout, SPLIT_SEED)
+    ds = load_private_data(cfg.data, gen, cfg.holdout)
     parts = partition(ds, num, cfg.partition, cfg.alpha, cfg.seed)
     return ds.subset(parts[pid], f"{ds.name}-site{pid}"), f"site-{pid}"
 
@@ -107,6 +104,8 @@ def site_lock(state_dir: Path):
 
 @dataclass
 class SitePlan:
+    """A site's noise and step counts for the whole planned run."""
+
     delta: float
     selection_noise: float
     train_noise: float
@@ -122,7 +121,7 @@ def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None, delt
     With `state_dir` the plan is kept on the site's disk: a deployed site answers every request in
     a fresh process (Flower's subprocess isolation), and the calibration costs seconds each time.
     """
-    delta = check_privacy_args(cfg.epsilon, delta if delta is not None else (cfg.delta or None), n)
+    delta = check_privacy_args(cfg.epsilon, delta if delta is not None else cfg.delta, n)
     if cfg.batch_size > n:
         raise SapfError(f"batch size {cfg.batch_size} is larger than this site's {n} examples")
     saved = None
@@ -131,8 +130,8 @@ def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None, delt
         if saved.exists():
             return SitePlan(**read_json(saved))
     steps = cfg.rounds * cfg.local_steps_for(n)
-    p = plan_privacy(cfg.epsilon, delta, cfg.batch_size / n, steps, True, cfg.selection_budget,
-                     cfg.selection_sample_rate, cfg.accountant)
+    p = plan_run(stages_of(cfg), epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
+                 train_sample_rate=cfg.batch_size / n, train_steps=steps)
     plan = SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps, cfg.local_steps_for(n))
     if saved is not None:
         write_json(saved, asdict(plan))

@@ -1,0 +1,58 @@
+"""A run is a list of stages that share one privacy plan and one ledger.
+
+Today's stages, in order (each method of the harness is a choice of them):
+
+- ``select``   — which weight matrices to fine-tune: the noisy saliency query (DP-SAPF, a private
+  release through :mod:`sapf.engine.noisy_sum`) or a public choice (all attention, random, full);
+- ``finetune`` — DP-SGD on the chosen parameters (LoRA, or every weight).
+
+Stages that come before training — public-data selection, a warm-up on noisy central images — slot in
+ahead of ``select`` with their own release and share of ε. :func:`plan_run` fixes every stage's noise
+before any private data is touched; central runs (:mod:`sapf.engine.run`) and the federated server and
+sites (:mod:`sapf.federation`) all plan and run the same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from sapf.config import MethodConfig
+from sapf.engine.privacy import PlannedRelease, PrivacyPlan, plan_privacy
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # select | finetune
+    what: str  # one line for config.json and the model card
+    release: str | None = None  # ledger name of the stage's private release before training, if it makes one
+    epsilon_share: float = 0.0  # share of the run's ε that release spends
+    sample_rate: float = 1.0  # its Poisson rate
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stages_of(cfg: MethodConfig) -> list[Stage]:
+    """The stage list of a run with these settings."""
+    if cfg.selection == "saliency":
+        select = Stage("select", f"noisy saliency query ranks the {cfg.candidates} candidate matrices; the top "
+                       f"{cfg.top_fraction:.0%} are fine-tuned", "saliency-query", cfg.selection_budget,
+                       cfg.selection_sample_rate)
+    elif cfg.selection == "full":
+        select = Stage("select", "every weight is fine-tuned (public choice)")
+    elif cfg.selection == "attention":
+        select = Stage("select", "every attention projection gets LoRA (public choice)")
+    else:
+        select = Stage("select", f"a seeded random {cfg.top_fraction:.0%} of the candidates get LoRA (public choice)")
+    tuned = "every weight" if cfg.selection == "full" else f"LoRA (rank {cfg.rank}) on the chosen matrices"
+    return [select, Stage("finetune", f"DP-SGD ({cfg.optimizer}) on {tuned}; the rest of ε", "dp-sgd")]
+
+
+def plan_run(stages: list[Stage], *, epsilon: float, delta: float, accountant: str, train_sample_rate: float,
+             train_steps: int) -> PrivacyPlan:
+    """Every stage's noise, fixed up front: each release before training spends its share of ε; DP-SGD's σ
+    is calibrated so that everything composes to ε exactly."""
+    before = [PlannedRelease(s.release, s.epsilon_share, s.sample_rate) for s in stages
+              if s.release and s.name != "finetune"]
+    return plan_privacy(target_epsilon=epsilon, delta=delta, releases=before, train_sample_rate=train_sample_rate,
+                        train_steps=train_steps, accountant=accountant)
