@@ -444,17 +444,23 @@ def evaluate(
     samples: Path = typer.Option(..., "--samples", help="A sampler output dir (samples.npz) or an .npz file."),
     data: str = typer.Option("mnist5k", help="The real dataset to compare with."),
     split: str = typer.Option("holdout", help="Real images to compare with: holdout or train."),
-    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json to write (default: print only)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json to write, with confusion.png beside it (default: print only)."),
     seed: int = typer.Option(0),
 ):
-    """Fidelity (FID, KID, precision/recall on sapf's own feature net) and downstream accuracy."""
-    from sapf.engine.evaluate import evaluate as run_evaluate
+    """Class fidelity, FID, KID, precision/recall (on sapf's own classifier of the real data) and downstream accuracy.
+
+    These read the real data: they are for the data curator, outside the run's (ε, δ) guarantee."""
+    from sapf.engine.evaluate import evaluate as run_evaluate, plot_confusion
     from sapf.outputs import write_json
 
     metrics = run_evaluate(samples, data, split, seed)
     if out is not None:
         write_json(out, {**metrics, "samples": str(samples), "seed": seed})
+        plot_confusion(out.with_name("confusion.png"), metrics["confusion"],
+                       f"class fidelity {metrics['class_fidelity']:.3f}")
     typer.echo("  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    per_class = metrics["class_fidelity_per_class"]
+    typer.echo("class fidelity per class: " + "  ".join(f"{k}: {v:.2f}" for k, v in per_class.items()))
 
 
 def main() -> None:

@@ -56,6 +56,18 @@ def test_downstream_classifier_real_beats_noise(real):
     assert accuracy(on_real, hold.images, hold.labels) > 0.8 > 0.3 > accuracy(on_noise, hold.images, hold.labels)
 
 
+def test_class_fidelity_separates_real_labels_from_shuffled_ones(real, net):
+    from sapf.engine.evaluate import class_fidelity
+
+    hold = _shuffled(real[1])
+    x, y = hold.images[:500], hold.labels[:500]
+    right = class_fidelity(net, x, y, 10)
+    wrong = class_fidelity(net, x, np.random.default_rng(0).permutation(y), 10)
+    assert right["class_fidelity"] > 0.9 > 0.2 > wrong["class_fidelity"]
+    assert np.asarray(right["confusion"]).sum() == 500 and np.trace(np.asarray(right["confusion"])) > 450
+    assert min(right["class_fidelity_per_class"].values()) > 0.7
+
+
 def test_evaluate_command(tmp_path, real, net, monkeypatch):
     hold = _shuffled(real[1])
     images = ((hold.images[:200, 0] + 1) * 127.5).round().astype(np.uint8)
@@ -65,7 +77,8 @@ def test_evaluate_command(tmp_path, real, net, monkeypatch):
     import json
 
     m = json.loads((tmp_path / "m.json").read_text())
-    assert {"fid", "kid", "precision", "recall", "downstream_acc"} <= set(m)
-    assert m["downstream_acc"] > 0.6 and m["precision"] > 0.8
+    assert {"class_fidelity", "fid", "kid", "precision", "recall", "downstream_acc"} <= set(m)
+    assert m["downstream_acc"] > 0.6 and m["precision"] > 0.8 and m["class_fidelity"] > 0.9
+    assert (tmp_path / "confusion.png").exists() and "outside" in m["privacy"]
     r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "none.npz")])
     assert r.exit_code == 2 and "no samples" in r.output
