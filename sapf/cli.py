@@ -13,10 +13,10 @@ from typing import Optional
 
 import typer
 
-from sapf.config import ConfigError, FederationConfig, MethodConfig, TrainConfig
+from sapf.config import ConfigError, FederationConfig, MethodConfig, PretrainConfig, TrainConfig
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
 from sapf.errors import SapfError
-from sapf.sampling_inputs import DEFAULT_ETA
+from sapf.sampling_inputs import DEFAULT_ETA, DEFAULT_GUIDANCE
 
 app = typer.Typer(
     name="sapf",
@@ -37,10 +37,10 @@ def command(*args, **kwargs):
                 return fn(*a, **kw)
             except SapfError as e:
                 typer.echo(f"sapf: error: {e.as_flag() if isinstance(e, ConfigError) else e}", err=True)
-                raise typer.Exit(2)
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 typer.echo("sapf: interrupted; nothing partial was left in --out", err=True)
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
 
         return app.command(*args, **kwargs)(wrapper)
 
@@ -51,23 +51,29 @@ def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+_P = PretrainConfig
+
+
 @command()
 def pretrain(
     out: Path = typer.Option(..., "--out", help="Model directory to write (diffusers layout)."),
-    data: str = typer.Option("digits", help="Public data: digits, mnist5k, an image folder or an .npz."),
-    image_size: int = typer.Option(28, help="Image side in pixels."),
-    steps: int = typer.Option(3000, help="Optimiser steps."),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine)."),
-    widths: str = typer.Option("32,64,64", help="UNet channels per level, comma-separated."),
-    slant: str = typer.Option("-0.1,0.5", help="Random shear range MIN,MAX per image (positive leans right), or 'off'."),
-    seed: int = typer.Option(0),
+    data: str = typer.Option(_P.data, help="Public data: digits, mnist5k, an image folder or an .npz."),
+    image_size: int = typer.Option(_P.image_size, help="Image side in pixels."),
+    steps: int = typer.Option(_P.steps, help="Optimiser steps."),
+    batch_size: int = typer.Option(_P.batch_size),
+    lr: float = typer.Option(_P.lr, help="Peak learning rate (warm-up, then cosine)."),
+    widths: str = typer.Option(",".join(map(str, _P().block_out_channels)),
+                               help="UNet channels per level, comma-separated."),
+    slant: str = typer.Option(",".join(map(str, _P.slant)),
+                              help="Random shear range MIN,MAX per image (positive leans right), or 'off'."),
+    label_dropout: float = typer.Option(_P.label_dropout, help="Classifier-free guidance: share of labels replaced "
+                                                               "by a null class (0: no null class)."),
+    seed: int = typer.Option(_P.seed),
     force: bool = typer.Option(False, help="Replace an existing --out."),
 ):
     """Train a public class-conditional generator non-privately (public data only)."""
     from sapf.engine.data import load_dataset
     from sapf.engine.model import save_generator
-    from sapf.engine.pretrain import PretrainConfig
     from sapf.engine.pretrain import pretrain as run_pretrain
     from sapf.engine.sampling import sample
     from sapf.outputs import atomic_output_dir, check_output_dir, write_json, write_samples
@@ -75,6 +81,8 @@ def pretrain(
 
     if steps < 1 or batch_size < 1:
         raise SapfError("--steps and --batch-size must be at least 1")
+    if not 0 <= label_dropout < 1:
+        raise SapfError(f"--label-dropout must lie in [0, 1), got {label_dropout}")
     try:
         levels = [int(w) for w in widths.split(",")]
     except ValueError:
@@ -84,8 +92,9 @@ def pretrain(
     slant_range = None if slant.strip().lower() == "off" else _float_pair(slant, "--slant")
     check_output_dir(out, force)
     cfg = PretrainConfig(data=data, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         slant=slant_range,
-                         block_out_channels=levels, norm_num_groups=math.gcd(8, *levels), attention_head_dim=min(32, levels[-1]))
+                         slant=slant_range, label_dropout=label_dropout,
+                         block_out_channels=levels, norm_num_groups=math.gcd(8, *levels),
+                         attention_head_dim=min(32, levels[-1]))
     ds = load_dataset(data, image_size, 1)
     gen, hist = run_pretrain(cfg, ds)
     with atomic_output_dir(out, force) as tmp:
@@ -112,11 +121,15 @@ def _float_pair(text: str, option: str) -> tuple[float, float]:
 def sample(
     out: Path = typer.Option(..., "--out", help="Directory for PNGs, grid.png and samples.npz."),
     num: int = typer.Option(100, "--num", help="Number of images."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model dir or run dir (default: the shipped public model)."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Sample from an exported ONNX file with onnxruntime instead."),
+    model: Optional[Path] = typer.Option(None, "--model",
+                                         help="Model dir or run dir (default: the shipped public model)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx",
+                                        help="Sample from an exported ONNX file with onnxruntime instead."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Only this class (default: class-balanced)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     eta: float = typer.Option(DEFAULT_ETA, help="DDIM step noise: 1 adds DDPM's noise each step, 0 is deterministic."),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, help="Classifier-free guidance weight w (1: plain conditional; "
+                                                          "needs a model with a null class)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda: run on CPU if CUDA is missing."),
@@ -135,13 +148,13 @@ def sample(
         raise SapfError(f"--device must be cpu or cuda, not '{device}'")
     check_eta(eta)
     check_output_dir(out, force)
-    meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta, "seed": seed,
-            "device": device}
+    meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta,
+            "guidance": guidance, "seed": seed, "device": device}
     if onnx is not None:
         from sapf.export.onnx_sampler import OnnxSampler
 
         sampler = OnnxSampler(onnx, device=device, allow_cpu_fallback=allow_cpu_fallback)
-        images, labels = sampler.sample(num, class_label, steps, seed, batch_size, eta=eta)
+        images, labels = sampler.sample(num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance)
         meta.update(onnx=str(onnx), provider=sampler.provider)
     else:
         from sapf.engine.model import load_generator
@@ -150,7 +163,7 @@ def sample(
         if device != "cpu":
             raise SapfError("the torch sampler runs on CPU here; use --onnx FILE --device cuda for GPUs")
         gen = load_generator(model)
-        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta)
+        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance)
         meta.update(model=gen.source)
     with atomic_output_dir(out, force) as tmp:
         write_samples(tmp, images, labels, meta)
@@ -184,7 +197,8 @@ def _eps_text(value: float) -> str:
 # Options shared by `train`, `select`, `federate` and `serve`: one definition each, defaults from sapf.config.
 _M = MethodConfig
 _DATA = typer.Option(_M.data, help="Private data: mnist5k, an image folder (one sub-folder per class) or an .npz.")
-_BASE = typer.Option(None, "--base-model", help="Public base model dir, present at every site (default: the shipped public model).")
+_BASE = typer.Option(None, "--base-model",
+                     help="Public base model dir, present at every site (default: the shipped public model).")
 _DELTA = typer.Option(None, help="Target δ (default 1/(N ln N) of the data holder's N).")
 _SELECTION = typer.Option(_M.selection, help="saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM).")
 _CANDIDATES = typer.Option(_M.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
@@ -193,25 +207,34 @@ _SEL_BUDGET = typer.Option(_M.selection_budget, help="Share of ε given to the s
 _MULTIPLICITY = typer.Option(_M.multiplicity, help="Noise/timestep replicas per record (averaged before clipping).")
 _CLIP = typer.Option(_M.clip, help="Per-record clipping norm C of DP-SGD (LoRA per-record norms start near 0.03).")
 _OPTIMIZER = typer.Option(_M.optimizer, help="adam (AdamW) or sgd (momentum 0.9).")
-_LR = typer.Option(None, help=f"Learning rate (Adam: {LORA_LR:g} for LoRA, {FULL_LR:g} for full; SGD: {SGD_LORA_LR:g} for LoRA).")
+_LR = typer.Option(None, help=f"Learning rate (Adam: {LORA_LR:g} for LoRA, {FULL_LR:g} for full; "
+                              f"SGD: {SGD_LORA_LR:g} for LoRA).")
 _RANK = typer.Option(_M.rank, help="LoRA rank.")
 _ALPHA = typer.Option(_M.lora_alpha, help="LoRA alpha.")
 _HOLDOUT = typer.Option(_M.holdout, help="Share of the data kept out of training for evaluation (0: none).")
 _ACCOUNTANT = typer.Option(_M.accountant, help="rdp or prv (Opacus).")
-_SEED = typer.Option(_M.seed, help="Seed of public randomness only (initialisation, random selection, partitions, sample grids); DP noise and batches are always fresh.")
+_SEED = typer.Option(_M.seed, help="Seed of public randomness only (initialisation, random selection, partitions, "
+                                   "sample grids); DP noise and batches are always fresh.")
 _FORCE = typer.Option(False, help="Replace an existing --out.")
+_WARMUP = typer.Option(_M.warmup, help="none | central-images (DP-FETA: noisy per-class mean images, "
+                                        "then every weight warmed up on them).")
+_WARMUP_BUDGET = typer.Option(_M.warmup_budget, help="Share of ε spent on the central images.")
+_WARMUP_STEPS = typer.Option(_M.warmup_steps, help="Non-private warm-up steps on the central images (post-processing).")
 
 
 @command()
 def train(
     out: Path = typer.Option(..., "--out", help="Run directory to write."),
     data: str = _DATA, base_model: Optional[Path] = _BASE,
-    epsilon: str = typer.Option(_eps_text(TrainConfig.epsilon), help="Target ε for the whole run (inf: non-private upper bound)."),
+    epsilon: str = typer.Option(_eps_text(TrainConfig.epsilon),
+                                help="Target ε for the whole run (inf: non-private upper bound)."),
     delta: Optional[float] = _DELTA, selection: str = _SELECTION, top_fraction: float = _TOP,
     candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET,
+    warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     steps: Optional[int] = typer.Option(None, help=f"DP-SGD steps (default {TRAIN_STEPS})."),
     epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),
-    batch_size: Optional[int] = typer.Option(None, help=f"Expected (Poisson) batch size (default {TRAIN_BATCH_SIZE}, or a quarter of a smaller dataset)."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Expected (Poisson) batch size (default {TRAIN_BATCH_SIZE}, "
+                                                        "or a quarter of a smaller dataset)."),
     multiplicity: int = _MULTIPLICITY, clip: float = _CLIP, lr: Optional[float] = _LR, optimizer: str = _OPTIMIZER,
     rank: int = _RANK, lora_alpha: int = _ALPHA,
     ema_decay: float = typer.Option(TrainConfig.ema_decay, help="EMA of the trained weights (0: off)."),
@@ -223,7 +246,7 @@ def train(
     cfg = _config(TrainConfig, locals())
     if not math.isfinite(cfg.epsilon):
         _say("ε = inf: training WITHOUT differential privacy (the non-private upper bound)")
-    s = run_train(cfg, out, force)
+    s = run_train(cfg, out, force=force)
     _say(
         f"wrote {out}: {s['trainable_parameters']:,} trainable parameters, {s['steps']} steps, "
         f"ε spent {s['epsilon_spent']:.3f}; model card: {out}/README.md; grid: {out}/grid.png; "
@@ -246,7 +269,7 @@ def select(
     from sapf.engine.run import select_only
 
     cfg = _config(TrainConfig, locals(), clip=_M.clip, selection_clip=clip, selection_sample_rate=sample_rate)
-    sel = select_only(cfg, out, force)
+    sel = select_only(cfg, out, force=force)
     _say(f"selected {len(sel.selected)} of {len(sel.candidates)} matrices; wrote {out}/selection.json")
 
 
@@ -280,6 +303,7 @@ def federate(
     alpha: float = typer.Option(_F.alpha, help="Dirichlet concentration."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, selection: str = _SELECTION,
+    warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
     candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
     keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
@@ -312,18 +336,24 @@ def _exit_on_sigterm() -> None:
 def serve(
     out: Path = typer.Option(Path("runs/serve"), "--out", help="Run directory (on this, the server's, machine)."),
     clients: int = typer.Option(..., "--clients", help="Sites to wait for before the run starts."),
-    host: str = typer.Option("0.0.0.0", help="Address the sites dial (the Fleet gate; the SuperLink itself listens on 127.0.0.1)."),
+    host: str = typer.Option("0.0.0.0", help="Address the sites dial (the Fleet gate; "
+                                             "the SuperLink itself listens on 127.0.0.1)."),
     port: int = typer.Option(9092, help="Port the sites dial: the Fleet API only."),
-    certs: Optional[Path] = typer.Option(None, "--certs", help="Directory from `sapf certs` (ca.crt, server.pem, server.key)."),
+    certs: Optional[Path] = typer.Option(None, "--certs",
+                                         help="Directory from `sapf certs` (ca.crt, server.pem, server.key)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS (tests and closed networks only)."),
-    supernode_key: list[Path] = typer.Option([], "--supernode-key", help="A site's public key (repeat): only these nodes may join."),
-    open_enrollment: bool = typer.Option(False, "--open-enrollment", help="Under TLS, let any node that holds ca.crt join (no site keys)."),
+    supernode_key: list[Path] = typer.Option([], "--supernode-key",
+                                             help="A site's public key (repeat): only these nodes may join."),
+    open_enrollment: bool = typer.Option(False, "--open-enrollment",
+                                         help="Under TLS, let any node that holds ca.crt join (no site keys)."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, selection: str = _SELECTION,
+    warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
     candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
     keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
-    min_clients: Optional[int] = typer.Option(None, help="Fewest valid replies a round may go on with (default: all sites)."),
+    min_clients: Optional[int] = typer.Option(None,
+                                              help="Fewest valid replies a round may go on with (default: all sites)."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED, resume: bool = _RESUME, force: bool = _FORCE,
 ):
     """Start a SuperLink, run DP-SAPF across the sites that `sapf join` it, and write the run dir."""
@@ -358,17 +388,26 @@ def serve(
 def join(
     superlink: str = typer.Option(..., "--superlink", help="The SuperLink's HOST:PORT."),
     data: Path = typer.Option(..., "--data", help="This site's private images: an image folder or an .npz."),
-    max_epsilon: float = typer.Option(..., "--max-epsilon", help="This site's lifetime ε for this dataset: it never spends past it."),
+    max_epsilon: float = typer.Option(..., "--max-epsilon",
+                                      help="This site's lifetime ε for this dataset: it never spends past it."),
     delta: Optional[float] = typer.Option(None, help="The δ this site accounts at (default 1/(n ln n) of its n)."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where this site's privacy ledger lives (default ~/.sapf/sites/NAME)."),
-    base_model: list[Path] = typer.Option([], "--base-model", help="A base model dir this site allows the server to name (repeat; the shipped model is always allowed)."),
-    limit: list[str] = typer.Option([], "--limit", help="Change one of the site's plan caps, e.g. max-rank=16 (repeat; see the README)."),
-    new_dataset: bool = typer.Option(False, "--new-dataset", help="The data changed on purpose: keep the old ledger aside and start a new one."),
-    ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (ca.crt from `sapf certs`) to verify the SuperLink."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where this site's privacy ledger lives "
+                                                                       "(default ~/.sapf/sites/NAME)."),
+    base_model: list[Path] = typer.Option([], "--base-model",
+                                          help="A base model dir this site allows the server to name "
+                                               "(repeat; the shipped model is always allowed)."),
+    limit: list[str] = typer.Option([], "--limit", help="Change one of the site's plan caps, e.g. max-rank=16 "
+                                                        "(repeat; see the README)."),
+    new_dataset: bool = typer.Option(False, "--new-dataset", help="The data changed on purpose: "
+                                                                  "keep the old ledger aside and start a new one."),
+    ca: Optional[Path] = typer.Option(None, "--ca",
+                                      help="CA certificate (ca.crt from `sapf certs`) to verify the SuperLink."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP, no TLS."),
-    auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="This site's private key, for SuperNode authentication."),
+    auth_key: Optional[Path] = typer.Option(None, "--auth-key",
+                                            help="This site's private key, for SuperNode authentication."),
     port: Optional[int] = typer.Option(None, help="Local port of the SuperNode's app runtime (default: a free one)."),
-    wait: float = typer.Option(600.0, help="Seconds to keep trying while the SuperLink is not up or has not registered this site."),
+    wait: float = typer.Option(600.0, help="Seconds to keep trying while the SuperLink is not up "
+                                           "or has not registered this site."),
 ):
     """Join a federation as one site: start a Flower SuperNode that trains on --data locally."""
     import hashlib
@@ -391,8 +430,10 @@ def join(
 @command()
 def certs(
     out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem, server.key (and site keys)."),
-    host: list[str] = typer.Option([], "--host", help="Name or IP the sites dial (repeat); localhost and 127.0.0.1 are always added."),
-    sites: list[str] = typer.Option([], "--site", help="Make a SuperNode key pair for this site name (repeat). Without --host: only the key pair, made at the site."),
+    host: list[str] = typer.Option([], "--host", help="Name or IP the sites dial (repeat); "
+                                                      "localhost and 127.0.0.1 are always added."),
+    sites: list[str] = typer.Option([], "--site", help="Make a SuperNode key pair for this site name (repeat). "
+                                                       "Without --host: only the key pair, made at the site."),
     days: int = typer.Option(365, help="Validity in days."),
     force: bool = typer.Option(False, help="Replace existing files."),
 ):
@@ -444,13 +485,15 @@ def evaluate(
     samples: Path = typer.Option(..., "--samples", help="A sampler output dir (samples.npz) or an .npz file."),
     data: str = typer.Option("mnist5k", help="The real dataset to compare with."),
     split: str = typer.Option("holdout", help="Real images to compare with: holdout or train."),
-    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json to write, with confusion.png beside it (default: print only)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="metrics.json to write, with confusion.png beside it "
+                                                           "(default: print only)."),
     seed: int = typer.Option(0),
 ):
     """Class fidelity, FID, KID, precision/recall (on sapf's own classifier of the real data) and downstream accuracy.
 
     These read the real data: they are for the data curator, outside the run's (ε, δ) guarantee."""
-    from sapf.engine.evaluate import evaluate as run_evaluate, plot_confusion
+    from sapf.engine.evaluate import evaluate as run_evaluate
+    from sapf.engine.evaluate import plot_confusion
     from sapf.outputs import write_json
 
     metrics = run_evaluate(samples, data, split, seed)

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
 from sapf.errors import SapfError
 
 SELECTIONS = ("saliency", "attention", "random", "full")  # parameter-selection strategies
-CANDIDATE_SETS = ("all", "attention")
+CANDIDATE_SETS = ("all", "no-conditioning", "attention")
 SCORES = ("sqnorm", "norm")
 OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
+WARMUPS = ("none", "central-images")
 DEFAULT_HOLDOUT = 0.2  # share of the built-in sensitive set kept out of training, for evaluation
 
 
@@ -77,9 +78,17 @@ class MethodConfig:
     clip: float = 0.05  # DP-SGD clipping norm; LoRA per-record gradient norms start near 0.03
     optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9)
     lr: float | None = None  # None: LORA_LR, FULL_LR for full fine-tuning, SGD_LORA_LR for sgd
+    label_dropout: float = 0.1  # classifier-free guidance: a label becomes the null class w.p. this (models with one)
     rank: int = 8  # LoRA rank
     lora_alpha: int = 8  # LoRA alpha
     seed: int = 0  # public randomness only: initialisation, random selection, partitions, sample grids
+    public_data: str = "digits"  # the public set: it bounds the central images' norms
+    warmup: str = "none"  # none | central-images (DP-FETA: warm up on noisy per-class mean images)
+    warmup_budget: float = 0.05  # share of ε spent on the central images
+    central_sample_rate: float = 1.0  # Poisson rate of each central-image query
+    central_queries: int = 1  # central-image queries (their sums add up)
+    warmup_steps: int = 200  # non-private steps on the central images (post-processing)
+    warmup_lr: float = 1e-4  # Adam learning rate of the warm-up (every weight moves)
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -103,9 +112,9 @@ class MethodConfig:
                "epsilon", f"must be > 0 (or inf for non-private), got {self.epsilon!r}")
         _check(self.delta is None or 0 < self.delta < 1, "delta", f"must lie in (0, 1), got {self.delta!r}")
         _check(0 <= self.holdout < 1, "holdout", f"must lie in [0, 1), got {self.holdout!r}")
-        for field, allowed in (("accountant", ACCOUNTANTS), ("selection", SELECTIONS), ("candidates", CANDIDATE_SETS),
-                               ("score", SCORES), ("optimizer", OPTIMIZERS)):
-            _one_of(self, field, allowed)
+        for name, allowed in (("accountant", ACCOUNTANTS), ("selection", SELECTIONS), ("candidates", CANDIDATE_SETS),
+                              ("score", SCORES), ("optimizer", OPTIMIZERS)):
+            _one_of(self, name, allowed)
         _check(0 < self.top_fraction <= 1, "top_fraction", f"must lie in (0, 1], got {self.top_fraction!r}")
         _check(0 < self.selection_budget < 1, "selection_budget", f"must lie in (0, 1), got {self.selection_budget!r}")
         _check(self.selection_clip > 0, "selection_clip", f"must be > 0, got {self.selection_clip!r}")
@@ -115,14 +124,26 @@ class MethodConfig:
         _check(self.multiplicity >= 1, "multiplicity", "must be at least 1")
         _check(self.clip > 0, "clip", f"must be > 0, got {self.clip!r}")
         _check(self.learning_rate() > 0, "lr", f"must be > 0, got {self.lr!r}")
+        _check(0 <= self.label_dropout < 1, "label_dropout", f"must lie in [0, 1), got {self.label_dropout!r}")
         _check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank!r}")
         _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
+        _one_of(self, "warmup", WARMUPS)
+        if self.warmup != "none":
+            _check(0 < self.warmup_budget < 1, "warmup_budget", f"must lie in (0, 1), got {self.warmup_budget!r}")
+            spent = self.warmup_budget + (self.selection_budget if self.selection == "saliency" else 0.0)
+            _check(spent < 1, "warmup_budget", "and --selection-budget together must stay below 1")
+            _check(0 < self.central_sample_rate <= 1, "central_sample_rate",
+                   f"must lie in (0, 1], got {self.central_sample_rate!r}")
+            _check(self.central_queries >= 1, "central_queries", "must be at least 1")
+            _check(self.warmup_steps >= 0, "warmup_steps", "must be at least 0")
+            _check(self.warmup_lr > 0, "warmup_lr", f"must be > 0, got {self.warmup_lr!r}")
 
     def dpsgd(self, steps: int, batch_size: int, ema_decay: float = 0.0):
         from sapf.engine.finetune import DPSGDConfig
 
         return DPSGDConfig(steps=steps, batch_size=batch_size, multiplicity=self.multiplicity, clip=self.clip,
-                           lr=self.learning_rate(), ema_decay=ema_decay, optimizer=self.optimizer)
+                           lr=self.learning_rate(), ema_decay=ema_decay, optimizer=self.optimizer,
+                           label_dropout=self.label_dropout)
 
 
 @dataclass
@@ -222,6 +243,32 @@ class FederationConfig(MethodConfig):
                 raise SapfError(f"plan field {f.name} must be of type {kind.__name__}, got {type(v).__name__}")
             values[f.name] = v
         return cls(**values)
+
+
+@dataclass
+class PretrainConfig:
+    """Non-private pretraining of a public generator (`sapf pretrain`)."""
+
+    data: str = "digits"
+    image_size: int = 28
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    norm_num_groups: int = 8
+    # Random horizontal shear of each batch, as (most left-leaning, most right-leaning): x += s·(height
+    # above centre)/half-height. None: off. See random_slant.
+    slant: tuple[float, float] | None = (-0.1, 0.5)
+    # Classifier-free guidance: a null class (the last class embedding) replaces each label with this probability.
+    label_dropout: float = 0.1
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _plain_type(cls, name: str) -> type:

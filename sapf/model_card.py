@@ -29,7 +29,8 @@ SHAREABLE = {
 
 def _mechanism_rows(mechanisms: list[dict]) -> list[str]:
     rows = ["| release | noise multiplier σ | sample rate | steps |", "|---|---|---|---|"]
-    rows += [f"| {m['name']} | {m['noise_multiplier']:.4g} | {m['sample_rate']:.4g} | {m['steps']} |" for m in mechanisms]
+    rows += [f"| {m['name']} | {m['noise_multiplier']:.4g} | {m['sample_rate']:.4g} | {m['steps']} |"
+             for m in mechanisms]
     return rows
 
 

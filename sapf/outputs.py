@@ -151,7 +151,7 @@ def write_samples(out: Path, images: np.ndarray, labels: np.ndarray, meta: dict 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     width = len(str(max(len(images) - 1, 0)))
-    for i, (img, lab) in enumerate(zip(images, labels)):
+    for i, (img, lab) in enumerate(zip(images, labels, strict=False)):
         save_png(out / f"{i:0{width}d}_class{int(lab)}.png", img)
     save_png(out / "grid.png", class_grid(images, labels))
     with atomic_path(out / "samples.npz") as tmp:

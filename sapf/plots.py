@@ -9,7 +9,8 @@ import numpy as np
 from sapf.outputs import atomic_path
 
 
-def plot_curve(path: str | Path, ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str = "", smooth: int = 1) -> None:
+def plot_curve(path: str | Path, ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str = "",
+               smooth: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

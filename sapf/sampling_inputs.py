@@ -47,3 +47,19 @@ def step_noise(first: int, count: int, steps: int, channels: int, size: int, see
     """
     return np.stack([np.random.default_rng([seed, 1, i]).standard_normal((steps, channels, size, size), np.float32)
                      for i in range(first, first + count)], axis=1)
+
+
+DEFAULT_GUIDANCE = 1.0  # classifier-free guidance weight w: 1 is the plain conditional sample
+
+
+def check_guidance(guidance: float, null_class: int | None) -> None:
+    if not (guidance == guidance and 0 <= guidance <= 20):  # NaN fails the first test
+        raise SapfError(f"--guidance must lie in [0, 20], got {guidance}")
+    if guidance != 1.0 and null_class is None:
+        raise SapfError("--guidance needs a model trained with a null class (sapf pretrain --label-dropout); "
+                        "this one has none: use --guidance 1")
+
+
+def guided(cond: np.ndarray, uncond: np.ndarray, guidance: float) -> np.ndarray:
+    """ε = ε_∅ + w (ε_y − ε_∅), computed the same way by every sampler."""
+    return uncond + guidance * (cond - uncond)

@@ -31,7 +31,8 @@ def test_pretrain_then_sample(tmp_path):
     r = run("sample", "--model", m, "--num", 6, "--steps", 3, "--seed", 4, "--out", s)
     assert r.exit_code == 0, r.output
     z = np.load(s / "samples.npz")
-    assert z["images"].shape == (6, 16, 16) and z["images"].dtype == np.uint8 and z["labels"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert (z["images"].shape == (6, 16, 16) and z["images"].dtype == np.uint8
+            and z["labels"].tolist() == [0, 1, 2, 3, 4, 5])
     assert len(list(s.glob("*_class*.png"))) == 6 and (s / "grid.png").exists()
     # An existing --out is refused without --force, and left untouched.
     before = (s / "samples.npz").read_bytes()

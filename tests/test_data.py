@@ -143,7 +143,7 @@ def test_partition_deterministic_complete_and_stable(scheme):
     ds = load_dataset("digits", 8, 1)
     parts = partition(ds, 4, scheme, alpha=0.5, seed=3)
     again = partition(ds, 4, scheme, alpha=0.5, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     allidx = np.concatenate(parts)
     assert sorted(allidx.tolist()) == list(range(len(ds)))  # every example exactly once
     assert all(len(p) > 0 for p in parts)
@@ -152,7 +152,7 @@ def test_partition_deterministic_complete_and_stable(scheme):
         assert all(len(np.unique(ds.labels[p])) == 10 for p in parts)  # label coverage
     else:
         other = partition(ds, 4, scheme, alpha=0.5, seed=4)
-        assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+        assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
         # Label skew: some site's class histogram is far from uniform.
         skews = [np.bincount(ds.labels[p], minlength=10).max() / len(p) for p in parts]
         assert max(skews) > 0.2

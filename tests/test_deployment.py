@@ -84,7 +84,8 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, 
     out = tmp_path / "run"
     serve = _start(SAPF + ["serve", "--clients", "2", "--port", str(port), "--host", "127.0.0.1", "--rounds", "2",
                            "--local-steps", "2", "--batch-size", "8", "--multiplicity", "1",
-                           "--base-model", str(tiny_model_dir), "--out", str(out), *server_flags], tmp_path / "serve.log")
+                           "--base-model", str(tiny_model_dir), "--out", str(out), *server_flags],
+                   tmp_path / "serve.log")
     sites = []
     try:
         if while_up is not None:
@@ -92,7 +93,8 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, 
         for i, data in enumerate(site_files):
             sites.append(_start(SAPF + ["join", "--superlink", f"127.0.0.1:{port}", "--data", str(data),
                                         "--state-dir", str(tmp_path / f"ledger{i}"), "--max-epsilon", "50",
-                                        "--base-model", str(tiny_model_dir), *site_flags(i)], tmp_path / f"join{i}.log"))
+                                        "--base-model", str(tiny_model_dir), *site_flags(i)],
+                                tmp_path / f"join{i}.log"))
         try:
             rc = serve.wait(timeout=420)
         except subprocess.TimeoutExpired:
@@ -167,7 +169,8 @@ def test_serve_and_join_with_tls_and_supernode_auth(tmp_path, tiny_model_dir, si
         time.sleep(8)
 
     out = _federation(tmp_path, tiny_model_dir, site_files,
-                      ["--certs", str(certs), "--supernode-key", str(certs / "a.pub"), "--supernode-key", str(certs / "b.pub")],
+                      ["--certs", str(certs), "--supernode-key", str(certs / "a.pub"),
+                       "--supernode-key", str(certs / "b.pub")],
                       lambda i: ["--ca", str(certs / "ca.crt"), "--auth-key", str(certs / keys[i])],
                       while_up=rogue_node_tries_first)
     _check_run(out, tmp_path)
@@ -180,9 +183,10 @@ def test_serve_and_join_with_tls_and_supernode_auth(tmp_path, tiny_model_dir, si
 
 def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
     cases = [
-        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--max-epsilon", "5"], "TLS is on by default"),
-        (["join", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "nope.npz"), "--insecure", "--max-epsilon", "5"],
-         "not found"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--max-epsilon", "5"],
+         "TLS is on by default"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "nope.npz"), "--insecure",
+          "--max-epsilon", "5"], "not found"),
         (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure"], "'--max-epsilon'"),
         (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "inf"],
          "--max-epsilon"),
@@ -190,12 +194,14 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
           "--limit", "max-rank=lots"], "max-rank"),
         (["serve", "--clients", "2", "--open-enrollment", "--out", str(tmp_path / "r")], "TLS is on by default"),
         (["serve", "--clients", "2", "--insecure", "--certs", str(tmp_path), "--out", str(tmp_path / "r")], "exclude"),
-        (["serve", "--clients", "2", "--certs", str(tmp_path / "c0"), "--out", str(tmp_path / "r")], "--open-enrollment"),
-        (["serve", "--clients", "2", "--insecure", "--supernode-key", str(tmp_path / "k.pub"), "--out", str(tmp_path / "r")],
-         "needs TLS"),
+        (["serve", "--clients", "2", "--certs", str(tmp_path / "c0"), "--out", str(tmp_path / "r")],
+         "--open-enrollment"),
+        (["serve", "--clients", "2", "--insecure", "--supernode-key", str(tmp_path / "k.pub"),
+          "--out", str(tmp_path / "r")], "needs TLS"),
         (["certs", "--out", str(tmp_path / "c"), "--host", "127.0.0.1", "--days", "0"], "--days"),
         (["serve", "--clients", "2", "--insecure", "--resume", "--out", str(tmp_path / "r")], "no checkpoint"),
-        (["serve", "--clients", "2", "--insecure", "--optimizer", "lbfgs", "--out", str(tmp_path / "r")], "--optimizer"),
+        (["serve", "--clients", "2", "--insecure", "--optimizer", "lbfgs", "--out", str(tmp_path / "r")],
+         "--optimizer"),
         (["federate", "--clients", "2", "--optimizer", "lbfgs", "--out", str(tmp_path / "f")], "--optimizer"),
     ]
     for args, expected in cases:
@@ -237,8 +243,9 @@ def test_serve_exits_nonzero_when_the_server_app_fails(tmp_path):
     before = _flower_processes()
     empty = tmp_path / "not-a-model"
     empty.mkdir()
-    res = subprocess.run(SAPF + ["serve", "--clients", "1", "--insecure", "--host", "127.0.0.1", "--port", str(_free_port()),
-                                "--base-model", str(empty), "--out", str(tmp_path / "run")],
+    res = subprocess.run(SAPF + ["serve", "--clients", "1", "--insecure", "--host", "127.0.0.1",
+                                "--port", str(_free_port()), "--base-model", str(empty),
+                                "--out", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     assert "the federated run failed" in res.stderr and "Traceback" not in res.stderr

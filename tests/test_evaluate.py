@@ -4,8 +4,15 @@ from typer.testing import CliRunner
 
 from sapf.cli import app
 from sapf.engine.data import load_dataset, train_holdout_split
-from sapf.engine.evaluate import (accuracy, feature_network, features, frechet_distance, kernel_inception_distance,
-                                  precision_recall, train_classifier)
+from sapf.engine.evaluate import (
+    accuracy,
+    feature_network,
+    features,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+    train_classifier,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +79,8 @@ def test_evaluate_command(tmp_path, real, net, monkeypatch):
     hold = _shuffled(real[1])
     images = ((hold.images[:200, 0] + 1) * 127.5).round().astype(np.uint8)
     np.savez(tmp_path / "real.npz", images=images, labels=hold.labels[:200])
-    r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "real.npz"), "--out", str(tmp_path / "m.json")])
+    r = CliRunner().invoke(app, ["evaluate", "--samples", str(tmp_path / "real.npz"),
+                                 "--out", str(tmp_path / "m.json")])
     assert r.exit_code == 0, r.output
     import json
 

@@ -66,7 +66,8 @@ def test_export_parity_and_metadata(exported, tiny_model_dir):
     rng = np.random.default_rng(1)
     feeds = [{"sample": rng.standard_normal((b, 1, 16, 16)).astype(np.float32), "timestep": np.full(b, 700),
               "class_labels": np.arange(b) % 10} for b in (1, 5)]
-    err = onnx_export.prediction_error(onnx_export.torch_predictions(gen, feeds), onnx_export.onnx_predictions(exported, feeds))
+    err = onnx_export.prediction_error(onnx_export.torch_predictions(gen, feeds),
+                                       onnx_export.onnx_predictions(exported, feeds))
     assert err["max_abs_diff"] <= 1e-4
 
 
@@ -162,7 +163,8 @@ def test_onnx_sampler_runs_without_torch(exported, tmp_path):
     code = BLOCK_TORCH + textwrap.dedent(f"""
         from sapf.cli import app
         try:
-            app(["sample", "--onnx", {str(exported)!r}, "--num", "12", "--steps", "4", "--seed", "3", "--out", {str(out)!r}])
+            app(["sample", "--onnx", {str(exported)!r}, "--num", "12", "--steps", "4", "--seed", "3",
+                 "--out", {str(out)!r}])
         except SystemExit as e:
             assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
             assert not [m for m in sys.modules if m.startswith("sapf.engine")]
@@ -277,7 +279,8 @@ def test_numpy_ddim_matches_diffusers(cfg):
                 ref = sched.step(torch.from_numpy(m), t, torch.from_numpy(x), eta=eta,
                                  variance_noise=torch.from_numpy(z)).prev_sample.numpy()
                 got = ours.step(m, int(t), x, eta, z)
-                assert np.isfinite(got).all()  # diffusers' NaN (zero-SNR, eta=1: √ of a rounding negative) is not copied
+                # diffusers' NaN (zero-SNR, eta=1: √ of a rounding negative) is not copied
+                assert np.isfinite(got).all()
                 ok = np.isfinite(ref)
                 np.testing.assert_allclose(got[ok], ref[ok], rtol=1e-4, atol=1e-4)
 

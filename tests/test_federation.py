@@ -12,14 +12,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from sapf.engine.finetune import trainable_state, make_trainable
+from sapf.engine.finetune import make_trainable, trainable_state
 from sapf.engine.model import load_generator
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.saliency import candidate_modules
 from sapf.errors import SapfError
 from sapf.federation import client_app as site
-from sapf.federation.simulation import federate
 from sapf.federation.combine import UPDATE_NORM_FACTOR, combine_noisy_sums, combine_updates
+from sapf.federation.simulation import federate
 from sapf.federation.task import FederationConfig, from_wire, recompute_epsilon, validate_update
 
 
@@ -60,7 +60,8 @@ def _check_only_dp_outputs_and_scalars(reply: Message, arrays: set[str]):
     assert all(set(m) == {"name", "noise_multiplier", "sample_rate", "steps"} for m in report["mechanisms"])
 
 
-def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity):
+def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_model_dir, mnist_small_npz,
+                                                              flower_identity):
     cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run")
     node = {"partition-id": 0, "num-partitions": 2}
     q = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type="query.saliency")
@@ -176,7 +177,8 @@ def test_validation_and_bounded_combination(flower_identity):
     fair = combine_noisy_sums(honest)
     attacked = combine_noisy_sums(honest[:3] + [evil])
     assert np.abs(attacked - fair).sum() <= 2 / 4 + 1e-12
-    assert np.isclose(np.abs(fair).sum(), 1.0) and np.argsort(-fair)[:5].tolist() == np.argsort(-sum(honest))[:5].tolist()
+    assert (np.isclose(np.abs(fair).sum(), 1.0)
+            and np.argsort(-fair)[:5].tolist() == np.argsort(-sum(honest))[:5].tolist())
     # Updates: equal weights, each change clipped to 3x the median change norm.
     current = {"w": torch.zeros(10, 10)}
     changes = [torch.randn(10, 10, generator=torch.Generator().manual_seed(i)) * 0.1 for i in range(3)]
@@ -203,12 +205,17 @@ def test_validation_and_bounded_combination(flower_identity):
 
 
 @pytest.mark.slow
-def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz):
+@pytest.mark.parametrize("plan", [{}, {"warmup": "central-images", "selection": "attention", "warmup_steps": 2}])
+def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz, plan):
+    """The default DP-SAPF plan, and DP-FETA's warm-up before DP-LoRA on all attention: every stage runs across
+    two Flower sites, and each site's ledger holds exactly the plan's releases within its ε."""
     out = tmp_path / "fed"
-    status = federate(_cfg(tiny_model_dir, mnist_small_npz, out))
+    status = federate(_cfg(tiny_model_dir, mnist_small_npz, out, **plan))
     assert status["status"] == "completed"
-    for f in ("model/unet/config.json", "adapter/adapter_config.json", "selection.json", "metrics.json", "grid.png",
-              "comparison.png", "checkpoint/adapter.safetensors", "config.json"):
+    warm = bool(plan)
+    for f in ("model/unet/config.json", "model/model_index.json", "README.md", "selection.json", "metrics.json",
+              "grid.png", "comparison.png", "checkpoint/adapter.safetensors", "config.json",
+              *(["central_images.png", "checkpoint/base.safetensors"] if warm else ["adapter/adapter_config.json"])):
         assert (out / f).exists(), f
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2] and all(r["replies"] == 2 for r in metrics["rounds"])
@@ -216,11 +223,15 @@ def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz):
     assert len(reports) == 2 and all(p.stem == f"site-{json.loads(p.read_text())['node_id']}" for p in reports)
     for path in reports:
         report = json.loads(path.read_text())
-        assert [m["name"] for m in report["mechanisms"]] == ["saliency-query", "dp-sgd"]
+        names = ["central-images", "dp-sgd"] if warm else ["saliency-query", "dp-sgd"]
+        assert [m["name"] for m in report["mechanisms"]] == names
         assert report["mechanisms"][1]["steps"] == 4
-        assert recompute_epsilon(report) <= 10.0
+        assert 9.0 <= recompute_epsilon(report) <= 10.0
     sel = json.loads((out / "selection.json").read_text())
-    assert sel["sites"] == 2 and len(sel["selected"]) == round(0.3 * len(sel["candidates"]))
+    if warm:
+        assert sel["strategy"] == "attention" and sel["sites"] == 0
+    else:
+        assert sel["sites"] == 2 and len(sel["selected"]) == round(0.3 * len(sel["candidates"]))
 
 
 class _Faulty:

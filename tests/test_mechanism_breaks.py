@@ -16,18 +16,18 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_generator
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from conftest import tiny_generator
+from sapf.config import FederationConfig
 from sapf.engine import finetune
 from sapf.engine.data import load_dataset
-from sapf.engine.finetune import DPSGDConfig, dp_finetune, trainable_state, make_trainable
+from sapf.engine.finetune import DPSGDConfig, dp_finetune, make_trainable, trainable_state
 from sapf.engine.model import load_generator
 from sapf.engine.privacy import Mechanism, PrivacyLedger
 from sapf.engine.saliency import SaliencyQuery, candidate_modules, noisy_saliency_scores
 from sapf.federation import client_app as site_app
-from sapf.config import FederationConfig
 from sapf.federation.site_policy import Refusal, check_noise
 
 
@@ -114,7 +114,8 @@ def test_saliency_query_noise_has_the_planned_std_and_records_its_sample_rate(di
     C, sigma = 1e-2, 3.0
     q = SaliencyQuery(clip=C, sample_rate=0.5, candidates="all")
     ledger = PrivacyLedger(10.0, 1e-5)
-    draws = [noisy_saliency_scores(tiny_generator(), digits16.subset([4]), q, sigma, ledger, False)[1] for _ in range(4)]
+    draws = [noisy_saliency_scores(tiny_generator(), digits16.subset([4]), q, sigma, ledger, False)[1]
+             for _ in range(4)]
     # The noiseless scores of ≤ 1 example sum to ≤ C²: against noise of std σC² per score, they are negligible.
     noise = np.concatenate(draws)
     assert noise.size >= 100 and np.std(noise) == pytest.approx(sigma * C**2, rel=0.15)
@@ -226,7 +227,8 @@ def test_a_site_repeating_a_query_with_a_field_changed_gives_independent_noise(t
     ({"top_fraction": math.nan}, {}, "top_fraction"),
 ])
 def test_a_site_refuses_a_plan_outside_its_own_limits_and_spends_nothing(tmp_path, tiny_model_dir, site_npz,
-                                                                         flower_identity, change, node_change, expected):
+                                                                         flower_identity, change, node_change,
+                                                                         expected):
     node = {k: v for k, v in {**_node(tmp_path, site_npz, tiny_model_dir), **node_change}.items() if v is not None}
     reply = _ask(_query({**_plan(tiny_model_dir).to_record(), **change}), node)
     assert reply.has_error() and reply.error.code == site_app.ERROR_REFUSED

@@ -3,9 +3,10 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from sapf.config import PretrainConfig
 from sapf.engine.data import load_dataset
 from sapf.engine.model import default_model_dir, load_generator, save_generator
-from sapf.engine.pretrain import PretrainConfig, pretrain
+from sapf.engine.pretrain import pretrain
 from sapf.engine.sampling import sample
 from sapf.errors import SapfError
 
@@ -25,11 +26,13 @@ def test_pretrain_save_load_round_trip(tmp_path):
         assert torch.equal(plain(x, t, y).sample, gen.unet(x, t, y).sample)
     again = load_generator(tmp_path / "m")
     assert again.num_classes == 10 and again.image_size == 16 and again.channels == 1
+    assert again.null_class == 10 and gen.unet.config.num_class_embeds == 11  # the CFG null class, saved
 
 
 def test_bare_unconditional_unet_dir_is_accepted(tmp_path):
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, layers_per_block=1)
     unet.save_pretrained(tmp_path)
     gen = load_generator(tmp_path)

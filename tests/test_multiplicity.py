@@ -2,9 +2,9 @@
 *before* clipping, so adding or removing one example moves the clipped sum by at most C."""
 
 import torch
+from conftest import tiny_generator
 from opacus.optimizers import DPOptimizer
 
-from conftest import tiny_generator
 from sapf.engine.diffusion import per_example_loss
 from sapf.engine.finetune import make_trainable
 from sapf.engine.persample import average_replicas, replicate, trainable_parameters, wrap_for_per_sample_grads
@@ -36,7 +36,7 @@ def test_one_example_with_k_replicas_moves_the_clipped_sum_by_at_most_c():
     y = replicate(torch.randint(0, 10, (B,)), K)
     noise = torch.randn_like(x)
     keep = slice(0, (B - 1) * K)  # the same batch without the last example's K replicas
-    for average, bound in ((True, C), (False, None)):
+    for average, _bound in ((True, C), (False, None)):
         full = _clipped_sum(x, t, y, noise, average)
         without = _clipped_sum(x[keep], t[keep], y[keep], noise[keep], average)
         moved = (full - without).norm().item()

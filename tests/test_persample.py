@@ -6,13 +6,18 @@ Opacus's hooks mode returns zero per-sample gradients for convs fed by diffusers
 
 import pytest
 import torch
+from conftest import tiny_generator
 from torch.func import functional_call, grad, vmap
 
-from conftest import tiny_generator
 from sapf.engine.diffusion import per_example_loss
 from sapf.engine.finetune import make_trainable
-from sapf.engine.persample import (average_replicas, needs_functorch, replicate, trainable_parameters,
-                                  wrap_for_per_sample_grads)
+from sapf.engine.persample import (
+    average_replicas,
+    needs_functorch,
+    replicate,
+    trainable_parameters,
+    wrap_for_per_sample_grads,
+)
 from sapf.engine.saliency import candidate_modules
 
 
@@ -68,7 +73,8 @@ def test_per_sample_gradients_match_torch_func(strategy, multiplicity):
     got = _opacus(model, x, t, y, noise, multiplicity)
     assert set(got) == set(ref) and len(got) > 0
     assert any("lora_A" in n for n in got) == (strategy in ("lora", "lora-conv"))
-    assert strategy == "lora" or any("up_blocks.0.resnets" in n and "conv" in n for n in got)  # the tensors the Opacus defect zeroes are covered
+    # the tensors the Opacus defect zeroes are covered
+    assert strategy == "lora" or any("up_blocks.0.resnets" in n and "conv" in n for n in got)
     for name in ref:
         assert got[name].shape == ref[name].shape, name
         assert ref[name].abs().max() > 0 or "lora_A" in name, name

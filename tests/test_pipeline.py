@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_generator
 from diffusers import DiffusionPipeline
 
 from sapf.engine.model import PIPELINE_MODULE, default_model_dir, save_generator
-from conftest import tiny_generator
 
 
 def _load(path) -> DiffusionPipeline:

@@ -3,8 +3,17 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from sapf.engine.privacy import (RDP_ORDERS, Mechanism, PlannedRelease, PrivacyLedger, calibrate_noise,
-                                 check_privacy_args, default_delta, epsilon_of, plan_privacy)
+from sapf.engine.privacy import (
+    RDP_ORDERS,
+    Mechanism,
+    PlannedRelease,
+    PrivacyLedger,
+    calibrate_noise,
+    check_privacy_args,
+    default_delta,
+    epsilon_of,
+    plan_privacy,
+)
 from sapf.errors import SapfError
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_generator
+
 from sapf.engine.data import load_dataset
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.saliency import SaliencyQuery, candidate_modules, choose_matrices, noisy_saliency_scores, select_top
@@ -17,7 +17,8 @@ def small_data():
 def test_candidates_are_the_attention_projections():
     gen = tiny_generator()
     names = candidate_modules(gen.unet)
-    assert len(names) % 4 == 0 and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0") for n in names)
+    assert len(names) % 4 == 0 and all(n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0")
+                                       for n in names)
     assert {n.split(".")[0] for n in names} == {"down_blocks", "mid_block", "up_blocks"}
     assert len(candidate_modules(gen.unet, "all")) > len(names)
 

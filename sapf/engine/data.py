@@ -49,7 +49,8 @@ def load_dataset(spec: str, image_size: int = 28, channels: int = 1) -> ImageDat
     """Load ``mnist5k``, ``digits``, an image folder (one sub-folder per class) or an ``.npz``."""
     if spec == "mnist5k":
         x, y = _mnist5k_raw()
-        ds = ImageDataset(_prepare(x[:, None] / 255.0, image_size, channels), y, 10, "mnist5k", [str(i) for i in range(10)])
+        ds = ImageDataset(_prepare(x[:, None] / 255.0, image_size, channels), y, 10, "mnist5k",
+                          [str(i) for i in range(10)])
     elif spec == "digits":
         strokes, labels = _uci_digits_as_pen_strokes()
         x = mnist_layout(strokes, image_size)  # a new array: the cached strokes are never written
@@ -280,7 +281,8 @@ def train_holdout_split(ds: ImageDataset, holdout: float, seed: int) -> tuple[Im
     return ds.subset(train, f"{ds.name}-train"), ds.subset(np.flatnonzero(hold), f"{ds.name}-holdout")
 
 
-def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: float = 0.5,
+              seed: int = 0) -> list[np.ndarray]:
     """Split example indices among `num_sites` sites by record hash: IID (each record to a uniform
     site), or Dirichlet(alpha) label skew (each class's site shares drawn from the public seed, each
     record placed by its key). A record's site depends on that record alone (see `record_keys`)."""
@@ -300,7 +302,7 @@ def partition(ds: ImageDataset, num_sites: int, scheme: str = "iid", alpha: floa
 
         cum = {int(y): edges(int(y)) for y in np.unique(ds.labels)}
         site = np.array([min(int(np.searchsorted(cum[int(y)], k, side="right")), num_sites - 1)
-                         for y, k in zip(ds.labels, keys)], np.int64)
+                         for y, k in zip(ds.labels, keys, strict=True)], np.int64)
     else:
         raise SapfError(f"unknown partition '{scheme}' (iid or dirichlet)")
     parts = [np.flatnonzero(site == s) for s in range(num_sites)]

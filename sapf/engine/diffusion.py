@@ -25,3 +25,13 @@ def per_example_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def diffusion_loss(unet, scheduler, x0, labels, generator=None) -> torch.Tensor:
     xt, t, noise = add_noise(scheduler, x0, generator)
     return per_example_loss(predict(unet, xt, t, labels), noise).mean()
+
+
+def drop_labels(labels: torch.Tensor, null_class: int | None, p: float, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Classifier-free guidance's label dropout: each label becomes the null class with probability p (a
+    per-record choice, so a record's influence on a DP step stays bounded by the clip). No null class: as is."""
+    if null_class is None or p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)

@@ -164,7 +164,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
 
 
-def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 20, subset_size: int = 500, seed: int = 0) -> float:
+def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 20, subset_size: int = 500,
+                              seed: int = 0) -> float:
     """Unbiased MMD² with the cubic polynomial kernel, averaged over random subsets (KID)."""
     rng = np.random.default_rng(seed)
     d = a.shape[1]

@@ -16,7 +16,7 @@ from torch import nn
 
 from sapf.config import OPTIMIZERS, ConfigError, MethodConfig
 from sapf.engine.data import ImageDataset
-from sapf.engine.diffusion import add_noise, per_example_loss
+from sapf.engine.diffusion import add_noise, drop_labels, per_example_loss
 from sapf.engine.model import DiffusionModel
 from sapf.engine.noise import fresh_torch_generator
 from sapf.engine.persample import (
@@ -42,6 +42,7 @@ class DPSGDConfig:
     lr: float
     ema_decay: float = 0.0  # 0: no EMA
     optimizer: str = MethodConfig.optimizer  # adam (AdamW) | sgd (momentum 0.9)
+    label_dropout: float = 0.0  # CFG label dropout, for a model with a null class
 
 
 def check_optimizer(name: str) -> None:
@@ -127,7 +128,7 @@ def merged_generator(gen: DiffusionModel, model: nn.Module, strategy: str) -> Di
     unet = unet if strategy == "full" else unet.merge_and_unload()
     for p in unet.parameters():
         p.requires_grad_(False)
-    return DiffusionModel(unet.eval(), gen.scheduler, gen.source)
+    return DiffusionModel(unet.eval(), gen.scheduler, gen.source, gen.null_class)
 
 
 @dataclass
@@ -187,7 +188,8 @@ def dp_finetune(
     if private:
         optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip,
                                 expected_batch_size=cfg.batch_size, generator=torch_gen)
-        batches = iter(UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch_gen, steps=cfg.steps))
+        batches = iter(UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch_gen,
+                                                     steps=cfg.steps))
     else:
         batches = (torch.randperm(n, generator=torch_gen)[: cfg.batch_size] for _ in range(cfg.steps))
     ema = None
@@ -207,6 +209,7 @@ def dp_finetune(
                 loss = float("nan")
             else:
                 x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
+                y = drop_labels(y, gen.null_class, cfg.label_dropout, torch_gen)  # fresh draws, per replica
                 xt, t, noise = add_noise(gen.scheduler, x0, torch_gen)
                 pred = net(xt, t, class_labels=y if conditional else None).sample
                 loss_t = per_example_loss(pred, noise).mean()
@@ -223,7 +226,8 @@ def dp_finetune(
                 ema.step(params)
             hist.step_times.append(time.perf_counter() - t_step)
             hist.loss.append(loss)
-            eps = ledger.epsilon() if (private and ledger is not None and (step % 10 == 9 or step == cfg.steps - 1)) else None
+            eps = (ledger.epsilon() if (private and ledger is not None and (step % 10 == 9 or step == cfg.steps - 1))
+                   else None)
             if eps is not None:
                 hist.epsilon.append(eps)
             bar.advance(loss=float(np.nanmean(hist.loss[-20:])) if not math.isnan(loss) else loss,

@@ -33,6 +33,9 @@ class DiffusionModel:
     unet: UNet2DModel
     scheduler: DDPMScheduler
     source: str = ""
+    # The label of the unconditional class that classifier-free guidance contrasts with (the last class
+    # embedding), or None for a model trained without one. Saved in model_index.json.
+    null_class: int | None = None
 
     @property
     def image_size(self) -> int:
@@ -45,8 +48,9 @@ class DiffusionModel:
 
     @property
     def num_classes(self) -> int:
-        """0 for an unconditional model."""
-        return int(self.unet.config.num_class_embeds or 0)
+        """The real classes (0 for an unconditional model); a null class is not one of them."""
+        embeds = int(self.unet.config.num_class_embeds or 0)
+        return embeds - 1 if self.null_class is not None else embeds
 
 
 def build_unet(
@@ -100,17 +104,17 @@ def save_generator(gen: DiffusionModel, out: Path) -> None:
     out = Path(out)
     gen.unet.save_pretrained(out / "unet", safe_serialization=True)
     gen.scheduler.save_pretrained(out / "scheduler")
-    write_pipeline_index(out, type(gen.scheduler).__name__)
+    write_pipeline_index(out, type(gen.scheduler).__name__, gen.null_class)
 
 
-def write_pipeline_index(out: Path, scheduler_class: str = "DDPMScheduler") -> None:
+def write_pipeline_index(out: Path, scheduler_class: str = "DDPMScheduler", null_class: int | None = None) -> None:
     """``model_index.json`` and the pipeline module of a model directory."""
     import diffusers
 
     module = resources.files("sapf.export") / f"{PIPELINE_MODULE}.py"
     (out / f"{PIPELINE_MODULE}.py").write_text(module.read_text())
     index = {"_class_name": [PIPELINE_MODULE, PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
-             "null_class": None, "unet": ["diffusers", "UNet2DModel"],
+             "null_class": null_class, "unet": ["diffusers", "UNet2DModel"],
              "scheduler": ["diffusers", scheduler_class]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -151,7 +155,22 @@ def load_generator(path: str | Path | None = None) -> DiffusionModel:
     else:
         scheduler = build_scheduler()
     unet.eval()
-    return DiffusionModel(unet, scheduler, str(path))
+    return DiffusionModel(unet, scheduler, str(path), _null_class(path, unet))
+
+
+def _null_class(path: Path, unet: UNet2DModel) -> int | None:
+    """The null class from the pipeline index, checked against the UNet (it must be its last class embedding)."""
+    index = path / "model_index.json"
+    if not index.exists():
+        return None
+    try:
+        null = json.loads(index.read_text()).get("null_class")
+    except (OSError, json.JSONDecodeError) as e:
+        raise SapfError(f"'{index}' is not readable: {e}") from None
+    embeds = int(unet.config.num_class_embeds or 0)
+    if null is not None and not (isinstance(null, int) and embeds >= 2 and null == embeds - 1):
+        raise SapfError(f"'{index}': null_class must be the last class embedding ({embeds - 1}), got {null!r}")
+    return null
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

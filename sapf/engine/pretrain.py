@@ -4,38 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
+from sapf.config import PretrainConfig
 from sapf.engine.data import ImageDataset
-from sapf.engine.diffusion import diffusion_loss
+from sapf.engine.diffusion import diffusion_loss, drop_labels
 from sapf.engine.model import DiffusionModel, build_scheduler, build_unet
 from sapf.engine.progress import progress_bar
-
-
-@dataclass
-class PretrainConfig:
-    data: str = "digits"
-    image_size: int = 28
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
-    attention_head_dim: int = 32
-    norm_num_groups: int = 8
-    # Random horizontal shear of each batch, as (most left-leaning, most right-leaning): x += s·(height
-    # above centre)/half-height. None: off. See random_slant.
-    slant: tuple[float, float] | None = (-0.1, 0.5)
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -71,8 +49,9 @@ def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    null_class = data.num_classes if cfg.label_dropout > 0 else None
     unet = build_unet(
-        cfg.image_size, data.channels, data.num_classes, tuple(cfg.block_out_channels),
+        cfg.image_size, data.channels, data.num_classes + (null_class is not None), tuple(cfg.block_out_channels),
         cfg.layers_per_block, cfg.attention_head_dim, cfg.norm_num_groups,
     )
     scheduler = build_scheduler()
@@ -88,7 +67,8 @@ def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             x0 = random_slant(x_all[idx], cfg.slant, gen) if cfg.slant else x_all[idx]
-            loss = diffusion_loss(unet, scheduler, x0, y_all[idx], gen)
+            labels = drop_labels(y_all[idx], null_class, cfg.label_dropout, gen)
+            loss = diffusion_loss(unet, scheduler, x0, labels, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -99,4 +79,4 @@ def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True
     ema.copy_to(unet.parameters())
     unet.eval()
     history = {"loss": losses, "wall_time_s": time.time() - t0, "parameters": sum(p.numel() for p in unet.parameters())}
-    return DiffusionModel(unet, scheduler, f"pretrained on {data.name}"), history
+    return DiffusionModel(unet, scheduler, f"pretrained on {data.name}", null_class), history

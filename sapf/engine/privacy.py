@@ -20,7 +20,8 @@ from sapf.outputs import read_json, write_json
 # Rényi orders for the RDP accountant: Opacus's defaults stop at 63, which cannot certify a
 # small ε at a small δ at all (log(1/δ)/(α-1) alone exceeds 0.1 for δ=1e-5), so a 10% selection
 # share of ε=1 would be refused. Larger orders only tighten the (still valid) bound.
-RDP_ORDERS = tuple(sorted({1 + x / 10.0 for x in range(1, 100)} | set(range(12, 64)) | {int(1.25 ** k) for k in range(19, 50)}))
+RDP_ORDERS = tuple(sorted({1 + x / 10.0 for x in range(1, 100)} | set(range(12, 64))
+                          | {int(1.25 ** k) for k in range(19, 50)}))
 
 
 # The neighbouring relation of every guarantee sapf states (Opacus's, for Poisson-subsampled mechanisms).
@@ -65,8 +66,8 @@ def epsilon_of(mechanisms: list[Mechanism], delta: float, accountant: str = "rdp
         # request, and dozens of times by a noise calibration's bisection.
         from opacus.accountants.analysis.rdp import get_privacy_spent
 
-        rdp = [sum(m.steps * r for m, r in zip(live, per_order)) for per_order in
-               zip(*(_rdp_one_step(m.noise_multiplier, m.sample_rate) for m in live))]
+        rdp = [sum(m.steps * r for m, r in zip(live, per_order, strict=True)) for per_order in
+               zip(*(_rdp_one_step(m.noise_multiplier, m.sample_rate) for m in live), strict=True)]
         return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
     acc = _accountant(accountant)  # prv, or an unknown name (refused there)
     acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in live]
@@ -78,7 +79,8 @@ def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
     """Opacus's RDP of one (subsampled) Gaussian step at every order; `steps` of them compose to steps × this."""
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    return tuple(float(r) for r in compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS))
+    return tuple(float(r) for r in compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                               orders=RDP_ORDERS))
 
 
 @dataclass
@@ -265,5 +267,6 @@ def plan_privacy(
         sigma = calibrate_noise(cumulative, delta, r.sample_rate, r.steps, done, accountant)
         done.append(Mechanism(r.name, sigma, r.sample_rate, r.steps))
     if train_steps:
-        train.noise_multiplier = calibrate_noise(target_epsilon, delta, train_sample_rate, train_steps, done, accountant)
+        train.noise_multiplier = calibrate_noise(target_epsilon, delta, train_sample_rate, train_steps, done,
+                                                 accountant)
     return PrivacyPlan(target_epsilon, delta, accountant, done, train)

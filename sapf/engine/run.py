@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sapf.config import TrainConfig
+from sapf.engine.central_images import warm_up
 from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
 from sapf.engine.finetune import dp_finetune, make_trainable, merged_generator
 from sapf.engine.model import DiffusionModel, check_data_fits, count_parameters, load_generator, save_generator
@@ -46,7 +47,7 @@ def plan_noise(cfg: TrainConfig, n: int) -> PrivacyPlan:
                     train_sample_rate=cfg.batch_size / n, train_steps=cfg.training_steps(n))
 
 
-def select_only(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool = True) -> Selection:
+def select_only(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bool = True) -> Selection:
     """`sapf select`: the saliency query alone, spending the whole --epsilon on it."""
     check_output_dir(out, force)
     gen = load_generator(cfg.base_model)
@@ -57,7 +58,8 @@ def select_only(cfg: TrainConfig, out: Path, force: bool = False, show_progress:
         raise SapfError("sapf select runs the saliency query; other strategies need no selection step")
     delta = check_privacy_args(cfg.epsilon, cfg.delta, len(data))
     private = math.isfinite(cfg.epsilon)
-    sigma = calibrate_noise(cfg.epsilon, delta, cfg.selection_sample_rate, 1, accountant=cfg.accountant) if private else 0.0
+    sigma = (calibrate_noise(cfg.epsilon, delta, cfg.selection_sample_rate, 1, accountant=cfg.accountant) if private
+             else 0.0)
     ledger = PrivacyLedger(cfg.epsilon, delta, cfg.accountant)
     sel = choose_matrices("saliency", gen, data, cfg.query(), cfg.top_fraction, sigma, ledger, cfg.seed, show_progress)
     with atomic_output_dir(out, force) as tmp:
@@ -67,7 +69,8 @@ def select_only(cfg: TrainConfig, out: Path, force: bool = False, show_progress:
     return sel
 
 
-def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool = True, sample_grid: bool = True) -> dict:
+def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bool = True,
+          sample_grid: bool = True) -> dict:
     """`sapf train`: plan every stage's noise, then run the stages (select → DP fine-tune) and write the run dir."""
     check_output_dir(out, force)
     gen = load_generator(cfg.base_model)
@@ -79,8 +82,13 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
     pp = plan_noise(cfg, n)  # before any private data is touched
     steps = cfg.training_steps(n)
     ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
+    base, central = gen, None
     for stage in stages:
-        if stage.name == "select":
+        if stage.name == "warmup":
+            central = noisy_central_images(cfg, gen, data, pp.noise_of(stage.release), ledger)
+            gen = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
+                          seed=cfg.seed, show_progress=show_progress)
+        elif stage.name == "select":
             sel = choose_matrices(cfg.selection, gen, data, cfg.query(), cfg.top_fraction, pp.noise_of(stage.release),
                                   ledger, cfg.seed, show_progress)
         elif stage.name == "finetune":
@@ -106,8 +114,10 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
     config = {"command": "train", **asdict(cfg), "lr": cfg.learning_rate(), "base_model_resolved": gen.source,
               "resolved_steps": steps, "resolved_delta": pp.delta, "stages": [s.to_dict() for s in stages]}
     with atomic_output_dir(out, force) as tmp:
-        if cfg.selection != "full":
+        if cfg.selection != "full" and gen is base:  # after a warm-up the adapters belong to the warmed model only
             model.save_pretrained(tmp / "adapter")
+        if central is not None:
+            write_central_images(tmp / "central_images.png", central)
         save_generator(merged, tmp / "model")
         write_json(tmp / "selection.json", sel.to_dict())
         write_json(tmp / "privacy.json", ledger.to_dict())
@@ -118,6 +128,26 @@ def train(cfg: TrainConfig, out: Path, force: bool = False, show_progress: bool 
         write_model_card(tmp, config=config, privacy=[("this run", ledger.to_dict())], stages=stages,
                          examples=f"{n} training records")
     return {**summary, **{k: curves[k] for k in ("wall_time_s", "final_loss")}}
+
+
+def noisy_central_images(cfg, gen: DiffusionModel, data: ImageDataset, noise_multiplier: float,
+                         ledger: PrivacyLedger | None) -> np.ndarray:
+    """DP-FETA's release (recorded in `ledger`) and its post-processing: (K, C, H, W) central images."""
+    from sapf.engine.central_images import central_images, image_bound, release_central_images
+
+    if not gen.num_classes:
+        raise SapfError("--warmup central-images needs a class-conditional model")
+    bound = image_bound(load_dataset(cfg.public_data, gen.image_size, gen.channels))
+    sums = release_central_images(data=data, num_classes=gen.num_classes, bound=bound,
+                                  noise_multiplier=noise_multiplier, sample_rate=cfg.central_sample_rate,
+                                  queries=cfg.central_queries, ledger=ledger)
+    return central_images(sums, gen.num_classes, gen.channels, gen.image_size)
+
+
+def write_central_images(path: Path, central: np.ndarray) -> None:
+    from sapf.outputs import image_grid, save_png, to_uint8
+
+    save_png(path, image_grid(to_uint8(central), ncol=len(central), scale=4))  # one image a class, 0 to K-1
 
 
 PRIVATE_DIR = "private"

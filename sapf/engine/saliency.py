@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sapf.config import SCORES, SELECTIONS, ConfigError, MethodConfig
+from sapf.config import CANDIDATE_SETS, SCORES, SELECTIONS, ConfigError, MethodConfig
 from sapf.engine.data import ImageDataset
 from sapf.engine.diffusion import add_noise, per_example_loss
 from sapf.engine.model import DiffusionModel
@@ -44,20 +44,30 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 STRATEGIES = SELECTIONS
 
 
+def carries_conditioning(name: str) -> bool:
+    """The matrices through which the time step and the class reach the network: the time-embedding MLP and
+    every ResNet block's projection of it (the class embedding is added to the time embedding)."""
+    return name.startswith("time_embedding.") or name.endswith("time_emb_proj")
+
+
 def candidate_modules(unet: nn.Module, include: str = "attention") -> list[str]:
     """Names of candidate weight matrices (module names, as peft's target_modules wants them).
 
     ``attention``: every attention projection. ``all``: also every other Linear and Conv2d.
+    ``no-conditioning``: ``all`` but the matrices that carry the time/class conditioning.
     """
-    if include not in ("attention", "all"):
-        raise SapfError(f"unknown candidate set '{include}' (attention or all)")
+    if include not in CANDIDATE_SETS:
+        raise SapfError(f"unknown candidate set '{include}' ({', '.join(CANDIDATE_SETS)})")
     names = []
     for name, mod in unet.named_modules():
         is_attn = isinstance(mod, nn.Linear) and any(name == p or name.endswith("." + p) for p in ATTENTION_PROJECTIONS)
-        if is_attn or (include == "all" and isinstance(mod, (nn.Linear, nn.Conv2d))):
+        if include == "no-conditioning" and carries_conditioning(name):
+            continue
+        if is_attn or (include != "attention" and isinstance(mod, (nn.Linear, nn.Conv2d))):
             names.append(name)
     if not names:
-        raise SapfError("the model has no candidate matrices (no attention projections); the candidate set 'all' includes every Linear/Conv2d")
+        raise SapfError("the model has no candidate matrices (no attention projections); "
+                        "the candidate set 'all' includes every Linear/Conv2d")
     return names
 
 
@@ -121,7 +131,8 @@ def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: Salie
 
 
 def noisy_saliency_scores(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
-                          ledger: PrivacyLedger | None, show_progress: bool = True) -> tuple[list[str], np.ndarray, int]:
+                          ledger: PrivacyLedger | None, show_progress: bool = True
+                          ) -> tuple[list[str], np.ndarray, int]:
     """Run the DP saliency query, a noisy sum (:mod:`sapf.engine.noisy_sum`) of the per-record block
     scores: (candidate names, noisy scores, examples used).
 
@@ -176,8 +187,9 @@ class Selection:
         return d
 
 
-def choose_matrices(strategy: str, gen: DiffusionModel, data: ImageDataset | None, q: SaliencyQuery, top_fraction: float,
-                    noise_multiplier: float, ledger: PrivacyLedger | None, seed: int, show_progress: bool = True) -> Selection:
+def choose_matrices(strategy: str, gen: DiffusionModel, data: ImageDataset | None, q: SaliencyQuery,
+                    top_fraction: float, noise_multiplier: float, ledger: PrivacyLedger | None, seed: int,
+                    show_progress: bool = True) -> Selection:
     """One interface for every strategy; only ``saliency`` touches private data (with fresh randomness:
     `seed` drives the public ``random`` strategy only)."""
     if strategy not in STRATEGIES:

@@ -13,7 +13,16 @@ from sapf.engine.model import DiffusionModel, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.sampling_inputs import DEFAULT_ETA, check_eta, initial_noise, sample_labels, step_noise
+from sapf.sampling_inputs import (
+    DEFAULT_ETA,
+    DEFAULT_GUIDANCE,
+    check_eta,
+    check_guidance,
+    guided,
+    initial_noise,
+    sample_labels,
+    step_noise,
+)
 
 
 @torch.no_grad()
@@ -26,11 +35,14 @@ def sample(
     batch_size: int = 256,
     show_progress: bool = True,
     eta: float = DEFAULT_ETA,
+    guidance: float = DEFAULT_GUIDANCE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic)."""
+    """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic); guidance:
+    classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
     check_eta(eta)
+    check_guidance(guidance, gen.null_class)
     labels = sample_labels(num, gen.num_classes, class_label)
     noise = initial_noise(num, gen.channels, gen.image_size, seed)
     ddim = ddim_from(gen.scheduler)
@@ -45,7 +57,13 @@ def sample(
             z = step_noise(b, x.shape[0], steps, gen.channels, gen.image_size, seed) if eta > 0 else None
             for k, t in enumerate(ddim.timesteps):
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-                eps = unet(x, tt, class_labels=y).sample
+                if guidance == 1.0:
+                    eps = unet(x, tt, class_labels=y).sample
+                else:
+                    null = torch.full_like(y, gen.null_class)
+                    cond, uncond = unet(torch.cat([x, x]), torch.cat([tt, tt]), class_labels=torch.cat([y, null])
+                                        ).sample.chunk(2)
+                    eps = torch.from_numpy(guided(cond.numpy(), uncond.numpy(), guidance))
                 noise_k = torch.from_numpy(z[k]) if z is not None else None
                 x = ddim.step(eps, t, x, eta=eta, variance_noise=noise_k).prev_sample
                 bar.advance()

@@ -2,12 +2,14 @@
 
 Today's stages, in order (each method of the harness is a choice of them):
 
+- ``warmup``   — optional: DP-FETA's noisy per-class central images (a private release through
+  :mod:`sapf.engine.noisy_sum`), then every weight trained on them (:mod:`sapf.engine.central_images`);
 - ``select``   — which weight matrices to fine-tune: the noisy saliency query (DP-SAPF, a private
   release through :mod:`sapf.engine.noisy_sum`) or a public choice (all attention, random, full);
 - ``finetune`` — DP-SGD on the chosen parameters (LoRA, or every weight).
 
-Stages that come before training — public-data selection, a warm-up on noisy central images — slot in
-ahead of ``select`` with their own release and share of ε. :func:`plan_run` fixes every stage's noise
+Stages that come before training — public-data selection — slot in ahead of ``select`` with their own
+release and share of ε. :func:`plan_run` fixes every stage's noise
 before any private data is touched; central runs (:mod:`sapf.engine.run`) and the federated server and
 sites (:mod:`sapf.federation`) all plan and run the same list.
 """
@@ -27,6 +29,7 @@ class Stage:
     release: str | None = None  # ledger name of the stage's private release before training, if it makes one
     epsilon_share: float = 0.0  # share of the run's ε that release spends
     sample_rate: float = 1.0  # its Poisson rate
+    release_steps: int = 1  # how many times the release runs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,6 +37,12 @@ class Stage:
 
 def stages_of(cfg: MethodConfig) -> list[Stage]:
     """The stage list of a run with these settings."""
+    stages = []
+    if cfg.warmup == "central-images":
+        stages.append(Stage("warmup", f"noisy per-class central images (DP-FETA, {cfg.central_queries} "
+                            f"quer{'y' if cfg.central_queries == 1 else 'ies'}), then every weight trained on them for "
+                            f"{cfg.warmup_steps} steps", "central-images", cfg.warmup_budget, cfg.central_sample_rate,
+                            cfg.central_queries))
     if cfg.selection == "saliency":
         select = Stage("select", f"noisy saliency query ranks the {cfg.candidates} candidate matrices; the top "
                        f"{cfg.top_fraction:.0%} are fine-tuned", "saliency-query", cfg.selection_budget,
@@ -45,14 +54,14 @@ def stages_of(cfg: MethodConfig) -> list[Stage]:
     else:
         select = Stage("select", f"a seeded random {cfg.top_fraction:.0%} of the candidates get LoRA (public choice)")
     tuned = "every weight" if cfg.selection == "full" else f"LoRA (rank {cfg.rank}) on the chosen matrices"
-    return [select, Stage("finetune", f"DP-SGD ({cfg.optimizer}) on {tuned}; the rest of ε", "dp-sgd")]
+    return stages + [select, Stage("finetune", f"DP-SGD ({cfg.optimizer}) on {tuned}; the rest of ε", "dp-sgd")]
 
 
 def plan_run(stages: list[Stage], *, epsilon: float, delta: float, accountant: str, train_sample_rate: float,
              train_steps: int) -> PrivacyPlan:
     """Every stage's noise, fixed up front: each release before training spends its share of ε; DP-SGD's σ
     is calibrated so that everything composes to ε exactly."""
-    before = [PlannedRelease(s.release, s.epsilon_share, s.sample_rate) for s in stages
+    before = [PlannedRelease(s.release, s.epsilon_share, s.sample_rate, s.release_steps) for s in stages
               if s.release and s.name != "finetune"]
     return plan_privacy(target_epsilon=epsilon, delta=delta, releases=before, train_sample_rate=train_sample_rate,
                         train_steps=train_steps, accountant=accountant)

@@ -97,8 +97,9 @@ def load_source(src: str | Path):
         try:
             unet = PeftModel.from_pretrained(gen.unet, src / "adapter").merge_and_unload()
         except Exception as e:  # peft raises many types for a mismatched adapter
-            raise SapfError(f"cannot apply the adapter in '{src / 'adapter'}' to '{base}': {str(e).splitlines()[0]}") from None
-        return DiffusionModel(unet.eval(), gen.scheduler, str(src))
+            raise SapfError(f"cannot apply the adapter in '{src / 'adapter'}' to '{base}': "
+                            f"{str(e).splitlines()[0]}") from None
+        return DiffusionModel(unet.eval(), gen.scheduler, str(src), gen.null_class)
     return load_generator(src)
 
 
@@ -117,7 +118,8 @@ def _parity_inputs(gen, seed: int = 0) -> list[dict[str, np.ndarray]]:
     feeds = []
     for t in PARITY_TIMESTEPS:
         feed = {
-            "sample": rng.standard_normal((PARITY_BATCH, gen.channels, gen.image_size, gen.image_size)).astype(np.float32),
+            "sample": rng.standard_normal((PARITY_BATCH, gen.channels, gen.image_size, gen.image_size))
+                         .astype(np.float32),
             "timestep": np.full(PARITY_BATCH, min(t, n_train - 1), np.int64),
         }
         if gen.num_classes:
@@ -132,7 +134,8 @@ def torch_predictions(gen, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarra
     return [model(*(torch.from_numpy(f[k]) for k in _names(gen))).numpy() for f in feeds]
 
 
-def onnx_predictions(path: str | Path, feeds: list[dict[str, np.ndarray]], providers=("CPUExecutionProvider",)) -> list[np.ndarray]:
+def onnx_predictions(path: str | Path, feeds: list[dict[str, np.ndarray]],
+                     providers=("CPUExecutionProvider",)) -> list[np.ndarray]:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=list(providers))
@@ -144,7 +147,8 @@ def prediction_error(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     r = np.concatenate([a.ravel() for a in ref]).astype(np.float64)
     g = np.concatenate([a.ravel() for a in got]).astype(np.float64)
     d = g - r
-    return {"max_abs_diff": float(np.abs(d).max()), "rel_rmse": float(np.sqrt((d**2).mean() / max((r**2).mean(), 1e-30)))}
+    return {"max_abs_diff": float(np.abs(d).max()),
+            "rel_rmse": float(np.sqrt((d**2).mean() / max((r**2).mean(), 1e-30)))}
 
 
 def _export_fp32(gen, path: Path, opset: int) -> None:
@@ -175,9 +179,10 @@ def _export_fp32(gen, path: Path, opset: int) -> None:
     except SapfError:
         raise
     except Exception as e:
-        raise SapfError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise SapfError("torch.onnx.export failed: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
 
 
@@ -234,7 +239,8 @@ def _opset_of(path: Path) -> int:
     return int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
-def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False, int8: bool = False) -> dict:
+def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                int8: bool = False) -> dict:
     """Export `src`'s UNet to `out_file` (+ ``out_file.json``); return the metadata written.
 
     Raises SapfError when the export fails or the variant misses its parity bound; then no
@@ -279,11 +285,13 @@ def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSE
             "image_size": gen.image_size,
             "channels": gen.channels,
             "num_classes": gen.num_classes,
+            "null_class": gen.null_class,  # the unconditional label for classifier-free guidance (None: no guidance)
             "inputs": _names(gen),
             "output": "noise",
             "scheduler": dict(gen.scheduler.config),
             "scheduler_class": type(gen.scheduler).__name__,
-            "sampler": "DDIM (DDIMScheduler.from_config(scheduler)); eta is the sampler's choice (sapf sample --eta, default 1)",
+            "sampler": "DDIM (DDIMScheduler.from_config(scheduler)); "
+                       "eta is the sampler's choice (sapf sample --eta, default 1)",
             "variant": variant,
             "opset": _opset_of(final),
             "opset_requested": opset,

@@ -25,7 +25,16 @@ import numpy as np
 
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.sampling_inputs import DEFAULT_ETA, check_eta, initial_noise, sample_labels, step_noise
+from sapf.sampling_inputs import (
+    DEFAULT_ETA,
+    DEFAULT_GUIDANCE,
+    check_eta,
+    check_guidance,
+    guided,
+    initial_noise,
+    sample_labels,
+    step_noise,
+)
 
 # DDIMScheduler.__init__ defaults: what from_config uses for keys a DDPM config lacks.
 DDIM_DEFAULTS = {
@@ -95,7 +104,8 @@ class DDIM:
         elif c["beta_schedule"] == "linear":
             betas = np.linspace(c["beta_start"], c["beta_end"], n, dtype=np.float64).astype(np.float32)
         elif c["beta_schedule"] == "scaled_linear":
-            betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=np.float64).astype(np.float32) ** 2
+            betas = (np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=np.float64)
+                     .astype(np.float32) ** 2)
         elif c["beta_schedule"] == "squaredcos_cap_v2":
             betas = _betas_for_alpha_bar(n)
         else:
@@ -126,7 +136,8 @@ class DDIM:
         return ts
 
     def coefficients(self, t: int, eta: float = 0.0) -> np.ndarray:
-        """[√ᾱ_t, √(1-ᾱ_t), √ᾱ_prev, √(1-ᾱ_prev-σ_t²), σ_t] as float32, σ_t = eta·√((1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev))."""
+        """[√ᾱ_t, √(1-ᾱ_t), √ᾱ_prev, √(1-ᾱ_prev-σ_t²), σ_t] as float32,
+        σ_t = eta·√((1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev))."""
         prev = int(t) - self.num_train_timesteps // self.num_inference_steps  # diffusers' rule, any spacing
         a_t = self.alphas_cumprod[int(t)]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
@@ -293,23 +304,33 @@ class OnnxSampler:
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
 
+    @property
+    def null_class(self) -> int | None:
+        null = self.meta.get("null_class")
+        return int(null) if null is not None else None
+
     def predict(self, x: np.ndarray, t: int, y: np.ndarray | None) -> np.ndarray:
-        feed = {"sample": x.astype(self._sample_dtype, copy=False), "timestep": np.full((x.shape[0],), int(t), np.int64)}
+        feed = {"sample": x.astype(self._sample_dtype, copy=False),
+                "timestep": np.full((x.shape[0],), int(t), np.int64)}
         if self.num_classes:
             feed["class_labels"] = y
         return np.asarray(self.session.run([self._output], feed)[0], np.float32)
 
     def sample(self, num: int, class_label: int | None = None, steps: int = 50, seed: int = 0,
-               batch_size: int = 256, show_progress: bool = True, eta: float = DEFAULT_ETA) -> tuple[np.ndarray, np.ndarray]:
+               batch_size: int = 256, show_progress: bool = True, eta: float = DEFAULT_ETA,
+               guidance: float = DEFAULT_GUIDANCE) -> tuple[np.ndarray, np.ndarray]:
         """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler."""
         if batch_size < 1:
             raise SapfError("--batch-size must be at least 1")
         check_eta(eta)
+        check_guidance(guidance, self.null_class)
+        self._guidance = guidance
         labels = sample_labels(num, self.num_classes, class_label)
         timesteps = self.ddim.set_timesteps(steps)
         c, size = int(self.meta["channels"]), int(self.meta["image_size"])
         noise = initial_noise(num, c, size, seed)
-        run = self._batch_iobinding if self.iobinding else self._batch_numpy
+        # Guidance runs each step's two passes as one batch through the numpy loop (on the GPU too).
+        run = self._batch_iobinding if self.iobinding and guidance == 1.0 else self._batch_numpy
         out = []
         n_batches = (num + batch_size - 1) // batch_size
         with _progress("sample", n_batches * len(timesteps), show_progress) as advance:
@@ -320,8 +341,15 @@ class OnnxSampler:
         return to_uint8(np.concatenate(out)), labels
 
     def _batch_numpy(self, x, y, timesteps, z, eta, advance) -> np.ndarray:
+        w = getattr(self, "_guidance", DEFAULT_GUIDANCE)
+        null = np.full_like(y, self.null_class) if w != 1.0 else None
         for k, t in enumerate(timesteps):
-            x = self.ddim.step(self.predict(x, t, y), int(t), x, eta, None if z is None else z[k])
+            if null is None:
+                eps = self.predict(x, t, y)
+            else:
+                cond, uncond = np.split(self.predict(np.concatenate([x, x]), t, np.concatenate([y, null])), 2)
+                eps = guided(cond, uncond, w)
+            x = self.ddim.step(eps, int(t), x, eta, None if z is None else z[k])
             advance()
         return x
 
@@ -351,8 +379,9 @@ class OnnxSampler:
             sb = self._step_session.io_binding()
             sb.bind_ortvalue_input("x", xv)
             sb.bind_ortvalue_input("m", m)
-            sb.bind_ortvalue_input("z", zero if z is None else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[k]), dev, 0))
-            for name, v in zip(("sa", "sb", "sp", "sq", "sg"), self.ddim.coefficients(int(t), eta)):
+            sb.bind_ortvalue_input("z", zero if z is None
+                                   else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(z[k]), dev, 0))
+            for name, v in zip(("sa", "sb", "sp", "sq", "sg"), self.ddim.coefficients(int(t), eta), strict=True):
                 sb.bind_cpu_input(name, np.array([v], np.float32))
             sb.bind_output("prev", dev)
             self._step_session.run_with_iobinding(sb)

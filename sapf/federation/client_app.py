@@ -50,6 +50,7 @@ from sapf.federation.task import (
     dataset_fingerprint,
     fingerprint,
     from_wire,
+    load_base,
     open_ledger,
     plan_site,
     save_tensors,
@@ -143,10 +144,52 @@ def _setup(msg: Message, context: Context) -> Site:
     state_dir = site_state_dir(cfg, context.node_config, name)
     delta = site_delta(cfg, settings, len(data), deployed="data-path" in context.node_config)
     plan = plan_site(cfg, len(data), state_dir, delta)
+    if cfg.warmup == "central-images":
+        check_noise("central-image release", plan.central_noise)
+        gen = _warmed_base(msg, gen, settings) if msg.metadata.message_type != "query.central_images" else gen
     if cfg.selection == "saliency":
         check_noise("saliency query", plan.selection_noise)
     check_noise("DP-SGD", plan.train_noise)
     return Site(cfg, settings, gen, data, name, plan, state_dir, dataset_fingerprint(data, context.node_config))
+
+
+def _warmed_base(msg: Message, gen: DiffusionModel, settings: SiteSettings) -> DiffusionModel:
+    """After a warm-up every later request carries the server's warmed base: weights only, checked like an adapter."""
+    if "base" not in msg.content:
+        raise Refusal("refused: a warm-up plan's request must carry the warmed base model's weights")
+    state = from_wire(msg.content["base"])
+    check_incoming_weights(state, {k: p for k, p in gen.unet.named_parameters()}, settings.limits)
+    return load_base(gen, state)
+
+
+@app.query("central_images")
+@_guard
+def central_images(msg: Message, context: Context) -> Message:
+    """DP-FETA's release at this site: its noisy per-class image sums and counts (one noisy sum)."""
+    from sapf.engine.central_images import image_bound, release_central_images
+    from sapf.engine.data import load_dataset
+
+    site = _setup(msg, context)
+    if site.cfg.warmup != "central-images":
+        raise Refusal("refused: this plan has no central-image warm-up")
+    if not site.gen.num_classes:
+        raise Refusal("refused: central images need a class-conditional base model")
+    cfg = site.cfg
+    release = Mechanism("central-images", site.plan.central_noise, cfg.central_sample_rate, cfg.central_queries)
+    later = [Mechanism("saliency-query", site.plan.selection_noise, cfg.selection_sample_rate, 1)] \
+        if cfg.selection == "saliency" else []
+    ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
+    bound = image_bound(load_dataset(cfg.public_data, site.gen.image_size, site.gen.channels))
+    sums = release_central_images(data=site.data, num_classes=site.gen.num_classes, bound=bound,
+                                  noise_multiplier=site.plan.central_noise, sample_rate=cfg.central_sample_rate,
+                                  queries=cfg.central_queries, ledger=None)
+    content = RecordDict({
+        "sums": ArrayRecord(array_dict={"sums": Array(np.asarray(sums, np.float64))}),
+        "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon()),
+                                 "noise_multiplier": float(site.plan.central_noise)}),
+        "privacy": _report(ledger, site.name),
+    })
+    return Message(content, reply_to=msg)
 
 
 @app.query("saliency")
@@ -173,9 +216,10 @@ def saliency(msg: Message, context: Context) -> Message:
 def _request_key(msg: Message) -> str:
     """Fingerprint of a training request: its plan, round, selection and incoming adapter."""
     h = hashlib.sha256(json.dumps(dict(msg.content["config"]), sort_keys=True, default=str).encode())
-    for name, arr in sorted(msg.content["adapter"].items()):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(arr.numpy()).tobytes())
+    for record in ("adapter", "base"):
+        for name, arr in sorted(msg.content[record].items()) if record in msg.content else []:
+            h.update(f"{record}/{name}".encode())
+            h.update(np.ascontiguousarray(arr.numpy()).tobytes())
     return h.hexdigest()[:24]
 
 

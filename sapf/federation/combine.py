@@ -93,7 +93,7 @@ def combine_updates(updates: list[dict[str, torch.Tensor]], current: dict[str, t
     norms = [math.sqrt(sum(float(d.pow(2).sum()) for d in c.values())) for c in changes]
     bound = UPDATE_NORM_FACTOR * statistics.median_low(norms)
     mean = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in current.items()}
-    for c, n in zip(changes, norms):
+    for c, n in zip(changes, norms, strict=True):
         scale = min(1.0, bound / n) if n > 0 else 1.0
         for k in mean:
             mean[k] += c[k] * (scale / len(changes))

@@ -68,13 +68,15 @@ def make_certificates(out: Path, hosts: list[str], days: int = 365, force: bool 
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_cert = (x509.CertificateBuilder().subject_name(_name("sapf federation CA")).issuer_name(_name("sapf federation CA"))
+    ca_cert = (x509.CertificateBuilder().subject_name(_name("sapf federation CA"))
+               .issuer_name(_name("sapf federation CA"))
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(start).not_valid_after(end)
                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                             content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+                                            key_agreement=False, encipher_only=False, decipher_only=False),
+                              critical=True)
                .sign(ca_key, hashes.SHA384()))
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
@@ -86,7 +88,8 @@ def make_certificates(out: Path, hosts: list[str], days: int = 365, force: bool 
             .sign(ca_key, hashes.SHA384()))
 
     pem = serialization.Encoding.PEM
-    pkcs8 = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8, encryption_algorithm=serialization.NoEncryption())
+    pkcs8 = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
+                 encryption_algorithm=serialization.NoEncryption())
     _write_atomic(paths["ca_key"], ca_key.private_bytes(**pkcs8), private=True)
     _write_atomic(paths["key"], key.private_bytes(**pkcs8), private=True)
     _write_atomic(paths["ca"], ca_cert.public_bytes(pem))

@@ -52,7 +52,8 @@ class Tls:
             return cls(insecure=True)
         if certs is None:
             raise SapfError("TLS is on by default: give --certs DIR (make one with `sapf certs`), or --insecure")
-        tls = cls(ca=certs / CA_CERT, cert=certs / SERVER_CERT if server else None, key=certs / SERVER_KEY if server else None)
+        tls = cls(ca=certs / CA_CERT, cert=certs / SERVER_CERT if server else None,
+                  key=certs / SERVER_KEY if server else None)
         for p in (tls.ca, tls.cert, tls.key):
             if p is not None and not p.is_file():
                 raise SapfError(f"{p} not found (make the certificates with `sapf certs --out {certs}`)")

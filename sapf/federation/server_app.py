@@ -33,7 +33,9 @@ from sapf.federation.task import (
     WIRE_DTYPE,
     FederationConfig,
     base_generator,
+    base_to_wire,
     from_wire,
+    load_base,
     recompute_epsilon,
     save_tensors,
     to_wire,
@@ -88,9 +90,39 @@ def _parse(reply: Message, what: str, parse):
         return None
 
 
-def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: list[str]) -> dict:
-    msgs = [Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=n, message_type="query.saliency",
-                    group_id="saliency") for n in nodes]
+def _content(cfg: FederationConfig, base, **records) -> RecordDict:
+    """A request: the plan (+ `records`), and the warmed base's weights when the plan has a warm-up."""
+    return RecordDict({"config": ConfigRecord(cfg.to_record()), **records, **({"base": base} if base else {})})
+
+
+def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen) -> tuple[np.ndarray, list]:
+    """DP-FETA across sites: each site's noisy per-class image sums and counts; the server adds them (a sum of
+    the sites' Gaussian releases) and divides only afterwards."""
+    from sapf.engine.central_images import REDUCE
+
+    d = gen.channels * (gen.image_size // REDUCE) ** 2
+    size = gen.num_classes * (d + 1)
+    msgs = [Message(_content(cfg, None), dst_node_id=n, message_type="query.central_images", group_id="central")
+            for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
+
+    def parse(r: Message):
+        v = np.asarray(r.content["sums"]["sums"].numpy(), np.float64)
+        if v.shape != (size,) or not np.isfinite(v).all() or np.abs(v).max() > 1e9:
+            raise ValueError("malformed central-image sums")
+        if not metric(r, "noise_multiplier", float) > 0:
+            raise ValueError("the reply's noise multiplier must be positive")
+        return v
+
+    valid = [v for v in (_parse(r, "central images", parse) for r in replies) if v is not None]
+    if len(valid) < cfg.min_clients:
+        raise SapfError(f"central-image round: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}")
+    return np.sum(valid, axis=0), replies
+
+
+def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: list[str], base=None) -> dict:
+    msgs = [Message(_content(cfg, base), dst_node_id=n, message_type="query.saliency", group_id="saliency")
+            for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
 
     def parse(r: Message):
@@ -121,12 +153,12 @@ def public_selection(cfg: FederationConfig, gen) -> dict:
 
 
 def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selected: list[str],
-                   state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
+                   state: dict[str, torch.Tensor], base=None) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
     # Only a saliency plan names its matrices: every other selection is public, and each site makes it itself.
     named = {"selected": selected} if cfg.selection == "saliency" else {}
-    config = ConfigRecord({**cfg.to_record(), **named, "round": rnd})
-    msgs = [Message(RecordDict({"config": config, "adapter": to_wire(state)}), dst_node_id=n,
-                    message_type="train", group_id=f"round-{rnd}") for n in nodes]
+    content = _content(cfg, base, adapter=to_wire(state))
+    content["config"] = ConfigRecord({**cfg.to_record(), **named, "round": rnd})
+    msgs = [Message(content, dst_node_id=n, message_type="train", group_id=f"round-{rnd}") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
 
     def parse(r: Message):
@@ -150,7 +182,8 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
     if cfg.freeze_lora_a:  # FFA-LoRA: A is the server's; a site that moved it (e.g. an older sapf) cannot drift it
         averaged = {k: state[k] if ".lora_A." in k else v for k, v in averaged.items()}
     metrics = {"round": rnd, "replies": len(valid),
-               "wire_bytes_per_site": int(sum(v.numel() for v in state.values()) * WIRE_DTYPE.itemsize), "max_site_epsilon": max(v[2] for v in valid),
+               "wire_bytes_per_site": int(sum(v.numel() for v in state.values()) * WIRE_DTYPE.itemsize),
+               "max_site_epsilon": max(v[2] for v in valid),
                "examples": int(sum(min(v[1], 10**12) for v in valid)), "update_norms": [round(n, 6) for n in norms],
                "update_norm_bound": round(bound, 6)}
     return averaged, metrics, replies
@@ -164,10 +197,12 @@ def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torc
 
 def run_server(grid: Grid, cfg: FederationConfig) -> None:
     """The run's stages, in order, each private query one round whose replies are the sites' noisy sums:
-    ``select`` (the saliency round, or a public choice), then ``finetune`` (rounds of local DP-SGD)."""
+    ``warmup`` (central images, then the server warms the model up and sends its weights with every later
+    request), ``select`` (the saliency round, or a public choice), then ``finetune`` (rounds of local DP-SGD)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = base_generator(cfg)
+    public = gen = base_generator(cfg)
+    base = None  # the warmed base's weights on the wire, when the plan has a warm-up
     nodes = wait_for_nodes(grid, cfg.min_clients if cfg.num_sites <= 0 else cfg.num_sites)
     say(f"{len(nodes)} sites connected")
     ck = out / "checkpoint" / "state.json"
@@ -177,9 +212,12 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
         selection, start, history = st["selection"], st["round"] + 1, st["history"]
         say(f"resuming after round {st['round']}")
     for stage in stages_of(cfg):
-        if stage.name == "select" and not resumed:
+        if stage.name == "warmup":
+            gen = _warmup(grid, cfg, nodes, gen, out, resumed)
+            base = base_to_wire(gen.unet)
+        elif stage.name == "select" and not resumed:
             if cfg.selection == "saliency":
-                selection = saliency_round(grid, cfg, nodes, candidate_modules(gen.unet, cfg.candidates))
+                selection = saliency_round(grid, cfg, nodes, candidate_modules(gen.unet, cfg.candidates), base)
                 _write_site_reports(out, selection.pop("replies"))
             else:
                 selection = public_selection(cfg, gen)
@@ -197,7 +235,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
                 _save_checkpoint(out, 0, selection, state, history)
             for rnd in range(start, cfg.rounds + 1):
                 t0 = time.time()
-                state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection["selected"], state)
+                state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection["selected"], state, base)
                 metrics["wall_time_s"] = round(time.time() - t0, 1)
                 history.append(metrics)
                 _write_site_reports(out, replies)
@@ -205,17 +243,37 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
                 say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, "
                     f"max site ε {metrics['max_site_epsilon']:.3f}, {metrics['wall_time_s']:.0f} s")
             load_trainable_state(model, state)
-    finish(out, cfg, gen, model, selection, history)
+    finish(out, cfg, gen, model, selection, history, public)
 
 
-def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, history: list[dict]) -> None:
+def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path, resumed: bool):
+    """The warm-up stage: the sites' central-image sums → central images → the warmed model (kept in
+    checkpoint/base.safetensors, so a resumed run sends the same base)."""
+    from sapf.engine.central_images import central_images, warm_up
+    from sapf.engine.run import write_central_images
+
+    saved = out / "checkpoint" / "base.safetensors"
+    if resumed and saved.exists():
+        return load_base(gen, load_file(str(saved)))
+    sums, replies = central_images_round(grid, cfg, nodes, gen)
+    _write_site_reports(out, replies)
+    central = central_images(sums, gen.num_classes, gen.channels, gen.image_size)
+    write_central_images(out / "central_images.png", central)
+    warmed = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
+                     seed=cfg.seed, show_progress=False)
+    save_tensors(saved, {k: p for k, p in warmed.unet.named_parameters()})
+    say(f"warm-up: central images from {len(nodes)} sites; {cfg.warmup_steps} steps on them")
+    return warmed
+
+
+def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, history: list[dict], public=None) -> None:
     from sapf.engine.sampling import sample
     from sapf.model_card import write_model_card
     from sapf.outputs import class_grid, save_png
 
     merged = merged_generator(gen, model, cfg.selection)
     writers = {"model": lambda d: save_generator(merged, d)}
-    if cfg.selection != "full":
+    if cfg.selection != "full" and cfg.warmup == "none":  # after a warm-up the adapters fit the warmed model only
         writers["adapter"] = lambda d: model.save_pretrained(d)
     for name, write in writers.items():
         with atomic_output_dir(out / name, force=True) as tmp:
@@ -224,7 +282,7 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     images, labels = sample(merged, 100, steps=50, seed=cfg.seed, show_progress=False)
     grid = class_grid(images, labels)
     save_png(out / "grid.png", grid)
-    pub, plabels = sample(gen, 100, steps=50, seed=cfg.seed, show_progress=False)
+    pub, plabels = sample(public or gen, 100, steps=50, seed=cfg.seed, show_progress=False)
     gap = np.full((grid.shape[0], 8), 255, np.uint8)
     save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, grid], axis=1))
     try:

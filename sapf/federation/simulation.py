@@ -59,7 +59,8 @@ def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -
     except SapfError as e:  # raised by the ServerApp; its status.json says so too
         raise SapfError(f"the federated run failed: {e}") from None
     # Flower may also swallow a ServerApp failure: the run's own status file is the truth.
-    status = read_json(out / "status.json") if (out / "status.json").exists() else {"status": "failed", "error": "no status"}
+    status = (read_json(out / "status.json") if (out / "status.json").exists()
+              else {"status": "failed", "error": "no status"})
     if status.get("status") != "completed":
         raise SapfError(f"the federated run failed: {status.get('error', 'see the log above')}")
     return status

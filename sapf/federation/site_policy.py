@@ -118,6 +118,7 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     _in("selection_clip", cfg.selection_clip, 0.0, lim.max_clip, lo_open=True)
     _in("selection_multiplicity", cfg.selection_multiplicity, 1, lim.max_multiplicity)
     _in("rounds", cfg.rounds, 1, lim.max_rounds)
+    _in("central_queries", cfg.central_queries, 1, lim.max_rounds)
     _in("local_steps", cfg.local_steps, 1, lim.max_local_steps)
     if cfg.local_epochs is not None:
         _in("local_epochs", cfg.local_epochs, 0.0, float(lim.max_local_steps), lo_open=True)

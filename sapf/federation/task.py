@@ -112,6 +112,7 @@ class SitePlan:
     sample_rate: float
     total_steps: int
     local_steps: int
+    central_noise: float = 0.0  # σ of the central-image release (0: no warm-up planned)
 
 
 def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None, delta: float | None = None) -> SitePlan:
@@ -132,7 +133,8 @@ def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None, delt
     steps = cfg.rounds * cfg.local_steps_for(n)
     p = plan_run(stages_of(cfg), epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                  train_sample_rate=cfg.batch_size / n, train_steps=steps)
-    plan = SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps, cfg.local_steps_for(n))
+    plan = SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps, cfg.local_steps_for(n),
+                    p.noise_of("central-images"))
     if saved is not None:
         write_json(saved, asdict(plan))
     return plan
@@ -182,6 +184,24 @@ def to_wire(state: dict[str, torch.Tensor]):
     from flwr.app import ArrayRecord
 
     return ArrayRecord(torch_state_dict={k: v.detach().to(WIRE_DTYPE).contiguous() for k, v in state.items()})
+
+
+def base_to_wire(unet: torch.nn.Module):
+    """A warmed-up base model's weights, float32 (every site trains on exactly the server's base)."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord(torch_state_dict={k: p.detach().float().contiguous() for k, p in unet.named_parameters()})
+
+
+def load_base(gen: DiffusionModel, state: dict[str, torch.Tensor]) -> DiffusionModel:
+    """A copy of `gen` with the server's (checked) base weights."""
+    import copy
+
+    unet = copy.deepcopy(gen.unet)
+    with torch.no_grad():
+        for k, p in unet.named_parameters():
+            p.copy_(state[k])
+    return DiffusionModel(unet.eval(), gen.scheduler, gen.source, gen.null_class)
 
 
 def from_wire(record) -> dict[str, torch.Tensor]:
