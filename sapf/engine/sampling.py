@@ -9,20 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sapf import sampling_inputs as inputs  # the same labels, noise and guidance as the ONNX sampler
 from sapf.engine.model import DiffusionModel, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.sampling_inputs import (
-    DEFAULT_ETA,
-    DEFAULT_GUIDANCE,
-    check_eta,
-    check_guidance,
-    guided,
-    initial_noise,
-    sample_labels,
-    step_noise,
-)
 
 
 @torch.no_grad()
@@ -34,17 +25,17 @@ def sample(
     seed: int = 0,
     batch_size: int = 256,
     show_progress: bool = True,
-    eta: float = DEFAULT_ETA,
-    guidance: float = DEFAULT_GUIDANCE,
+    eta: float = inputs.DEFAULT_ETA,
+    guidance: float = inputs.DEFAULT_GUIDANCE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic); guidance:
     classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
-    check_eta(eta)
-    check_guidance(guidance, gen.null_class)
-    labels = sample_labels(num, gen.num_classes, class_label)
-    noise = initial_noise(num, gen.channels, gen.image_size, seed)
+    inputs.check_eta(eta)
+    inputs.check_guidance(guidance, gen.null_class)
+    labels = inputs.sample_labels(num, gen.num_classes, class_label)
+    noise = inputs.initial_noise(num, gen.channels, gen.image_size, seed)
     ddim = ddim_from(gen.scheduler)
     ddim.set_timesteps(steps)
     unet = gen.unet.eval()
@@ -54,7 +45,7 @@ def sample(
         for b in range(0, num, batch_size):
             x = torch.from_numpy(noise[b : b + batch_size])
             y = torch.from_numpy(labels[b : b + batch_size]) if gen.num_classes else None
-            z = step_noise(b, x.shape[0], steps, gen.channels, gen.image_size, seed) if eta > 0 else None
+            z = inputs.step_noise(b, x.shape[0], steps, gen.channels, gen.image_size, seed) if eta > 0 else None
             for k, t in enumerate(ddim.timesteps):
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
                 if guidance == 1.0:
@@ -63,7 +54,7 @@ def sample(
                     null = torch.full_like(y, gen.null_class)
                     cond, uncond = unet(torch.cat([x, x]), torch.cat([tt, tt]), class_labels=torch.cat([y, null])
                                         ).sample.chunk(2)
-                    eps = torch.from_numpy(guided(cond.numpy(), uncond.numpy(), guidance))
+                    eps = torch.from_numpy(inputs.guided(cond.numpy(), uncond.numpy(), guidance))
                 noise_k = torch.from_numpy(z[k]) if z is not None else None
                 x = ddim.step(eps, t, x, eta=eta, variance_noise=noise_k).prev_sample
                 bar.advance()
