@@ -16,7 +16,7 @@ import typer
 from sapf.config import ConfigError, FederationConfig, MethodConfig, PretrainConfig, TrainConfig
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
 from sapf.errors import SapfError
-from sapf.sampling_inputs import DEFAULT_ETA, DEFAULT_GUIDANCE
+from sapf.sampling_inputs import DEFAULT_ETA, GUIDANCE_WITH_NULL_CLASS
 
 app = typer.Typer(
     name="sapf",
@@ -128,8 +128,9 @@ def sample(
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Only this class (default: class-balanced)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     eta: float = typer.Option(DEFAULT_ETA, help="DDIM step noise: 1 adds DDPM's noise each step, 0 is deterministic."),
-    guidance: float = typer.Option(DEFAULT_GUIDANCE, help="Classifier-free guidance weight w (1: plain conditional; "
-                                                          "needs a model with a null class)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance weight w (1: plain conditional). "
+                                             "Default: the model's (a model with a null class: "
+                                             f"{GUIDANCE_WITH_NULL_CLASS:g}; any other: 1)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda: run on CPU if CUDA is missing."),
@@ -138,7 +139,7 @@ def sample(
 ):
     """Generate images with DDIM from a model directory or an ONNX file."""
     from sapf.outputs import atomic_output_dir, check_output_dir, write_samples
-    from sapf.sampling_inputs import check_eta
+    from sapf.sampling_inputs import check_eta, resolve_guidance
 
     if num < 1:
         raise SapfError("--num must be at least 1")
@@ -148,13 +149,14 @@ def sample(
         raise SapfError(f"--device must be cpu or cuda, not '{device}'")
     check_eta(eta)
     check_output_dir(out, force)
-    meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta,
-            "guidance": guidance, "seed": seed, "device": device}
+    meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta, "seed": seed,
+            "device": device}
     if onnx is not None:
         from sapf.export.onnx_sampler import OnnxSampler
 
         sampler = OnnxSampler(onnx, device=device, allow_cpu_fallback=allow_cpu_fallback)
         images, labels = sampler.sample(num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance)
+        guidance = resolve_guidance(guidance, sampler.null_class)
         meta.update(onnx=str(onnx), provider=sampler.provider)
     else:
         from sapf.engine.model import load_generator
@@ -164,7 +166,9 @@ def sample(
             raise SapfError("the torch sampler runs on CPU here; use --onnx FILE --device cuda for GPUs")
         gen = load_generator(model)
         images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance)
+        guidance = resolve_guidance(guidance, gen.null_class)
         meta.update(model=gen.source)
+    meta["guidance"] = guidance  # as resolved for this model
     with atomic_output_dir(out, force) as tmp:
         write_samples(tmp, images, labels, meta)
     _say(f"wrote {num} images to {out} (grid: {out}/grid.png)")

@@ -49,7 +49,17 @@ def step_noise(first: int, count: int, steps: int, channels: int, size: int, see
                      for i in range(first, first + count)], axis=1)
 
 
-DEFAULT_GUIDANCE = 1.0  # classifier-free guidance weight w: 1 is the plain conditional sample
+# Classifier-free guidance weight w when none is given: a model that learnt a null class samples at this w, any other
+# at w = 1 (the plain conditional sample). Chosen by measurement: docs/experiments.md#guidance.
+GUIDANCE_WITH_NULL_CLASS = 1.0
+
+
+def resolve_guidance(guidance: float | None, null_class: int | None) -> float:
+    """The weight to sample with: `guidance` checked, or (None) the default for this model."""
+    if guidance is None:
+        return GUIDANCE_WITH_NULL_CLASS if null_class is not None else 1.0
+    check_guidance(guidance, null_class)
+    return float(guidance)
 
 
 def check_guidance(guidance: float, null_class: int | None) -> None:

@@ -35,10 +35,17 @@ def test_guidance_weights_in_the_torch_sampler(null_model, tiny_model_dir):
     assert (gen.num_classes, gen.null_class) == (9, 9)
     # w = 0 is the unconditional prediction alone: the label no longer matters.
     np.testing.assert_array_equal(_sample(gen, 1, 0.0), _sample(gen, 5, 0.0))
-    # w = 1 is the plain conditional sample; w = 3 moves away from it.
-    plain = sample(gen, 4, class_label=1, steps=4, seed=3, eta=0.0, show_progress=False)[0]
+    # w = 1 is the plain conditional sample: the same weights read without a null class give the same images;
+    # w = 3 moves away from it.
+    plain = sample(load_generator(tiny_model_dir), 4, class_label=1, steps=4, seed=3, eta=0.0, show_progress=False)[0]
     np.testing.assert_array_equal(_sample(gen, 1, 1.0), plain)
     assert not np.array_equal(_sample(gen, 1, 3.0), plain)
+    # No weight given: the model's default (GUIDANCE_WITH_NULL_CLASS with a null class, else 1).
+    from sapf.sampling_inputs import GUIDANCE_WITH_NULL_CLASS
+
+    np.testing.assert_array_equal(_sample(gen, 1, None), _sample(gen, 1, GUIDANCE_WITH_NULL_CLASS))
+    np.testing.assert_array_equal(sample(load_generator(tiny_model_dir), 4, class_label=1, steps=4, seed=3, eta=0.0,
+                                         show_progress=False)[0], plain)
     with pytest.raises(SapfError, match="null class"):
         _sample(load_generator(tiny_model_dir), 1, 2.0)  # a model trained without one
 

@@ -26,14 +26,15 @@ def sample(
     batch_size: int = 256,
     show_progress: bool = True,
     eta: float = inputs.DEFAULT_ETA,
-    guidance: float = inputs.DEFAULT_GUIDANCE,
+    guidance: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic); guidance:
-    classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise)."""
+    classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise;
+    None: the model's default, :func:`sapf.sampling_inputs.resolve_guidance`)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
     inputs.check_eta(eta)
-    inputs.check_guidance(guidance, gen.null_class)
+    guidance = inputs.resolve_guidance(guidance, gen.null_class)
     labels = inputs.sample_labels(num, gen.num_classes, class_label)
     noise = inputs.initial_noise(num, gen.channels, gen.image_size, seed)
     ddim = ddim_from(gen.scheduler)

@@ -27,11 +27,10 @@ from sapf.errors import SapfError
 from sapf.outputs import to_uint8
 from sapf.sampling_inputs import (
     DEFAULT_ETA,
-    DEFAULT_GUIDANCE,
     check_eta,
-    check_guidance,
     guided,
     initial_noise,
+    resolve_guidance,
     sample_labels,
     step_noise,
 )
@@ -318,13 +317,12 @@ class OnnxSampler:
 
     def sample(self, num: int, class_label: int | None = None, steps: int = 50, seed: int = 0,
                batch_size: int = 256, show_progress: bool = True, eta: float = DEFAULT_ETA,
-               guidance: float = DEFAULT_GUIDANCE) -> tuple[np.ndarray, np.ndarray]:
+               guidance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler."""
         if batch_size < 1:
             raise SapfError("--batch-size must be at least 1")
         check_eta(eta)
-        check_guidance(guidance, self.null_class)
-        self._guidance = guidance
+        guidance = self._guidance = resolve_guidance(guidance, self.null_class)
         labels = sample_labels(num, self.num_classes, class_label)
         timesteps = self.ddim.set_timesteps(steps)
         c, size = int(self.meta["channels"]), int(self.meta["image_size"])
@@ -341,7 +339,7 @@ class OnnxSampler:
         return to_uint8(np.concatenate(out)), labels
 
     def _batch_numpy(self, x, y, timesteps, z, eta, advance) -> np.ndarray:
-        w = getattr(self, "_guidance", DEFAULT_GUIDANCE)
+        w = getattr(self, "_guidance", 1.0)
         null = np.full_like(y, self.null_class) if w != 1.0 else None
         for k, t in enumerate(timesteps):
             if null is None:

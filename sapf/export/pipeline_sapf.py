@@ -30,17 +30,18 @@ class SapfPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, null_class: Optional[int] = None):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, null_class: Optional[int] = None,
+                 guidance_scale: float = 1.0):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(null_class=null_class)
+        self.register_to_config(null_class=null_class, guidance_scale=guidance_scale)
 
     @torch.no_grad()
     def __call__(
         self,
         class_labels: Union[int, List[int], torch.Tensor],
         num_inference_steps: int = 50,
-        guidance_scale: float = 1.0,
+        guidance_scale: Optional[float] = None,
         eta: float = 1.0,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
@@ -49,7 +50,8 @@ class SapfPipeline(DiffusionPipeline):
         """Args:
             class_labels: one class index per image to generate.
             num_inference_steps: DDIM steps (50 is sapf's default).
-            guidance_scale: classifier-free guidance weight w (1: the plain conditional sample).
+            guidance_scale: classifier-free guidance weight w (1: the plain conditional sample; None: the model's
+                default, ``guidance_scale`` in model_index.json).
             eta: DDIM step noise in [0, 1].
             generator: torch random generator(s) for the initial and step noise.
             output_type: "pil", "np" (floats in [0, 1], N×H×W×C) or "pt" (model space [-1, 1], N×C×H×W).
@@ -58,6 +60,8 @@ class SapfPipeline(DiffusionPipeline):
         num_classes = int(self.unet.config.num_class_embeds or 0)
         if num_classes and not ((labels >= 0) & (labels < num_classes)).all():
             raise ValueError(f"class_labels must lie in [0, {num_classes})")
+        if guidance_scale is None:
+            guidance_scale = self.config.guidance_scale if self.config.null_class is not None else 1.0
         if guidance_scale != 1.0 and self.config.null_class is None:
             raise ValueError("this model has no unconditional (null) class: classifier-free guidance needs one; "
                              "use guidance_scale=1")
