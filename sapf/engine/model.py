@@ -116,8 +116,8 @@ def write_pipeline_index(out: Path, scheduler_class: str = "DDPMScheduler", null
     module = resources.files("sapf.export") / f"{PIPELINE_MODULE}.py"
     (out / f"{PIPELINE_MODULE}.py").write_text(module.read_text())
     index = {"_class_name": [PIPELINE_MODULE, PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
-             "null_class": null_class, "guidance_scale": resolve_guidance(None, null_class), "unet": ["diffusers", "UNet2DModel"],
-             "scheduler": ["diffusers", scheduler_class]}
+             "null_class": null_class, "guidance_scale": resolve_guidance(None, null_class),
+             "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", scheduler_class]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
