@@ -51,7 +51,7 @@ def step_noise(first: int, count: int, steps: int, channels: int, size: int, see
 
 # Classifier-free guidance weight w when none is given: a model that learnt a null class samples at this w, any other
 # at w = 1 (the plain conditional sample). Chosen by measurement: docs/experiments.md#guidance.
-GUIDANCE_WITH_NULL_CLASS = 1.0
+GUIDANCE_WITH_NULL_CLASS = 1.5
 
 
 def resolve_guidance(guidance: float | None, null_class: int | None) -> float:
