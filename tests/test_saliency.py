@@ -36,10 +36,13 @@ def test_one_example_moves_the_scores_by_at_most_the_sensitivity(small_data, sco
         assert scores.sum() == pytest.approx(clip**2, rel=1e-4)
 
 
+ATTENTION_QUERY = SaliencyQuery(clip=1.0, candidates="attention")  # the planted matrix competes with its peers
+
+
 def test_planted_salient_matrix_ranks_first(small_data):
     gen = tiny_generator()
     planted = "mid_block.attentions.0.to_out.0"
-    base_names, base_scores, _ = noisy_saliency_scores(gen, small_data, SaliencyQuery(clip=1.0), 0.0, None, False)
+    base_names, base_scores, _ = noisy_saliency_scores(gen, small_data, ATTENTION_QUERY, 0.0, None, False)
     assert base_names[int(np.argmax(base_scores))] != planted  # not first on its own
     attn = gen.unet.mid_block.attentions[0]
     x = torch.randn(2, 1, 16, 16)
@@ -53,7 +56,7 @@ def test_planted_salient_matrix_ranks_first(small_data):
         after = gen.unet(x, torch.tensor([3, 700]), torch.tensor([1, 2])).sample
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
     ledger = PrivacyLedger(10.0, 1e-4)
-    names, scores, _ = noisy_saliency_scores(gen, small_data, SaliencyQuery(clip=1.0), 0.5, ledger, False)
+    names, scores, _ = noisy_saliency_scores(gen, small_data, ATTENTION_QUERY, 0.5, ledger, False)
     assert names[int(np.argmax(scores))] == planted
     assert planted in select_top(names, scores, 0.1)
     assert ledger.mechanisms[0].name == "saliency-query" and ledger.mechanisms[0].noise_multiplier == 0.5
