@@ -162,6 +162,16 @@ def _warmed_base(msg: Message, gen: DiffusionModel, settings: SiteSettings) -> D
     return load_base(gen, state)
 
 
+def _noisy_sum_reply(msg: Message, site: Site, ledger: PrivacyLedger, key: str, noisy, sigma: float) -> Message:
+    """A query's reply: its noisy sum under `key`, the declared-public scalars (N, ε, σ) and the ε history."""
+    return Message(RecordDict({
+        key: ArrayRecord(array_dict={key: Array(np.asarray(noisy, np.float64))}),
+        "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon()),
+                                 "noise_multiplier": float(sigma)}),
+        "privacy": _report(ledger, site.name),
+    }), reply_to=msg)
+
+
 @app.query("central_images")
 @_guard
 def central_images(msg: Message, context: Context) -> Message:
@@ -183,13 +193,7 @@ def central_images(msg: Message, context: Context) -> Message:
     sums = release_central_images(data=site.data, num_classes=site.gen.num_classes, bound=bound,
                                   noise_multiplier=site.plan.central_noise, sample_rate=cfg.central_sample_rate,
                                   queries=cfg.central_queries, ledger=None)
-    content = RecordDict({
-        "sums": ArrayRecord(array_dict={"sums": Array(np.asarray(sums, np.float64))}),
-        "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon()),
-                                 "noise_multiplier": float(site.plan.central_noise)}),
-        "privacy": _report(ledger, site.name),
-    })
-    return Message(content, reply_to=msg)
+    return _noisy_sum_reply(msg, site, ledger, "sums", sums, site.plan.central_noise)
 
 
 @app.query("saliency")
@@ -204,13 +208,7 @@ def saliency(msg: Message, context: Context) -> Message:
     ledger = site.spend([query], budget_check=whole)
     _, scores, _ = noisy_saliency_scores(site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None,
                                          show_progress=False)
-    content = RecordDict({
-        "scores": ArrayRecord(array_dict={"scores": Array(np.asarray(scores, np.float64))}),
-        "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon()),
-                                 "noise_multiplier": float(site.plan.selection_noise)}),
-        "privacy": _report(ledger, site.name),
-    })
-    return Message(content, reply_to=msg)
+    return _noisy_sum_reply(msg, site, ledger, "scores", scores, site.plan.selection_noise)
 
 
 def _request_key(msg: Message) -> str:
