@@ -14,8 +14,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
+    gpu = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
     return {"platform": platform.platform(), "processor": platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+            "threads": torch.get_num_threads(), **gpu, "date": time.strftime("%Y-%m-%d")}
 
 
 def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:

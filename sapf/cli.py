@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -162,16 +163,30 @@ def sample(
         from sapf.engine.model import load_generator
         from sapf.engine.sampling import sample as torch_sample
 
-        if device != "cpu":
-            raise SapfError("the torch sampler runs on CPU here; use --onnx FILE --device cuda for GPUs")
+        device = _torch_device(device, allow_cpu_fallback)
         gen = load_generator(model)
-        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance)
+        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance,
+                                      device=device)
         guidance = resolve_guidance(guidance, gen.null_class)
         meta.update(model=gen.source)
     meta["guidance"] = guidance  # as resolved for this model
+    meta["device"] = device  # as used
     with atomic_output_dir(out, force) as tmp:
         write_samples(tmp, images, labels, meta)
     _say(f"wrote {num} images to {out} (grid: {out}/grid.png)")
+
+
+def _torch_device(device: str, allow_cpu_fallback: bool = False) -> str:
+    """The device PyTorch computes on: `device` checked, or the CPU (with a warning) when CUDA is missing and the
+    user allowed the fallback."""
+    import torch
+
+    from sapf.engine.device import compute_device
+
+    if device.startswith("cuda") and allow_cpu_fallback and not torch.cuda.is_available():
+        print(f"sapf: warning: --device {device}: PyTorch sees no CUDA GPU; computing on CPU", file=sys.stderr)
+        return "cpu"
+    return str(compute_device(device))
 
 
 def _epsilon(value: str) -> float:
@@ -243,14 +258,16 @@ def train(
     rank: int = _RANK, lora_alpha: int = _ALPHA,
     ema_decay: float = typer.Option(TrainConfig.ema_decay, help="EMA of the trained weights (0: off)."),
     holdout: float = _HOLDOUT, accountant: str = _ACCOUNTANT, seed: int = _SEED, force: bool = _FORCE,
+    device: str = typer.Option("cpu", help="Where the networks compute: cpu or cuda (the privacy is the same)."),
 ):
     """Fine-tune the public generator on private data under (ε, δ)-DP."""
     from sapf.engine.run import train as run_train
 
+    device = _torch_device(device)
     cfg = _config(TrainConfig, locals())
     if not math.isfinite(cfg.epsilon):
         _say("ε = inf: training WITHOUT differential privacy (the non-private upper bound)")
-    s = run_train(cfg, out, force=force)
+    s = run_train(cfg, out, force=force, device=device)
     _say(
         f"wrote {out}: {s['trainable_parameters']:,} trainable parameters, {s['steps']} steps, "
         f"ε spent {s['epsilon_spent']:.3f}; model card: {out}/README.md; grid: {out}/grid.png; "

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import torch
 from typer.testing import CliRunner
 
 from sapf.cli import app
@@ -53,11 +54,16 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("pretrain", "--data", "digits", "--slant", "0.5,-0.1", "--out", tmp_path / "f"),
         ("pretrain", "--data", "digits", "--slant", "lean", "--out", tmp_path / "g"),
         ("federate", "--clients", 2, "--rank", 0, "--out", tmp_path / "h"),  # refused before any site spends budget
+        ("train", "--device", "tpu", "--out", tmp_path / "i"),
+        ("sample", "--model", tiny_model_dir, "--device", "cuda:x", "--out", tmp_path / "j"),
     ]
+    if not torch.cuda.is_available():  # where CUDA is missing, asking for it fails before any work
+        cases += [("train", "--device", "cuda", "--out", tmp_path / "k"),
+                  ("sample", "--model", tiny_model_dir, "--device", "cuda", "--out", tmp_path / "l")]
     for args in cases:
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("sapf: error:"), r.output
         assert "Traceback" not in r.output
-    assert not any((tmp_path / x).exists() for x in "abcdefgh")
+    assert not any((tmp_path / x).exists() for x in "abcdefghijkl")

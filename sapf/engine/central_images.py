@@ -107,19 +107,21 @@ def central_images(noisy_sums: np.ndarray, num_classes: int, channels: int, imag
 
 
 def warm_up(gen: DiffusionModel, images: np.ndarray, *, steps: int, lr: float, label_dropout: float = 0.0,
-            batch_size: int = 64, seed: int = 0, show_progress: bool = True) -> DiffusionModel:
+            batch_size: int = 64, seed: int = 0, show_progress: bool = True, device: str = "cpu") -> DiffusionModel:
     """Train every weight of a copy of the model on the central images (one per class, label = its row),
     each batch randomly shifted by up to 2 pixels and slanted: post-processing of a DP release."""
     import copy
 
-    from sapf.engine.diffusion import diffusion_loss, drop_labels
+    from sapf.engine.device import compute_device
+    from sapf.engine.diffusion import add_noise, drop_labels, per_example_loss, predict
     from sapf.engine.pretrain import random_slant
     from sapf.engine.progress import progress_bar
 
     if steps < 1:
         return gen
     g = torch.Generator().manual_seed(seed)  # public randomness: the release is already noised
-    unet = copy.deepcopy(gen.unet).train()
+    device = compute_device(device)
+    unet = copy.deepcopy(gen.unet).train().to(device)
     for p in unet.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -132,11 +134,12 @@ def warm_up(gen: DiffusionModel, images: np.ndarray, *, steps: int, lr: float, l
             shift = torch.randint(-2, 3, (2,), generator=g)
             x = torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
             labels = drop_labels(y_all[idx], gen.null_class, label_dropout, g)
-            loss = diffusion_loss(unet, gen.scheduler, x, labels, g)
+            xt, t, noise = (v.to(device) for v in add_noise(gen.scheduler, x, g))  # drawn on the CPU, as seeded
+            loss = per_example_loss(predict(unet, xt, t, labels.to(device)), noise).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             bar.advance(loss=loss.item())
     for p in unet.parameters():
         p.requires_grad_(False)
-    return DiffusionModel(unet.eval(), gen.scheduler, gen.source, gen.null_class)
+    return DiffusionModel(unet.eval().cpu(), gen.scheduler, gen.source, gen.null_class)

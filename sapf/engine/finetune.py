@@ -16,6 +16,7 @@ from torch import nn
 
 from sapf.config import OPTIMIZERS, ConfigError, MethodConfig
 from sapf.engine.data import ImageDataset
+from sapf.engine.device import compute_device
 from sapf.engine.diffusion import add_noise, drop_labels, per_example_loss
 from sapf.engine.model import DiffusionModel
 from sapf.engine.noise import fresh_torch_generator
@@ -151,6 +152,7 @@ def dp_finetune(
     show_progress: bool = True,
     label: str = "train",
     optimizer_state: dict | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainHistory:
     """Train `model`'s trainable parameters on `data`; private iff noise_multiplier > 0.
 
@@ -162,6 +164,8 @@ def dp_finetune(
     history are statistics of private data: the caller keeps them private.
     `optimizer_state` (from an earlier call's history, same parameters) continues that optimizer
     instead of starting a fresh one: its moments are functions of released noisy gradients only.
+    `device` (:mod:`sapf.engine.device`): where the network computes; the model is moved there for the
+    run and back to the CPU at the end, every draw but Opacus's noise is made on the CPU.
     """
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -174,9 +178,12 @@ def dp_finetune(
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise SapfError(f"the noise multiplier must be finite and >= 0, got {noise_multiplier}")
     private = noise_multiplier > 0
+    device = compute_device(device)
+    model.to(device)  # before the optimizer and the EMA see the parameters
     params = [p for _, p in trainable_parameters(model)]
     # Batches, diffusion noise/timesteps and DP noise all touch private data: fresh OS entropy, never a seed.
     torch_gen = fresh_torch_generator()
+    noise_gen = torch_gen if device.type == "cpu" else fresh_torch_generator(device)  # Opacus draws on the device
     conditional = gen.num_classes > 0
     net = wrap_for_per_sample_grads(model) if private else model
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
@@ -187,7 +194,7 @@ def dp_finetune(
     q = cfg.batch_size / n
     if private:
         optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip,
-                                expected_batch_size=cfg.batch_size, generator=torch_gen)
+                                expected_batch_size=cfg.batch_size, generator=noise_gen)
         batches = iter(UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=torch_gen,
                                                      steps=cfg.steps))
     else:
@@ -205,13 +212,13 @@ def dp_finetune(
             idx = torch.as_tensor(next(batches), dtype=torch.long)
             if len(idx) == 0:  # an empty Poisson batch still releases noise (and is accounted)
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape))
+                    p.grad_sample = torch.zeros((0, *p.shape), device=device)
                 loss = float("nan")
             else:
                 x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
                 y = drop_labels(y, gen.null_class, cfg.label_dropout, torch_gen)  # fresh draws, per replica
-                xt, t, noise = add_noise(gen.scheduler, x0, torch_gen)
-                pred = net(xt, t, class_labels=y if conditional else None).sample
+                xt, t, noise = (v.to(device) for v in add_noise(gen.scheduler, x0, torch_gen))
+                pred = net(xt, t, class_labels=y.to(device) if conditional else None).sample
                 loss_t = per_example_loss(pred, noise).mean()
                 loss_t.backward()
                 loss = loss_t.item()
@@ -236,6 +243,7 @@ def dp_finetune(
         ema.copy_to(params)
     if private:
         net._close()
+    model.to("cpu")
     hist.wall_time_s, hist.steps = time.time() - t0, cfg.steps
     hist.optimizer_state = optimizer.state_dict()
     return hist

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 
-def fresh_torch_generator() -> torch.Generator:
-    """A CPU torch.Generator seeded with 64 bits of OS entropy (torch's seed width)."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+def fresh_torch_generator(device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded with 64 bits of OS entropy (torch's seed width)."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def fresh_numpy_generator() -> np.random.Generator:

@@ -66,7 +66,7 @@ def zero_nonfinite_rows(params: list[torch.nn.Parameter]) -> int:
     entry; return how many. A NaN or inf would pass any clip (its norm is NaN), so a crafted input (an
     adapter that overflows for one class, an image of NaNs) could turn the noisy sum into NaN and reveal
     whether that example was sampled. A zero row contributes nothing and keeps the bound."""
-    bad = torch.zeros(params[0].grad_sample.shape[0], dtype=torch.bool)
+    bad = torch.zeros(params[0].grad_sample.shape[0], dtype=torch.bool, device=params[0].grad_sample.device)
     for p in params:
         bad |= ~torch.isfinite(p.grad_sample.flatten(1)).all(dim=1)
     if bad.any():

@@ -16,6 +16,7 @@ import torch
 from sapf.config import TrainConfig
 from sapf.engine.central_images import warm_up
 from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
+from sapf.engine.device import compute_device
 from sapf.engine.finetune import dp_finetune, make_trainable, merged_generator
 from sapf.engine.model import DiffusionModel, check_data_fits, count_parameters, load_generator, save_generator
 from sapf.engine.privacy import PrivacyLedger, PrivacyPlan, calibrate_noise, check_privacy_args
@@ -70,9 +71,11 @@ def select_only(cfg: TrainConfig, out: Path, *, force: bool = False, show_progre
 
 
 def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bool = True,
-          sample_grid: bool = True) -> dict:
-    """`sapf train`: plan every stage's noise, then run the stages (select → DP fine-tune) and write the run dir."""
+          sample_grid: bool = True, device: str = "cpu") -> dict:
+    """`sapf train`: plan every stage's noise, then run the stages (select → DP fine-tune) and write the run dir.
+    `device`: where the networks compute (cpu or cuda); the method and its privacy do not depend on it."""
     check_output_dir(out, force)
+    compute_device(device)  # a bad --device fails before any work
     gen = load_generator(cfg.base_model)
     data = load_private_data(cfg.data, gen, cfg.holdout)
     n = len(data)
@@ -87,15 +90,15 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
         if stage.name == "warmup":
             central = noisy_central_images(cfg, gen, data, pp.noise_of(stage.release), ledger)
             gen = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
-                          seed=cfg.seed, show_progress=show_progress)
+                          seed=cfg.seed, show_progress=show_progress, device=device)
         elif stage.name == "select":
             sel = choose_matrices(cfg.selection, gen, data, cfg.query(), cfg.top_fraction, pp.noise_of(stage.release),
-                                  ledger, cfg.seed, show_progress)
+                                  ledger, cfg.seed, show_progress, device=device)
         elif stage.name == "finetune":
             torch.manual_seed(cfg.seed)  # public randomness: the LoRA initialisation
             model = make_trainable(gen, cfg.selection, sel.selected, cfg.rank, cfg.lora_alpha)
             hist = dp_finetune(gen, model, data, cfg.dpsgd(steps, cfg.batch_size, cfg.ema_decay), pp.train_noise,
-                               ledger, show_progress)
+                               ledger, show_progress, device=device)
     merged = merged_generator(gen, model, cfg.selection)
     summary = {  # public: the plan, the counts the plan already reveals, ε
         "examples": n,
@@ -112,7 +115,8 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
         "step_times_s": [round(t, 4) for t in hist.step_times],
     }
     config = {"command": "train", **asdict(cfg), "lr": cfg.learning_rate(), "base_model_resolved": gen.source,
-              "resolved_steps": steps, "resolved_delta": pp.delta, "stages": [s.to_dict() for s in stages]}
+              "resolved_steps": steps, "resolved_delta": pp.delta, "stages": [s.to_dict() for s in stages],
+              "device": str(device)}
     with atomic_output_dir(out, force) as tmp:
         if cfg.selection != "full" and gen is base:  # after a warm-up the adapters belong to the warmed model only
             model.save_pretrained(tmp / "adapter")
@@ -124,7 +128,7 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
         write_json(tmp / "config.json", config)
         write_json(tmp / "metrics.json", {**summary, "epsilon": hist.epsilon})
         write_private_curves(tmp, curves, "fine-tuning")
-        _write_pictures(tmp, merged, cfg.seed, sample_grid)
+        _write_pictures(tmp, merged, cfg.seed, sample_grid, device)
         write_model_card(tmp, config=config, privacy=[("this run", ledger.to_dict())], stages=stages,
                          examples=f"{n} training records")
     return {**summary, **{k: curves[k] for k in ("wall_time_s", "final_loss")}}
@@ -169,10 +173,10 @@ def write_private_curves(run_dir: Path, curves: dict, title: str) -> None:
         plot_curve(d / "loss.png", {"loss": curves["loss"]}, "step", "noise-prediction MSE", title, smooth=20)
 
 
-def _write_pictures(out: Path, gen: DiffusionModel, seed: int, sample_grid: bool) -> None:
+def _write_pictures(out: Path, gen: DiffusionModel, seed: int, sample_grid: bool, device: str = "cpu") -> None:
     from sapf.engine.sampling import sample
     from sapf.outputs import class_grid, save_png
 
     if sample_grid:
-        images, labels = sample(gen, 100, steps=50, seed=seed, show_progress=False)
+        images, labels = sample(gen, 100, steps=50, seed=seed, show_progress=False, device=device)
         save_png(out / "grid.png", class_grid(images, labels))

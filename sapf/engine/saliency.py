@@ -26,6 +26,7 @@ from torch import nn
 
 from sapf.config import CANDIDATE_SETS, SCORES, SELECTIONS, ConfigError, MethodConfig
 from sapf.engine.data import ImageDataset
+from sapf.engine.device import compute_device
 from sapf.engine.diffusion import add_noise, per_example_loss
 from sapf.engine.model import DiffusionModel
 from sapf.engine.noise import fresh_torch_generator
@@ -98,11 +99,12 @@ class SaliencyQuery:
     batch_size: int = 128  # a compute chunk only: the query sums over all sampled examples
 
 
-def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, names: list[str]):
+def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, names: list[str],
+                               device: torch.device):
     """The query's per-record contribution: v_ij = ‖ĝ_ij‖² (or ‖ĝ_ij‖) for each candidate j, where ĝ_i
     is record i's gradient over all candidates (mean of its K replicas) clipped to C as one vector.
     ‖v_i‖₂ ≤ C² (or C) by construction. Returns (contribution function, closer)."""
-    unet = copy.deepcopy(gen.unet).train()
+    unet = copy.deepcopy(gen.unet).train().to(device)
     for p in unet.parameters():
         p.requires_grad_(False)
     modules = dict(unet.named_modules())
@@ -118,20 +120,20 @@ def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: Salie
     def contributions(idx: np.ndarray) -> torch.Tensor:
         idx = torch.from_numpy(idx)
         x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
-        xt, t, noise = add_noise(gen.scheduler, x0, torch_gen)
-        pred = gsm(xt, t, class_labels=y if conditional else None).sample
+        xt, t, noise = (v.to(device) for v in add_noise(gen.scheduler, x0, torch_gen))  # drawn on the CPU
+        pred = gsm(xt, t, class_labels=y.to(device) if conditional else None).sample
         per_example_loss(pred, noise).mean().backward()
         average_replicas(weights, K)
         factor = (q.clip / (per_sample_norms(weights) + 1e-12)).clamp(max=1.0)  # (B,)
         blocks = torch.stack([w.grad_sample.flatten(1).norm(dim=1) * factor for w in weights], dim=1)  # ‖ĝ_ij‖
         clear_grad_samples(weights)
-        return blocks.pow(2) if q.score == "sqnorm" else blocks
+        return (blocks.pow(2) if q.score == "sqnorm" else blocks).cpu()
 
     return contributions, gsm._close
 
 
 def noisy_saliency_scores(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
-                          ledger: PrivacyLedger | None, show_progress: bool = True
+                          ledger: PrivacyLedger | None, show_progress: bool = True, device: str = "cpu"
                           ) -> tuple[list[str], np.ndarray, int]:
     """Run the DP saliency query, a noisy sum (:mod:`sapf.engine.noisy_sum`) of the per-record block
     scores: (candidate names, noisy scores, examples used).
@@ -146,7 +148,7 @@ def noisy_saliency_scores(gen: DiffusionModel, data: ImageDataset, q: SaliencyQu
     if q.multiplicity < 1:
         raise ConfigError("selection_multiplicity", "must be at least 1")
     release = NoisySum("saliency-query", score_sensitivity(q.score, q.clip), noise_multiplier, q.sample_rate)
-    contributions, close = _block_score_contributions(gen, data, q, names)
+    contributions, close = _block_score_contributions(gen, data, q, names, compute_device(device))
     expected_chunks = math.ceil(len(data) * q.sample_rate / q.batch_size)
     try:
         with progress_bar("saliency query", expected_chunks, show_progress) as bar:
@@ -189,14 +191,14 @@ class Selection:
 
 def choose_matrices(strategy: str, gen: DiffusionModel, data: ImageDataset | None, q: SaliencyQuery,
                     top_fraction: float, noise_multiplier: float, ledger: PrivacyLedger | None, seed: int,
-                    show_progress: bool = True) -> Selection:
+                    show_progress: bool = True, device: str = "cpu") -> Selection:
     """One interface for every strategy; only ``saliency`` touches private data (with fresh randomness:
     `seed` drives the public ``random`` strategy only)."""
     if strategy not in STRATEGIES:
         raise SapfError(f"unknown selection '{strategy}' ({', '.join(STRATEGIES)})")
     names = candidate_modules(gen.unet, q.candidates)
     if strategy == "saliency":
-        names, scores, used = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, show_progress)
+        names, scores, used = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, show_progress, device)
         return Selection(strategy, names, select_top(names, scores, top_fraction), [float(s) for s in scores],
                          noise_multiplier, q.clip, q.sample_rate, used, q.score, q.multiplicity, top_fraction)
     if strategy == "attention":

@@ -6,10 +6,13 @@ two samplers give the same images for the same seed.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
 from sapf import sampling_inputs as inputs  # the same labels, noise and guidance as the ONNX sampler
+from sapf.engine.device import compute_device
 from sapf.engine.model import DiffusionModel, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
@@ -27,10 +30,12 @@ def sample(
     show_progress: bool = True,
     eta: float = inputs.DEFAULT_ETA,
     guidance: float | None = None,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic); guidance:
     classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise;
-    None: the model's default, :func:`sapf.sampling_inputs.resolve_guidance`)."""
+    None: the model's default, :func:`sapf.sampling_inputs.resolve_guidance`); device: where the UNet runs
+    (the inputs are drawn on the CPU, so the images match the CPU's up to floating-point rounding)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
     inputs.check_eta(eta)
@@ -39,25 +44,26 @@ def sample(
     noise = inputs.initial_noise(num, gen.channels, gen.image_size, seed)
     ddim = ddim_from(gen.scheduler)
     ddim.set_timesteps(steps)
-    unet = gen.unet.eval()
+    dev = compute_device(device)
+    unet = gen.unet.eval() if dev.type == "cpu" else copy.deepcopy(gen.unet).eval().to(dev)
     out = []
     n_batches = (num + batch_size - 1) // batch_size
     with progress_bar("sample", n_batches * steps, show_progress) as bar:
         for b in range(0, num, batch_size):
-            x = torch.from_numpy(noise[b : b + batch_size])
-            y = torch.from_numpy(labels[b : b + batch_size]) if gen.num_classes else None
+            x = torch.from_numpy(noise[b : b + batch_size]).to(dev)
+            y = torch.from_numpy(labels[b : b + batch_size]).to(dev) if gen.num_classes else None
             z = inputs.step_noise(b, x.shape[0], steps, gen.channels, gen.image_size, seed) if eta > 0 else None
             for k, t in enumerate(ddim.timesteps):
-                tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+                tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=dev)
                 if guidance == 1.0:
                     eps = unet(x, tt, class_labels=y).sample
                 else:
                     null = torch.full_like(y, gen.null_class)
                     cond, uncond = unet(torch.cat([x, x]), torch.cat([tt, tt]), class_labels=torch.cat([y, null])
                                         ).sample.chunk(2)
-                    eps = torch.from_numpy(inputs.guided(cond.numpy(), uncond.numpy(), guidance))
-                noise_k = torch.from_numpy(z[k]) if z is not None else None
+                    eps = torch.from_numpy(inputs.guided(cond.cpu().numpy(), uncond.cpu().numpy(), guidance)).to(dev)
+                noise_k = torch.from_numpy(z[k]).to(dev) if z is not None else None
                 x = ddim.step(eps, t, x, eta=eta, variance_noise=noise_k).prev_sample
                 bar.advance()
-            out.append(x.numpy())
+            out.append(x.cpu().numpy())
     return to_uint8(np.concatenate(out)), labels
