@@ -1,15 +1,16 @@
-"""What keeps a digit's identity through DP fine-tuning: `sapf train`'s defaults against one change at a time,
-each sampled at several classifier-free guidance weights.
+"""What keeps a digit's identity through DP fine-tuning: `sapf train` against one change at a time, each trained
+model sampled at several classifier-free guidance weights.
 
 Private data, split, public model and evaluation as in `benchmarks/quality.py` (mnist5k, 4,000 train / 1,000
-holdout; the shipped public model, which has a null class). Every variant is `sapf train` at --epsilon (default 10)
-with the product's defaults (sapf.config) except the one field it names; `public` is the shipped model untrained.
-Each trained model is sampled at every --guidance weight (the same seed, so the same initial noise) and evaluated
-with `sapf evaluate`'s metrics, class fidelity first. Rows are written as they finish, so a run cut short reports.
+holdout; the shipped public model, which has a null class). `plain` is `sapf train` at --epsilon (default 10) with
+the product's defaults but no warm-up (`--warmup none`; the default, `auto`, warms up from ε = 5); every other
+variant is `plain` with the fields it names changed; `public` is the shipped model untrained. Each model is sampled
+at every --guidance weight (the same seed, so the same initial noise) and evaluated with `sapf evaluate`'s metrics,
+class fidelity first. Rows are written as they finish, so a run cut short reports.
 
     python benchmarks/fidelity.py                          # every variant, seeds 0 1, on the CPU: hours
     python benchmarks/fidelity.py --device cuda            # the same on a GPU
-    python benchmarks/fidelity.py --variants default ema --out-dir /tmp/part1
+    python benchmarks/fidelity.py --variants plain ema --out-dir /tmp/part1
     python benchmarks/fidelity.py --merge /tmp/part1 /tmp/part2  # parts run apart → one JSON and table
 
 Writes benchmarks/results/fidelity.json and docs/fidelity.md (or under --out-dir).
@@ -30,13 +31,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# One change at a time from sapf.config's defaults (the TrainConfig fields each sets).
+# One change at a time from `plain`: sapf.config's defaults without a warm-up (the TrainConfig fields each sets).
+PLAIN = dict(warmup="none")
 VARIANTS = {
     "public": None,
-    "default": {},
+    "plain": {},
     "ema": dict(ema_decay=0.95),  # an average over the last ~20 noisy steps
     "no-conditioning": dict(candidates="no-conditioning"),  # never adapt the time/class projections
     "warm-up": dict(warmup="central-images"),  # DP-FETA's central images first (5% of ε)
+    "warm-up-ema": dict(warmup="central-images", ema_decay=0.95),  # the two that helped, together
     "lr-3e-3": dict(lr=3e-3),  # Adam moves every coordinate by ~lr a step, signal or noise
     "batch-1024": dict(batch_size=1024),  # 4× the examples per step, so 4× the signal against the same noise
     "full": dict(selection="full"),  # every weight, DP full fine-tuning
@@ -60,8 +63,8 @@ def run_variant(name: str, epsilon: float, seed: int, guidance: list[float], sam
         gen = load_generator(None)
     else:
         run_dir = work / f"{name}-{seed}"
-        s = train(TrainConfig(epsilon=epsilon, seed=seed, steps=steps, **VARIANTS[name]), run_dir, force=True,
-                  sample_grid=False, device=device)
+        cfg = TrainConfig(epsilon=epsilon, seed=seed, steps=steps, **{**PLAIN, **VARIANTS[name]})
+        s = train(cfg, run_dir, force=True, sample_grid=False, device=device)
         base.update(train_time_s=round(s["wall_time_s"], 1), trainable_parameters=s["trainable_parameters"])
         gen = load_generator(str(run_dir / "model"))
     rows = []
@@ -79,11 +82,11 @@ def run_variant(name: str, epsilon: float, seed: int, guidance: list[float], sam
 def summary(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["variant"], r["guidance"]), []).append(r)
+        groups.setdefault((r["variant"], r["epsilon"] or 0.0, r["guidance"]), []).append(r)
     order = list(VARIANTS)
     out = []
-    for (v, w), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        s = {"variant": v, "guidance": w, "n": len(rs)}
+    for (v, e, w), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1], kv[0][2])):
+        s = {"variant": v, "ε": f"{e:g}" if e else "-", "guidance": w, "n": len(rs)}
         for k in METRICS:
             vals = [r[k] for r in rs]
             mean = statistics.fmean(vals)
@@ -95,6 +98,12 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _missing(result: dict) -> str:
+    ran = {r["variant"] for r in result["rows"]}
+    missing = [v for v in VARIANTS if v not in ran]
+    return f"\nNot measured yet (no finished row): {', '.join(missing)}.\n" if missing else ""
+
+
 def write(out_dir: Path | None, result: dict) -> None:
     from sapf.outputs import write_json
 
@@ -104,15 +113,15 @@ def write(out_dir: Path | None, result: dict) -> None:
     doc.write_text(f"""# Class identity through DP fine-tuning: one change at a time
 
 Produced by `python benchmarks/fidelity.py` ({result['machine'].get('gpu', 'CPU')}, {result['machine']['date']});
-raw rows in `benchmarks/results/fidelity.json`. Every variant is `sapf train` at ε = {result['epsilon']:g} with the
-product's defaults except the one change it names ({', '.join(f'{k}: {v}' for k, v in VARIANTS.items()
+raw rows in `benchmarks/results/fidelity.json`. `plain` is `sapf train` (ε in the table) with the product's
+defaults but no warm-up; every other variant changes what it names ({', '.join(f'{k}: {v}' for k, v in VARIANTS.items()
 if v)}); `public` is the shipped model. {result['samples']} class-balanced samples per (variant, guidance, seed),
 DDIM 50 steps, eta 1; mean ± sample standard deviation over seeds {', '.join(map(str, result['seeds']))}.
 Metrics on sapf's own feature network (see benchmarks.md); class fidelity is the share of samples recognised as the
-class they were drawn for.
+class they were drawn for.{(' ' + result['note']) if result.get('note') else ''}
 
-{table(summary(result['rows']), ['variant', 'guidance', 'n', *METRICS])}
-""")
+{table(summary(result['rows']), ['variant', 'ε', 'guidance', 'n', *METRICS])}
+{_missing(result)}""")
 
 
 def main() -> None:

@@ -82,16 +82,16 @@ DEFAULT_WARMUP = dict(warmup="central-images", warmup_budget=MethodConfig.warmup
 # Per method: what is trained, and its learning rate (full weights need a far smaller one); the TrainConfig fields
 # of each, except `init` ("random": a randomly initialised UNet of the shipped architecture instead of the shipped
 # model). The clip is the same for all (sapf's default); it has not been tuned per method.
-SETTINGS = {
-    "full": dict(selection="full", lr=FULL_LR),
-    "attention": dict(selection="attention", candidates="attention", lr=LORA_LR),
-    "saliency": dict(selection="saliency", candidates="all", lr=LORA_LR),
-    "random": dict(selection="random", candidates="all", lr=LORA_LR),
+SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10 and not at ε = 1
+    "full": dict(selection="full", lr=FULL_LR, warmup="none"),
+    "attention": dict(selection="attention", candidates="attention", lr=LORA_LR, warmup="none"),
+    "saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
+    "random": dict(selection="random", candidates="all", lr=LORA_LR, warmup="none"),
     "dp-feta": dict(selection="full", lr=FULL_LR, init="random", warmup="central-images",
                     warmup_budget=MethodConfig.warmup_budget, warmup_steps=FETA_WARMUP_STEPS,
                     warmup_lr=FETA_WARMUP_LR),
     "feta-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, **DEFAULT_WARMUP),
-    "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR),
+    "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
 METRICS = ("class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall")  # class fidelity first

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from sapf.config import ConfigError, FederationConfig, MethodConfig, PretrainConfig, TrainConfig
-from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
+from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
 from sapf.sampling_inputs import DEFAULT_ETA, GUIDANCE_WITH_NULL_CLASS
 
@@ -235,8 +235,9 @@ _ACCOUNTANT = typer.Option(_M.accountant, help="rdp or prv (Opacus).")
 _SEED = typer.Option(_M.seed, help="Seed of public randomness only (initialisation, random selection, partitions, "
                                    "sample grids); DP noise and batches are always fresh.")
 _FORCE = typer.Option(False, help="Replace an existing --out.")
-_WARMUP = typer.Option(_M.warmup, help="none | central-images (DP-FETA: noisy per-class mean images, "
-                                        "then every weight warmed up on them).")
+_WARMUP = typer.Option(_M.warmup, help="auto | none | central-images (DP-FETA: noisy per-class mean images, then "
+                                        f"every weight warmed up on them); auto: central-images from ε = "
+                                        f"{WARMUP_MIN_EPSILON:g} up.")
 _WARMUP_BUDGET = typer.Option(_M.warmup_budget, help="Share of ε spent on the central images.")
 _WARMUP_STEPS = typer.Option(_M.warmup_steps, help="Non-private warm-up steps on the central images (post-processing).")
 

@@ -20,7 +20,7 @@ import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
-from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS
+from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
 
 SELECTIONS = ("saliency", "attention", "random", "full")  # parameter-selection strategies
@@ -29,7 +29,7 @@ SCORES = ("sqnorm", "norm")
 OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
-WARMUPS = ("none", "central-images")
+WARMUPS = ("auto", "none", "central-images")
 DEFAULT_HOLDOUT = 0.2  # share of the built-in sensitive set kept out of training, for evaluation
 
 
@@ -83,12 +83,26 @@ class MethodConfig:
     lora_alpha: int = 8  # LoRA alpha
     seed: int = 0  # public randomness only: initialisation, random selection, partitions, sample grids
     public_data: str = "digits"  # the public set: it bounds the central images' norms
-    warmup: str = "none"  # none | central-images (DP-FETA: warm up on noisy per-class mean images)
+    warmup: str = "auto"  # auto | none | central-images (DP-FETA: warm up on noisy per-class mean images); auto:
+    #   central-images from ε = WARMUP_MIN_EPSILON up (a class-conditional model), none below
     warmup_budget: float = 0.05  # share of ε spent on the central images
     central_sample_rate: float = 1.0  # Poisson rate of each central-image query
     central_queries: int = 1  # central-image queries (their sums add up)
     warmup_steps: int = 200  # non-private steps on the central images (post-processing)
     warmup_lr: float = 1e-4  # Adam learning rate of the warm-up (every weight moves)
+
+    @property
+    def central_warmup(self) -> bool:
+        """Whether the run has DP-FETA's warm-up stage (``auto``: from WARMUP_MIN_EPSILON up)."""
+        return self.warmup == "central-images" or (self.warmup == "auto" and self.epsilon >= WARMUP_MIN_EPSILON)
+
+    def for_model(self, conditional: bool):
+        """These settings for a base model: ``auto`` made concrete (no central images without classes)."""
+        from dataclasses import replace
+
+        if self.warmup != "auto":
+            return self
+        return replace(self, warmup="central-images" if conditional and self.central_warmup else "none")
 
     def learning_rate(self) -> float:
         if self.lr is not None:

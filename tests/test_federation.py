@@ -32,7 +32,7 @@ def flower_identity():
 
 def _cfg(tiny_model_dir, npz, out, **kw):
     base = dict(data=str(npz), num_sites=2, base_model=str(tiny_model_dir), rounds=2, local_steps=2, batch_size=16,
-                multiplicity=2, min_clients=2, out=str(out))
+                multiplicity=2, min_clients=2, out=str(out), warmup="none")
     return FederationConfig(**{**base, **kw})
 
 

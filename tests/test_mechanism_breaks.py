@@ -166,7 +166,7 @@ def _node(tmp_path, npz, tiny_model_dir, **extra):
 
 
 def _plan(tiny_model_dir, **kw):
-    base = dict(base_model=str(tiny_model_dir), rounds=2, local_steps=2, batch_size=4, epsilon=8.0)
+    base = dict(base_model=str(tiny_model_dir), rounds=2, local_steps=2, batch_size=4, epsilon=8.0, warmup="none")
     return FederationConfig(**{**base, **kw})
 
 

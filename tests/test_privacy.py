@@ -83,12 +83,30 @@ def test_the_plan_splits_epsilon_over_every_stage_of_the_run():
     with pytest.raises(SapfError, match="sum below 1"):
         _plan(10.0, [PlannedRelease("a", 0.6), PlannedRelease("b", 0.5)])
     # A public selection has no query: DP-SGD gets all of ε.
-    stages = stages_of(TrainConfig(selection="attention"))
+    stages = stages_of(TrainConfig(selection="attention", warmup="none"))
     assert [s.name for s in stages] == ["select", "finetune"] and not stages[0].release
     p = plan_run(stages, epsilon=10.0, delta=1e-5, accountant="rdp", train_sample_rate=0.016, train_steps=300)
     assert p.releases == [] and 9.9 <= epsilon_of(p.planned(), 1e-5) <= 10.0
-    saliency = stages_of(TrainConfig(selection_budget=0.2))[0]
+    saliency = stages_of(TrainConfig(selection_budget=0.2, warmup="none"))[0]
     assert (saliency.release, saliency.epsilon_share) == ("saliency-query", 0.2)
+
+
+def test_auto_warmup_from_its_epsilon_up_for_a_class_conditional_model():
+    from sapf.config import TrainConfig
+    from sapf.defaults import WARMUP_MIN_EPSILON
+    from sapf.engine.stages import stages_of
+
+    def names(cfg):
+        return [s.name for s in stages_of(cfg)]
+
+    assert TrainConfig().warmup == "auto" and names(TrainConfig(epsilon=WARMUP_MIN_EPSILON))[0] == "warmup"
+    assert names(TrainConfig(epsilon=WARMUP_MIN_EPSILON / 2)) == ["select", "finetune"]
+    assert names(TrainConfig(epsilon=1.0, warmup="central-images"))[0] == "warmup"  # asked for: always
+    assert names(TrainConfig(epsilon=10.0, warmup="none")) == ["select", "finetune"]
+    # Made concrete for the model (what a federated server sends its sites): no classes, no central images.
+    assert TrainConfig(epsilon=10.0).for_model(conditional=True).warmup == "central-images"
+    assert TrainConfig(epsilon=10.0).for_model(conditional=False).warmup == "none"
+    assert TrainConfig(epsilon=1.0).for_model(conditional=True).warmup == "none"
 
 
 def test_refusals():

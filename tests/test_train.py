@@ -22,7 +22,7 @@ def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_np
     out = tmp_path / "run"
     r = run("train", "--base-model", tiny_model_dir, "--data", mnist_small_npz, "--epsilon", 10,
             "--selection", selection, "--steps", 4, "--batch-size", 16, "--multiplicity", 2, "--seed", 1,
-            "--optimizer", optimizer, "--out", out)
+            "--optimizer", optimizer, "--warmup", "none", "--out", out)
     assert r.exit_code == 0, r.output
     priv = json.loads((out / "privacy.json").read_text())
     assert set(priv) >= {"target_epsilon", "delta", "accountant", "epsilon_spent", "mechanisms"}
@@ -60,7 +60,7 @@ def test_train_end_to_end_at_epsilon_10(tmp_path, tiny_model_dir, mnist_small_np
 
 def test_non_private_says_so(tmp_path, tiny_model_dir, mnist_small_npz):
     r = run("train", "--base-model", tiny_model_dir, "--data", mnist_small_npz, "--epsilon", "inf",
-            "--selection", "attention", "--steps", 2, "--multiplicity", 1, "--out", tmp_path / "r")
+            "--selection", "attention", "--steps", 2, "--multiplicity", 1, "--warmup", "none", "--out", tmp_path / "r")
     assert r.exit_code == 0, r.output
     assert "WITHOUT differential privacy" in r.output
     # No --batch-size: the default (256) would not fit ~96 examples, so a quarter of them is used, and recorded.

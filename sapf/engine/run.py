@@ -79,7 +79,7 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
     gen = load_generator(cfg.base_model)
     data = load_private_data(cfg.data, gen, cfg.holdout)
     n = len(data)
-    cfg = cfg.resolved(n)
+    cfg = cfg.resolved(n).for_model(conditional=gen.num_classes > 0)
     cfg.validate_for(n)
     stages = stages_of(cfg)
     pp = plan_noise(cfg, n)  # before any private data is touched

@@ -38,7 +38,7 @@ class Stage:
 def stages_of(cfg: MethodConfig) -> list[Stage]:
     """The stage list of a run with these settings."""
     stages = []
-    if cfg.warmup == "central-images":
+    if cfg.central_warmup:
         stages.append(Stage("warmup", f"noisy per-class central images (DP-FETA, {cfg.central_queries} "
                             f"quer{'y' if cfg.central_queries == 1 else 'ies'}), then every weight trained on them for "
                             f"{cfg.warmup_steps} steps", "central-images", cfg.warmup_budget, cfg.central_sample_rate,

@@ -144,7 +144,7 @@ def _setup(msg: Message, context: Context) -> Site:
     state_dir = site_state_dir(cfg, context.node_config, name)
     delta = site_delta(cfg, settings, len(data), deployed="data-path" in context.node_config)
     plan = plan_site(cfg, len(data), state_dir, delta)
-    if cfg.warmup == "central-images":
+    if cfg.central_warmup:
         check_noise("central-image release", plan.central_noise)
         gen = _warmed_base(msg, gen, settings) if msg.metadata.message_type != "query.central_images" else gen
     if cfg.selection == "saliency":
@@ -180,7 +180,7 @@ def central_images(msg: Message, context: Context) -> Message:
     from sapf.engine.data import load_dataset
 
     site = _setup(msg, context)
-    if site.cfg.warmup != "central-images":
+    if not site.cfg.central_warmup:
         raise Refusal("refused: this plan has no central-image warm-up")
     if not site.gen.num_classes:
         raise Refusal("refused: central images need a class-conditional base model")

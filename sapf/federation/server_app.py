@@ -202,6 +202,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     public = gen = base_generator(cfg)
+    cfg = cfg.for_model(conditional=gen.num_classes > 0)  # the sites get a concrete --warmup
     base = None  # the warmed base's weights on the wire, when the plan has a warm-up
     nodes = wait_for_nodes(grid, cfg.min_clients if cfg.num_sites <= 0 else cfg.num_sites)
     say(f"{len(nodes)} sites connected")
@@ -273,7 +274,7 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
 
     merged = merged_generator(gen, model, cfg.selection)
     writers = {"model": lambda d: save_generator(merged, d)}
-    if cfg.selection != "full" and cfg.warmup == "none":  # after a warm-up the adapters fit the warmed model only
+    if cfg.selection != "full" and not cfg.central_warmup:  # after a warm-up the adapters fit the warmed model only
         writers["adapter"] = lambda d: model.save_pretrained(d)
     for name, write in writers.items():
         with atomic_output_dir(out / name, force=True) as tmp:
