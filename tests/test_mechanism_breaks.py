@@ -407,3 +407,25 @@ def test_a_model_directory_is_read_as_weights_only(tmp_path):
     assert (tmp_path / "pickled" / "unet" / "diffusion_pytorch_model.bin").exists()
     with pytest.raises(SapfError, match="cannot load the UNet"):
         load_generator(tmp_path / "pickled")
+
+
+@pytest.mark.parametrize("query", ["saliency", "central_images"])
+def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir, site_npz, flower_identity,
+                                                        monkeypatch, query):
+    """When the site starts computing a release, its ledger on disk already holds it: a crash, a kill or a reply
+    lost mid-query cannot leave a release unrecorded. The spy reads the ledger and calls the real noisy sum."""
+    from sapf.engine import central_images, noisy_sum, saliency
+
+    seen = []
+
+    def spy(**kwargs):
+        ledger = _ledger(tmp_path)
+        seen.append([m.name for m in ledger.mechanisms] if ledger is not None else [])
+        return noisy_sum.noisy_sum(**kwargs)
+
+    monkeypatch.setattr(saliency if query == "saliency" else central_images, "noisy_sum", spy)
+    cfg = _plan(tiny_model_dir, warmup="central-images" if query == "central_images" else "none")
+    msg = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type=f"query.{query}")
+    reply = _ask(msg, _node(tmp_path, site_npz, tiny_model_dir))
+    assert not reply.has_error(), reply.error.reason
+    assert seen == [["saliency-query" if query == "saliency" else "central-images"]]
