@@ -9,6 +9,8 @@ At each ε (δ = 1e-5), with the same batch size, steps and multiplicity for eve
 - attention      DP-LoRA on every attention matrix
 - saliency       DP-SAPF: noisy saliency picks the top fraction of all Linear/Conv2d matrices
 - random         DP-LoRA on as many matrices as saliency, picked at random
+- sparta         SPARTA: noisy gradient steps (10% of ε) score every row of every matrix; DP-SGD on the top 20% of
+                 each matrix's rows of the full weights
 - dp-feta        DP-FETA as the paper: a randomly initialised UNet of the shipped model's architecture (no public
                  pretraining), warmed up on noisy per-class central images (5% of ε; a longer warm-up than sapf's
                  default, FETA_WARMUP_STEPS at FETA_WARMUP_LR), then DP full fine-tuning
@@ -61,8 +63,8 @@ from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-METHODS = ["public", "full", "attention", "saliency", "random", "dp-feta", "feta-saliency", "non-private"]
-CURVES = ("full", "attention", "saliency", "random", "dp-feta", "feta-saliency")  # plotted against ε
+METHODS = ["public", "full", "attention", "saliency", "random", "sparta", "dp-feta", "feta-saliency", "non-private"]
+CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-feta", "feta-saliency")  # plotted against ε
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
@@ -87,6 +89,7 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
     "attention": dict(selection="attention", candidates="attention", lr=LORA_LR, warmup="none"),
     "saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
     "random": dict(selection="random", candidates="all", lr=LORA_LR, warmup="none"),
+    "sparta": dict(selection="sparta", candidates="all", lr=FULL_LR, warmup="none"),
     "dp-feta": dict(selection="full", lr=FULL_LR, init="random", warmup="central-images",
                     warmup_budget=MethodConfig.warmup_budget, warmup_steps=FETA_WARMUP_STEPS,
                     warmup_lr=FETA_WARMUP_LR),

@@ -219,7 +219,8 @@ _DATA = typer.Option(_M.data, help="Private data: mnist5k, an image folder (one 
 _BASE = typer.Option(None, "--base-model",
                      help="Public base model dir, present at every site (default: the shipped public model).")
 _DELTA = typer.Option(None, help="Target δ (default 1/(N ln N) of the data holder's N).")
-_SELECTION = typer.Option(_M.selection, help="saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM).")
+_SELECTION = typer.Option(_M.selection, help="saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM) | "
+                                              "sparta (rows from noisy gradients; sapf train only).")
 _CANDIDATES = typer.Option(_M.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
 _TOP = typer.Option(_M.top_fraction, help="Share of candidate matrices to fine-tune (saliency, random).")
 _SEL_BUDGET = typer.Option(_M.selection_budget, help="Share of ε given to the saliency query.")
@@ -250,6 +251,8 @@ def train(
                                 help="Target ε for the whole run (inf: non-private upper bound)."),
     delta: Optional[float] = _DELTA, selection: str = _SELECTION, top_fraction: float = _TOP,
     candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET,
+    row_fraction: float = typer.Option(_M.row_fraction, help="SPARTA: share of each matrix's rows fine-tuned."),
+    mask_steps: int = typer.Option(_M.mask_steps, help="SPARTA: noisy gradient steps (lr 0) that score the rows."),
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     steps: Optional[int] = typer.Option(None, help=f"DP-SGD steps (default {TRAIN_STEPS})."),
     epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),

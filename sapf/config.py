@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
 
-SELECTIONS = ("saliency", "attention", "random", "full")  # parameter-selection strategies
+SELECTIONS = ("saliency", "attention", "random", "full", "sparta")  # parameter-selection strategies
 CANDIDATE_SETS = ("all", "no-conditioning", "attention")
 SCORES = ("sqnorm", "norm")
 OPTIMIZERS = ("adam", "sgd")
@@ -66,14 +66,17 @@ class MethodConfig:
     epsilon: float = 10.0  # target ε of the whole run (per site in a federation)
     delta: float | None = None  # None: 1/(N ln N) of the data holder's N
     accountant: str = "rdp"  # rdp | prv (Opacus)
-    selection: str = "saliency"  # saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM)
+    selection: str = "saliency"  # saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM) | sparta (rows)
     candidates: str = "all"  # matrices the selection ranks: all Linear/Conv2d, or attention projections
     top_fraction: float = 0.3  # share of the candidates fine-tuned (saliency, random)
-    selection_budget: float = 0.1  # share of ε spent by the saliency query
+    selection_budget: float = 0.1  # share of ε spent by the saliency query (or SPARTA's mask-finding steps)
     selection_clip: float = 1e-2  # clipping norm of a record's gradient in the saliency query
     selection_sample_rate: float = 1.0  # Poisson rate of the saliency query
     selection_multiplicity: int = 1  # the ranking needs no replicas; they would only cost time
     score: str = "sqnorm"  # saliency score: Σ‖ĝ‖² (sensitivity C²) or Σ‖ĝ‖ (sensitivity C)
+    row_fraction: float = 0.2  # SPARTA: share of each matrix's rows fine-tuned (the paper's 20%)
+    mask_steps: int = 16  # SPARTA: noisy gradient steps (lr 0) that score the rows: one epoch of...
+    mask_sample_rate: float = 0.064  # ...expected batches of 6.4% of the data (256 of mnist5k's 4,000)
     multiplicity: int = 1  # noise/timestep replicas per record in DP-SGD (averaged before clipping)
     clip: float = 0.05  # DP-SGD clipping norm; LoRA per-record gradient norms start near 0.03
     optimizer: str = "adam"  # adam (AdamW) | sgd (momentum 0.9)
@@ -111,7 +114,14 @@ class MethodConfig:
             if self.selection == "full":
                 raise ConfigError("lr", "must be given for sgd with full fine-tuning (no default measured)")
             return SGD_LORA_LR
-        return FULL_LR if self.selection == "full" else LORA_LR
+        return FULL_LR if self.selection in ("full", "sparta") else LORA_LR  # SPARTA trains rows of full weights
+
+    def mask_query(self):
+        """SPARTA's mask-finding settings."""
+        from sapf.engine.sparta import MaskQuery
+
+        return MaskQuery(candidates=self.candidates, clip=self.selection_clip, sample_rate=self.mask_sample_rate,
+                         steps=self.mask_steps, row_fraction=self.row_fraction)
 
     def query(self):
         """The saliency query's settings."""
@@ -135,6 +145,9 @@ class MethodConfig:
         _check(0 < self.selection_sample_rate <= 1, "selection_sample_rate",
                f"must lie in (0, 1], got {self.selection_sample_rate!r}")
         _check(self.selection_multiplicity >= 1, "selection_multiplicity", "must be at least 1")
+        _check(0 < self.row_fraction <= 1, "row_fraction", f"must lie in (0, 1], got {self.row_fraction!r}")
+        _check(self.mask_steps >= 1, "mask_steps", "must be at least 1")
+        _check(0 < self.mask_sample_rate <= 1, "mask_sample_rate", f"must lie in (0, 1], got {self.mask_sample_rate!r}")
         _check(self.multiplicity >= 1, "multiplicity", "must be at least 1")
         _check(self.clip > 0, "clip", f"must be > 0, got {self.clip!r}")
         _check(self.learning_rate() > 0, "lr", f"must be > 0, got {self.lr!r}")
@@ -144,7 +157,7 @@ class MethodConfig:
         _one_of(self, "warmup", WARMUPS)
         if self.warmup != "none":
             _check(0 < self.warmup_budget < 1, "warmup_budget", f"must lie in (0, 1), got {self.warmup_budget!r}")
-            spent = self.warmup_budget + (self.selection_budget if self.selection == "saliency" else 0.0)
+            spent = self.warmup_budget + (self.selection_budget if self.selection in ("saliency", "sparta") else 0.0)
             _check(spent < 1, "warmup_budget", "and --selection-budget together must stay below 1")
             _check(0 < self.central_sample_rate <= 1, "central_sample_rate",
                    f"must lie in (0, 1], got {self.central_sample_rate!r}")
@@ -227,6 +240,7 @@ class FederationConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         _check(math.isfinite(self.epsilon), "epsilon", "must be finite for a federation (sites train only under DP)")
+        _check(self.selection != "sparta", "selection", "sparta runs centrally only so far (sapf train)")
         _one_of(self, "partition", PARTITIONS)
         _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha!r}")
         _check(self.num_sites >= 1, "num_sites", "must be at least 1")

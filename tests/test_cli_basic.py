@@ -56,6 +56,7 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("federate", "--clients", 2, "--rank", 0, "--out", tmp_path / "h"),  # refused before any site spends budget
         ("train", "--device", "tpu", "--out", tmp_path / "i"),
         ("sample", "--model", tiny_model_dir, "--device", "cuda:x", "--out", tmp_path / "j"),
+        ("federate", "--clients", 2, "--selection", "sparta", "--out", tmp_path / "m"),  # central only, said so
     ]
     if not torch.cuda.is_available():  # where CUDA is missing, asking for it fails before any work
         cases += [("train", "--device", "cuda", "--out", tmp_path / "k"),
@@ -66,4 +67,4 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("sapf: error:"), r.output
         assert "Traceback" not in r.output
-    assert not any((tmp_path / x).exists() for x in "abcdefghijkl")
+    assert not any((tmp_path / x).exists() for x in "abcdefghijklm")

@@ -29,6 +29,7 @@ from sapf.engine.persample import (
 )
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.progress import progress_bar
+from sapf.engine.sparta import has_row_masks, mask_grad_samples, mask_grads
 from sapf.errors import SapfError
 
 
@@ -62,7 +63,7 @@ def make_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
 
 def make_trainable(gen: DiffusionModel, strategy: str, selected: list[str], rank: int = MethodConfig.rank,
                    lora_alpha: int = MethodConfig.lora_alpha,
-                   freeze_lora_a: bool = False) -> nn.Module:
+                   freeze_lora_a: bool = False, rows: dict[str, list[int]] | None = None) -> nn.Module:
     """A model whose trainable parameters are exactly what the strategy fine-tunes.
 
     LoRA: peft adapters on `selected`, base frozen. The class embedding stays trainable as a
@@ -71,7 +72,14 @@ def make_trainable(gen: DiffusionModel, strategy: str, selected: list[str], rank
     only: half the noisy coordinates, and averaging B across sites averages the products B·A
     exactly (averaging A and B separately does not).
     Full: a copy of the UNet with every weight trainable.
+    SPARTA: a copy of the UNet whose chosen `rows` ({matrix: row indices}) alone train (:mod:`sapf.engine.sparta`).
     """
+    if strategy == "sparta":
+        from sapf.engine.sparta import make_row_trainable
+
+        if not rows:
+            raise SapfError("SPARTA needs its chosen rows")
+        return make_row_trainable(gen, rows)
     unet = copy.deepcopy(gen.unet)
     if strategy == "full":
         for p in unet.parameters():
@@ -126,7 +134,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 def merged_generator(gen: DiffusionModel, model: nn.Module, strategy: str) -> DiffusionModel:
     """A plain diffusers UNet with the adapters merged in (peft merge_and_unload)."""
     unet = copy.deepcopy(model)
-    unet = unet if strategy == "full" else unet.merge_and_unload()
+    unet = unet if strategy in ("full", "sparta") else unet.merge_and_unload()
     for p in unet.parameters():
         p.requires_grad_(False)
     return DiffusionModel(unet.eval(), gen.scheduler, gen.source, gen.null_class)
@@ -181,6 +189,7 @@ def dp_finetune(
     device = compute_device(device)
     model.to(device)  # before the optimizer and the EMA see the parameters
     params = [p for _, p in trainable_parameters(model)]
+    row_masked = has_row_masks(params)
     # Batches, diffusion noise/timesteps and DP noise all touch private data: fresh OS entropy, never a seed.
     torch_gen = fresh_torch_generator()
     noise_gen = torch_gen if device.type == "cpu" else fresh_torch_generator(device)  # Opacus draws on the device
@@ -225,9 +234,15 @@ def dp_finetune(
                 if private:
                     average_replicas(params, K)  # mean over replicas *before* clipping: sensitivity stays C
                     zero_nonfinite_rows(params)  # a NaN row would pass the clip and poison the release
+                    mask_grad_samples(params)  # SPARTA: frozen rows spend none of the clip
             if ledger is not None:  # recorded before the step's noisy gradient is used
                 ledger.record("dp-sgd", noise_multiplier, q, 1)
-            optimizer.step()
+            if row_masked:  # SPARTA: the noisy gradient's frozen rows are dropped before the optimizer sees them
+                if not private or optimizer.pre_step():
+                    mask_grads(params)
+                    (optimizer.original_optimizer if private else optimizer).step()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step(params)

@@ -76,12 +76,6 @@ def zero_nonfinite_rows(params: list[torch.nn.Parameter]) -> int:
     return int(bad.sum())
 
 
-def per_sample_norms(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """L2 norm of each example's whole gradient over `params` (after replica averaging)."""
-    sq = torch.stack([p.grad_sample.flatten(1).pow(2).sum(1) for p in params], dim=0).sum(0)
-    return sq.sqrt()
-
-
 def clear_grad_samples(params: list[torch.nn.Parameter]) -> None:
     for p in params:
         p.grad_sample = None

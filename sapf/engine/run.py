@@ -21,6 +21,7 @@ from sapf.engine.finetune import dp_finetune, make_trainable, merged_generator
 from sapf.engine.model import DiffusionModel, check_data_fits, count_parameters, load_generator, save_generator
 from sapf.engine.privacy import PrivacyLedger, PrivacyPlan, calibrate_noise, check_privacy_args
 from sapf.engine.saliency import Selection, choose_matrices
+from sapf.engine.sparta import sparta_selection, trainable_count
 from sapf.engine.stages import plan_run, stages_of
 from sapf.errors import SapfError
 from sapf.model_card import write_model_card
@@ -91,20 +92,25 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
             central = noisy_central_images(cfg, gen, data, pp.noise_of(stage.release), ledger)
             gen = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
                           seed=cfg.seed, show_progress=show_progress, device=device)
+        elif stage.name == "select" and cfg.selection == "sparta":
+            sel = sparta_selection(gen, data, cfg.mask_query(), pp.noise_of(stage.release), ledger,
+                                   show_progress=show_progress, device=device)
         elif stage.name == "select":
             sel = choose_matrices(cfg.selection, gen, data, cfg.query(), cfg.top_fraction, pp.noise_of(stage.release),
                                   ledger, cfg.seed, show_progress, device=device)
         elif stage.name == "finetune":
             torch.manual_seed(cfg.seed)  # public randomness: the LoRA initialisation
-            model = make_trainable(gen, cfg.selection, sel.selected, cfg.rank, cfg.lora_alpha)
+            model = make_trainable(gen, cfg.selection, sel.selected, cfg.rank, cfg.lora_alpha,
+                                   rows=sel.extra.get("rows"))
             hist = dp_finetune(gen, model, data, cfg.dpsgd(steps, cfg.batch_size, cfg.ema_decay), pp.train_noise,
                                ledger, show_progress, device=device)
     merged = merged_generator(gen, model, cfg.selection)
     summary = {  # public: the plan, the counts the plan already reveals, ε
         "examples": n,
         "steps": steps,
-        "trainable_parameters": count_parameters(model, trainable_only=True),
-        "selected_matrices": len(sel.selected) if cfg.selection != "full" else None,
+        "trainable_parameters": (trainable_count(model) if cfg.selection == "sparta"
+                                 else count_parameters(model, trainable_only=True)),
+        "selected_matrices": len(sel.selected) if cfg.selection not in ("full", "sparta") else None,
         "noise_multipliers": {m.name: m.noise_multiplier for m in pp.releases + [pp.train]},
         "epsilon_spent": ledger.epsilon() if ledger.private else math.inf,
     }
@@ -118,7 +124,7 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
               "resolved_steps": steps, "resolved_delta": pp.delta, "stages": [s.to_dict() for s in stages],
               "device": str(device)}
     with atomic_output_dir(out, force) as tmp:
-        if cfg.selection != "full" and gen is base:  # after a warm-up the adapters belong to the warmed model only
+        if cfg.selection not in ("full", "sparta") and gen is base:  # after a warm-up the adapters fit it only
             model.save_pretrained(tmp / "adapter")
         if central is not None:
             write_central_images(tmp / "central_images.png", central)

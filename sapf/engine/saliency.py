@@ -34,7 +34,6 @@ from sapf.engine.noisy_sum import NoisySum, noisy_sum
 from sapf.engine.persample import (
     average_replicas,
     clear_grad_samples,
-    per_sample_norms,
     replicate,
     wrap_for_per_sample_grads,
 )
@@ -99,11 +98,11 @@ class SaliencyQuery:
     batch_size: int = 128  # a compute chunk only: the query sums over all sampled examples
 
 
-def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, names: list[str],
-                               device: torch.device):
-    """The query's per-record contribution: v_ij = ‖ĝ_ij‖² (or ‖ĝ_ij‖) for each candidate j, where ĝ_i
-    is record i's gradient over all candidates (mean of its K replicas) clipped to C as one vector.
-    ‖v_i‖₂ ≤ C² (or C) by construction. Returns (contribution function, closer)."""
+def per_record_gradients(gen: DiffusionModel, data: ImageDataset, names: list[str], multiplicity: int,
+                         device: torch.device):
+    """Per-record gradients of the diffusion loss with respect to the weights of the modules `names` of a frozen copy
+    of the public model: (function mapping record indices to one (B, *weight.shape) tensor per name, each record's
+    the mean of its K replicas; closer). The diffusion noise and timesteps are fresh OS entropy, drawn on the CPU."""
     unet = copy.deepcopy(gen.unet).train().to(device)
     for p in unet.parameters():
         p.requires_grad_(False)
@@ -114,22 +113,37 @@ def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: Salie
     gsm = wrap_for_per_sample_grads(unet)
     conditional = gen.num_classes > 0
     x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    K = q.multiplicity
+    K = multiplicity
     torch_gen = fresh_torch_generator()  # diffusion noise and timesteps inside a private gradient
 
-    def contributions(idx: np.ndarray) -> torch.Tensor:
+    def gradients(idx: np.ndarray) -> list[torch.Tensor]:
         idx = torch.from_numpy(idx)
         x0, y = replicate(x_all[idx], K), replicate(y_all[idx], K)
         xt, t, noise = (v.to(device) for v in add_noise(gen.scheduler, x0, torch_gen))  # drawn on the CPU
         pred = gsm(xt, t, class_labels=y.to(device) if conditional else None).sample
         per_example_loss(pred, noise).mean().backward()
         average_replicas(weights, K)
-        factor = (q.clip / (per_sample_norms(weights) + 1e-12)).clamp(max=1.0)  # (B,)
-        blocks = torch.stack([w.grad_sample.flatten(1).norm(dim=1) * factor for w in weights], dim=1)  # ‖ĝ_ij‖
+        grads = [w.grad_sample for w in weights]
         clear_grad_samples(weights)
+        return grads
+
+    return gradients, gsm._close
+
+
+def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, names: list[str],
+                               device: torch.device):
+    """The query's per-record contribution: v_ij = ‖ĝ_ij‖² (or ‖ĝ_ij‖) for each candidate j, where ĝ_i
+    is record i's gradient over all candidates (mean of its K replicas) clipped to C as one vector.
+    ‖v_i‖₂ ≤ C² (or C) by construction. Returns (contribution function, closer)."""
+    gradients, close = per_record_gradients(gen, data, names, q.multiplicity, device)
+
+    def contributions(idx: np.ndarray) -> torch.Tensor:
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in gradients(idx)], dim=1)  # ‖g_ij‖, (B, J)
+        factor = (q.clip / (norms.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)  # clip the whole g_i to C
+        blocks = norms * factor  # ‖ĝ_ij‖
         return (blocks.pow(2) if q.score == "sqnorm" else blocks).cpu()
 
-    return contributions, gsm._close
+    return contributions, close
 
 
 def noisy_saliency_scores(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,

@@ -47,13 +47,18 @@ def stages_of(cfg: MethodConfig) -> list[Stage]:
         select = Stage("select", f"noisy saliency query ranks the {cfg.candidates} candidate matrices; the top "
                        f"{cfg.top_fraction:.0%} are fine-tuned", "saliency-query", cfg.selection_budget,
                        cfg.selection_sample_rate)
+    elif cfg.selection == "sparta":
+        select = Stage("select", f"SPARTA: {cfg.mask_steps} noisy gradient steps (lr 0) score every row of the "
+                       f"{cfg.candidates} candidate matrices; the top {cfg.row_fraction:.0%} of each matrix's rows are "
+                       "fine-tuned", "sparta-mask", cfg.selection_budget, cfg.mask_sample_rate, cfg.mask_steps)
     elif cfg.selection == "full":
         select = Stage("select", "every weight is fine-tuned (public choice)")
     elif cfg.selection == "attention":
         select = Stage("select", "every attention projection gets LoRA (public choice)")
     else:
         select = Stage("select", f"a seeded random {cfg.top_fraction:.0%} of the candidates get LoRA (public choice)")
-    tuned = "every weight" if cfg.selection == "full" else f"LoRA (rank {cfg.rank}) on the chosen matrices"
+    tuned = ("every weight" if cfg.selection == "full" else "the chosen rows" if cfg.selection == "sparta"
+             else f"LoRA (rank {cfg.rank}) on the chosen matrices")
     return stages + [select, Stage("finetune", f"DP-SGD ({cfg.optimizer}) on {tuned}; the rest of ε", "dp-sgd")]
 
 
