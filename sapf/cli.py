@@ -344,7 +344,8 @@ def federate(
 
 def _done(out: Path, status: dict) -> None:
     eps = ", ".join(f"{k} ε={v:.2f}" for k, v in sorted(status["site_epsilon"].items()))
-    _say(f"done. outputs in {out}/: README.md (model card), model/ (diffusers pipeline), adapter/ (peft), model.onnx, "
+    adapter = " adapter/ (peft)," if (out / "adapter").is_dir() else ""  # none after a warm-up or full fine-tuning
+    _say(f"done. outputs in {out}/: README.md (model card), model/ (diffusers pipeline),{adapter} model.onnx, "
          f"grid.png, comparison.png (public | federated), privacy/ ({eps})")
     _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
 

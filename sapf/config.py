@@ -111,8 +111,8 @@ class MethodConfig:
         if self.lr is not None:
             return self.lr
         if self.optimizer == "sgd":
-            if self.selection == "full":
-                raise ConfigError("lr", "must be given for sgd with full fine-tuning (no default measured)")
+            if self.selection in ("full", "sparta"):
+                raise ConfigError("lr", f"must be given for sgd with {self.selection} fine-tuning (none measured)")
             return SGD_LORA_LR
         return FULL_LR if self.selection in ("full", "sparta") else LORA_LR  # SPARTA trains rows of full weights
 

@@ -29,7 +29,7 @@ from sapf.engine.persample import (
 )
 from sapf.engine.privacy import PrivacyLedger
 from sapf.engine.progress import progress_bar
-from sapf.engine.sparta import has_row_masks, mask_grad_samples, mask_grads
+from sapf.engine.sparta import mask_grad_samples, mask_grads, row_masks
 from sapf.errors import SapfError
 
 
@@ -187,9 +187,14 @@ def dp_finetune(
         raise SapfError(f"the noise multiplier must be finite and >= 0, got {noise_multiplier}")
     private = noise_multiplier > 0
     device = compute_device(device)
+    masks = row_masks(model)  # SPARTA's, kept by name: a conversion of the model must not drop them
     model.to(device)  # before the optimizer and the EMA see the parameters
-    params = [p for _, p in trainable_parameters(model)]
-    row_masked = has_row_masks(params)
+    named = trainable_parameters(model)
+    for name, p in named:
+        if name in masks:
+            p.row_mask = masks[name]
+    params = [p for _, p in named]
+    row_masked = bool(masks)
     # Batches, diffusion noise/timesteps and DP noise all touch private data: fresh OS entropy, never a seed.
     torch_gen = fresh_torch_generator()
     noise_gen = torch_gen if device.type == "cpu" else fresh_torch_generator(device)  # Opacus draws on the device

@@ -21,7 +21,7 @@ from sapf.engine.finetune import dp_finetune, make_trainable, merged_generator
 from sapf.engine.model import DiffusionModel, check_data_fits, count_parameters, load_generator, save_generator
 from sapf.engine.privacy import PrivacyLedger, PrivacyPlan, calibrate_noise, check_privacy_args
 from sapf.engine.saliency import Selection, choose_matrices
-from sapf.engine.sparta import sparta_selection, trainable_count
+from sapf.engine.sparta import row_masks, sparta_selection, trainable_count
 from sapf.engine.stages import plan_run, stages_of
 from sapf.errors import SapfError
 from sapf.model_card import write_model_card
@@ -102,6 +102,8 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
             torch.manual_seed(cfg.seed)  # public randomness: the LoRA initialisation
             model = make_trainable(gen, cfg.selection, sel.selected, cfg.rank, cfg.lora_alpha,
                                    rows=sel.extra.get("rows"))
+            if cfg.selection == "sparta" and not row_masks(model):
+                raise SapfError("SPARTA's row masks are missing: refusing to train every row")
             hist = dp_finetune(gen, model, data, cfg.dpsgd(steps, cfg.batch_size, cfg.ema_decay), pp.train_noise,
                                ledger, show_progress, device=device)
     merged = merged_generator(gen, model, cfg.selection)

@@ -199,7 +199,8 @@ class Selection:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["sensitivity"] = score_sensitivity(self.score, self.clip) if self.score and self.clip else None
+        d["sensitivity"] = (score_sensitivity(self.score, self.clip) if self.score and self.clip
+                            else self.extra.get("sensitivity"))
         return d
 
 

@@ -143,8 +143,10 @@ def mask_grads(params: list[nn.Parameter]) -> None:
             p.grad.mul_(p.row_mask.to(p.grad.device, p.grad.dtype).view(-1, *([1] * (p.grad.dim() - 1))))
 
 
-def has_row_masks(params: list[nn.Parameter]) -> bool:
-    return bool(_masked(params))
+def row_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{trainable parameter name: its row mask}, for the parameters that carry one."""
+    return {n: p.row_mask for n, p in model.named_parameters()
+            if p.requires_grad and getattr(p, "row_mask", None) is not None}
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -139,6 +139,7 @@ def _setup(msg: Message, context: Context) -> Site:
     settings = site_settings(context.node_config, cfg)
     check_plan(cfg, settings)
     gen = base_generator(cfg)
+    cfg = cfg.for_model(conditional=gen.num_classes > 0)  # an "auto" warm-up decided as the server decides it
     data, name = site_data(cfg, context.node_config, gen)
     check_site_plan(cfg, settings, len(data))
     state_dir = site_state_dir(cfg, context.node_config, name)

@@ -92,6 +92,8 @@ def _precheck(cfg: FederationConfig) -> None:
     from sapf.engine.model import load_generator
     from sapf.engine.run import load_private_data
 
-    ds = load_private_data(cfg.data, load_generator(cfg.base_model), cfg.holdout)
+    gen = load_generator(cfg.base_model)
+    cfg = cfg.for_model(conditional=gen.num_classes > 0)
+    ds = load_private_data(cfg.data, gen, cfg.holdout)
     for part in partition(ds, cfg.num_sites, cfg.partition, cfg.alpha, cfg.seed):
         plan_site(cfg, len(part))
