@@ -31,6 +31,8 @@ its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean
     python benchmarks/quality.py --quick    # one seed, fewer steps and samples
     python benchmarks/quality.py --resume   # keep the finished (method, ε, seed) rows made with the same settings
     python benchmarks/quality.py --report   # only rewrite the doc and plots from the results JSON
+    python benchmarks/quality.py --device cuda --seeds 0 --methods saliency full --out-dir part0   # a part, on a GPU
+    python benchmarks/quality.py --merge part0 part1 ...   # the parts' rows (same settings) → one JSON and doc
 
 The full profile writes benchmarks/results/quality.json, docs/benchmarks.md and PNGs under docs/img/
 (what the README quotes); --quick writes quality_quick.json, docs/benchmarks_quick.md and docs/img/quick/,
