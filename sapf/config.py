@@ -30,6 +30,7 @@ OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
 WARMUPS = ("auto", "none", "central-images")
+WEIGHT_SELECTIONS = ("full", "sparta")  # selections that train the model's own weights (no adapter, full-weight lr)
 DEFAULT_HOLDOUT = 0.2  # share of the built-in sensitive set kept out of training, for evaluation
 
 
@@ -111,10 +112,10 @@ class MethodConfig:
         if self.lr is not None:
             return self.lr
         if self.optimizer == "sgd":
-            if self.selection in ("full", "sparta"):
+            if self.selection in WEIGHT_SELECTIONS:
                 raise ConfigError("lr", f"must be given for sgd with {self.selection} fine-tuning (none measured)")
             return SGD_LORA_LR
-        return FULL_LR if self.selection in ("full", "sparta") else LORA_LR  # SPARTA trains rows of full weights
+        return FULL_LR if self.selection in WEIGHT_SELECTIONS else LORA_LR
 
     def mask_query(self):
         """SPARTA's mask-finding settings."""

@@ -56,3 +56,28 @@ def test_row_masks_zero_frozen_rows_of_per_sample_and_noisy_gradients(tiny_model
     frozen = [i for i in range(w.shape[0]) if i not in (0, 2)]
     assert (w.grad_sample[:, frozen] == 0).all() and (w.grad[frozen] == 0).all()
     assert torch.equal(w.grad_sample[:, [0, 2]], before[:, [0, 2]]) and (w.grad[[0, 2]] != 0).all()
+
+
+def test_the_mask_release_adds_noise_of_std_sigma_times_clip_and_records_every_step(tiny_model_dir, mnist_small_npz):
+    """With a huge σ the row scores are sums of |noise|: per coordinate and step their mean is σ·C·√(2/π). Noise
+    shrunk, or a bound smaller than the clip, fails this; so does a step left out of the ledger."""
+    import math
+
+    import pytest
+
+    from sapf.engine.data import load_dataset
+    from sapf.engine.privacy import PrivacyLedger
+    from sapf.engine.sparta import MaskQuery, noisy_row_scores
+
+    gen = load_generator(tiny_model_dir)
+    data = load_dataset(str(mnist_small_npz), gen.image_size, gen.channels)
+    q = MaskQuery(candidates="all", clip=0.01, sample_rate=0.5, steps=2, row_fraction=0.2)
+    ledger = PrivacyLedger(10.0, 1e-5, "rdp")
+    sigma = 1e4
+    scores = noisy_row_scores(gen, data, q, sigma, ledger, show_progress=False)
+    modules = dict(gen.unet.named_modules())
+    coordinates = sum(modules[n].weight.numel() for n in scores)
+    mean_abs = sum(float(s.sum()) for s in scores.values()) / (coordinates * q.steps)
+    assert mean_abs == pytest.approx(sigma * q.clip * math.sqrt(2 / math.pi), rel=0.02)
+    assert sum(m.steps for m in ledger.mechanisms) == q.steps
+    assert {(m.name, m.noise_multiplier, m.sample_rate) for m in ledger.mechanisms} == {("sparta-mask", sigma, 0.5)}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sapf.config import OPTIMIZERS, ConfigError, MethodConfig
+from sapf.config import OPTIMIZERS, WEIGHT_SELECTIONS, ConfigError, MethodConfig
 from sapf.engine.data import ImageDataset
 from sapf.engine.device import compute_device
 from sapf.engine.diffusion import add_noise, drop_labels, per_example_loss
@@ -134,7 +134,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 def merged_generator(gen: DiffusionModel, model: nn.Module, strategy: str) -> DiffusionModel:
     """A plain diffusers UNet with the adapters merged in (peft merge_and_unload)."""
     unet = copy.deepcopy(model)
-    unet = unet if strategy in ("full", "sparta") else unet.merge_and_unload()
+    unet = unet if strategy in WEIGHT_SELECTIONS else unet.merge_and_unload()
     for p in unet.parameters():
         p.requires_grad_(False)
     return DiffusionModel(unet.eval(), gen.scheduler, gen.source, gen.null_class)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sapf.config import TrainConfig
+from sapf.config import WEIGHT_SELECTIONS, TrainConfig
 from sapf.engine.central_images import warm_up
 from sapf.engine.data import ImageDataset, load_dataset, train_holdout_split
 from sapf.engine.device import compute_device
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
         "steps": steps,
         "trainable_parameters": (trainable_count(model) if cfg.selection == "sparta"
                                  else count_parameters(model, trainable_only=True)),
-        "selected_matrices": len(sel.selected) if cfg.selection not in ("full", "sparta") else None,
+        "selected_matrices": len(sel.selected) if cfg.selection not in WEIGHT_SELECTIONS else None,
         "noise_multipliers": {m.name: m.noise_multiplier for m in pp.releases + [pp.train]},
         "epsilon_spent": ledger.epsilon() if ledger.private else math.inf,
     }
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
               "resolved_steps": steps, "resolved_delta": pp.delta, "stages": [s.to_dict() for s in stages],
               "device": str(device)}
     with atomic_output_dir(out, force) as tmp:
-        if cfg.selection not in ("full", "sparta") and gen is base:  # after a warm-up the adapters fit it only
+        if cfg.selection not in WEIGHT_SELECTIONS and gen is base:  # after a warm-up the adapters fit it only
             model.save_pretrained(tmp / "adapter")
         if central is not None:
             write_central_images(tmp / "central_images.png", central)

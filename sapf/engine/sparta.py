@@ -129,18 +129,24 @@ def _masked(params: list[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if getattr(p, "row_mask", None) is not None]
 
 
+def _on_rows(mask: torch.Tensor, t: torch.Tensor, row_dim: int) -> torch.Tensor:
+    """`mask` (out,) shaped to multiply `t`, whose dimension `row_dim` holds the rows."""
+    shape = [1] * t.dim()
+    shape[row_dim] = -1
+    return mask.to(t.device, t.dtype).view(shape)
+
+
 def mask_grad_samples(params: list[nn.Parameter]) -> None:
     """Zero each per-sample gradient (B, out, ...) outside the trainable rows, before clipping."""
     for p in _masked(params):
-        m = p.row_mask.to(p.grad_sample.device, p.grad_sample.dtype)
-        p.grad_sample = p.grad_sample * m.view(1, -1, *([1] * (p.grad_sample.dim() - 2)))
+        p.grad_sample = p.grad_sample * _on_rows(p.row_mask, p.grad_sample, 1)
 
 
 def mask_grads(params: list[nn.Parameter]) -> None:
     """Zero each (noisy) gradient outside the trainable rows, so frozen coordinates never move."""
     for p in _masked(params):
         if p.grad is not None:
-            p.grad.mul_(p.row_mask.to(p.grad.device, p.grad.dtype).view(-1, *([1] * (p.grad.dim() - 1))))
+            p.grad.mul_(_on_rows(p.row_mask, p.grad, 0))
 
 
 def row_masks(model: nn.Module) -> dict[str, torch.Tensor]:
