@@ -11,6 +11,8 @@ At each ε (δ = 1e-5), with the same batch size, steps and multiplicity for eve
 - random         DP-LoRA on as many matrices as saliency, picked at random
 - sparta         SPARTA: noisy gradient steps (10% of ε) score every row of every matrix; DP-SGD on the top 20% of
                  each matrix's rows of the full weights
+- dp-mepf        DP-MEPF: the whole ε on one release of per-class mean embeddings (features of a CNN trained on the
+                 public digits), then a small conditional generator trained to match them (no diffusion model)
 - dp-feta        DP-FETA as the paper: a randomly initialised UNet of the shipped model's architecture (no public
                  pretraining), warmed up on noisy per-class central images (5% of ε; a longer warm-up than sapf's
                  default, FETA_WARMUP_STEPS at FETA_WARMUP_LR), then DP full fine-tuning
@@ -65,8 +67,9 @@ from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-METHODS = ["public", "full", "attention", "saliency", "random", "sparta", "dp-feta", "feta-saliency", "non-private"]
-CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-feta", "feta-saliency")  # plotted against ε
+METHODS = ["public", "full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency",
+           "non-private"]
+CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency")  # against ε
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
@@ -92,6 +95,7 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
     "saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
     "random": dict(selection="random", candidates="all", lr=LORA_LR, warmup="none"),
     "sparta": dict(selection="sparta", candidates="all", lr=FULL_LR, warmup="none"),
+    "dp-mepf": dict(method="dp-mepf", warmup="none"),  # its own generator; steps and batch do not apply
     "dp-feta": dict(selection="full", lr=FULL_LR, init="random", warmup="central-images",
                     warmup_budget=MethodConfig.warmup_budget, warmup_steps=FETA_WARMUP_STEPS,
                     warmup_lr=FETA_WARMUP_LR),
@@ -161,6 +165,7 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
             ) -> tuple[dict, np.ndarray, np.ndarray]:
     from sapf.config import TrainConfig
     from sapf.engine.evaluate import evaluate
+    from sapf.engine.mepf import load_mean_embedding_generator, sample_generator
     from sapf.engine.model import count_parameters, load_generator
     from sapf.engine.run import train
     from sapf.engine.sampling import sample
@@ -180,13 +185,17 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
                           batch_size=prof["batch_size"], multiplicity=MULTIPLICITY, clip=CLIP, seed=seed,
                           base_model=base, **s)
         summary = train(cfg, run_dir, force=True, show_progress=True, sample_grid=False, device=device)
-        gen = load_generator(str(run_dir / "model"))
+        gen = (load_mean_embedding_generator(run_dir) if cfg.method == "dp-mepf" else
+               load_generator(str(run_dir / "model")))
         row.update(train_time_s=summary["wall_time_s"], trainable_parameters=summary["trainable_parameters"],
                    epsilon_spent=summary["epsilon_spent"], final_loss=summary["final_loss"],
-                   selected_matrices=summary["selected_matrices"])
+                   selected_matrices=summary.get("selected_matrices"))
     t0 = time.time()
-    images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=True,
-                            eta=prof["ddim_eta"], device=device)
+    if method == "dp-mepf":  # one pass of its generator; the same class-balanced labels
+        images, labels = sample_generator(gen, prof["samples"], seed=seed)
+    else:
+        images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=True,
+                                eta=prof["ddim_eta"], device=device)
     row["sample_time_s"] = round(time.time() - t0, 1)
     sdir = work / f"samples-{tag}"
     write_samples(sdir, images, labels)
@@ -347,7 +356,8 @@ def plots(summary: list[dict], epsilons: list[float], out: Outputs) -> list[str]
 
 
 def _describe(method: str, s: dict) -> str:
-    txt = f"{method}: lr {s['lr']:g}"
+    txt = (f"{method}: lr {s['lr']:g}" if "lr" in s else
+           f"{method}: generator lr {MethodConfig.generator_lr:g}, {MethodConfig.generator_steps} steps")
     if s.get("init") == "random":
         txt += ", random init"
     if s.get("warmup", "none") != "none":

@@ -160,15 +160,21 @@ def sample(
         guidance = resolve_guidance(guidance, sampler.null_class)
         meta.update(onnx=str(onnx), provider=sampler.provider)
     else:
+        from sapf.engine.mepf import is_generator_dir, load_mean_embedding_generator, sample_generator
         from sapf.engine.model import load_generator
         from sapf.engine.sampling import sample as torch_sample
 
         device = _torch_device(device, allow_cpu_fallback)
-        gen = load_generator(model)
-        images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance,
-                                      device=device)
-        guidance = resolve_guidance(guidance, gen.null_class)
-        meta.update(model=gen.source)
+        if model is not None and is_generator_dir(model):  # DP-MEPF: one pass, no steps or guidance
+            guidance = resolve_guidance(guidance, None)
+            images, labels = sample_generator(load_mean_embedding_generator(model), num, class_label, seed, batch_size)
+            meta.update(model=str(model))
+        else:
+            gen = load_generator(model)
+            images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance,
+                                          device=device)
+            guidance = resolve_guidance(guidance, gen.null_class)
+            meta.update(model=gen.source)
     meta["guidance"] = guidance  # as resolved for this model
     meta["device"] = device  # as used
     with atomic_output_dir(out, force) as tmp:
@@ -220,7 +226,16 @@ _BASE = typer.Option(None, "--base-model",
                      help="Public base model dir, present at every site (default: the shipped public model).")
 _DELTA = typer.Option(None, help="Target δ (default 1/(N ln N) of the data holder's N).")
 _SELECTION = typer.Option(_M.selection, help="saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM) | "
-                                              "sparta (rows from noisy gradients; sapf train only).")
+                                              "sparta (rows from noisy gradients).")
+_METHOD = typer.Option(_M.method, help="diffusion: DP fine-tuning of the public diffusion model (--selection says "
+                                        "how) | dp-mepf: a generator trained on noisy mean embeddings (one release).")
+_GENERATOR_STEPS = typer.Option(_M.generator_steps, help="dp-mepf: generator steps on the noisy mean embeddings.")
+_PUBLIC_SELECTION = typer.Option(_M.public_selection, help="none | semantic (PrivImage: a noisy query picks the "
+                                                            "classes of --public-pool to pretrain on first).")
+_SEMANTIC_BUDGET = typer.Option(_M.semantic_budget, help="Share of ε spent by the semantic query.")
+_PRETRAIN_STEPS = typer.Option(_M.pretrain_steps, help="Pretraining steps on the chosen public classes (cached).")
+_ROW_FRACTION = typer.Option(_M.row_fraction, help="SPARTA: share of each matrix's rows fine-tuned.")
+_MASK_STEPS = typer.Option(_M.mask_steps, help="SPARTA: noisy gradient steps (lr 0) that score the rows.")
 _CANDIDATES = typer.Option(_M.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
 _TOP = typer.Option(_M.top_fraction, help="Share of candidate matrices to fine-tune (saliency, random).")
 _SEL_BUDGET = typer.Option(_M.selection_budget, help="Share of ε given to the saliency query.")
@@ -249,10 +264,11 @@ def train(
     data: str = _DATA, base_model: Optional[Path] = _BASE,
     epsilon: str = typer.Option(_eps_text(TrainConfig.epsilon),
                                 help="Target ε for the whole run (inf: non-private upper bound)."),
-    delta: Optional[float] = _DELTA, selection: str = _SELECTION, top_fraction: float = _TOP,
+    delta: Optional[float] = _DELTA, method: str = _METHOD, selection: str = _SELECTION, top_fraction: float = _TOP,
     candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET,
-    row_fraction: float = typer.Option(_M.row_fraction, help="SPARTA: share of each matrix's rows fine-tuned."),
-    mask_steps: int = typer.Option(_M.mask_steps, help="SPARTA: noisy gradient steps (lr 0) that score the rows."),
+    row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
+    public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
+    pretrain_steps: int = _PRETRAIN_STEPS,
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     steps: Optional[int] = typer.Option(None, help=f"DP-SGD steps (default {TRAIN_STEPS})."),
     epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),
@@ -272,8 +288,9 @@ def train(
     if not math.isfinite(cfg.epsilon):
         _say("ε = inf: training WITHOUT differential privacy (the non-private upper bound)")
     s = run_train(cfg, out, force=force, device=device)
+    steps = f"{cfg.generator_steps} generator steps" if cfg.method == "dp-mepf" else f"{s['steps']} steps"
     _say(
-        f"wrote {out}: {s['trainable_parameters']:,} trainable parameters, {s['steps']} steps, "
+        f"wrote {out}: {s['trainable_parameters']:,} trainable parameters, {steps}, "
         f"ε spent {s['epsilon_spent']:.3f}; model card: {out}/README.md; grid: {out}/grid.png; "
         f"sample: sapf sample --model {out} --num 64 --out OUT"
     )
@@ -327,9 +344,12 @@ def federate(
     partition: str = typer.Option(_F.partition, help="iid or dirichlet (label skew)."),
     alpha: float = typer.Option(_F.alpha, help="Dirichlet concentration."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
-    epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, selection: str = _SELECTION,
+    epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, method: str = _METHOD, selection: str = _SELECTION,
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
+    row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
+    public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
+    pretrain_steps: int = _PRETRAIN_STEPS,
     candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
     keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: int = typer.Option(_F.min_clients, help="Fewest valid replies a round may go on with."),
@@ -344,9 +364,12 @@ def federate(
 
 def _done(out: Path, status: dict) -> None:
     eps = ", ".join(f"{k} ε={v:.2f}" for k, v in sorted(status["site_epsilon"].items()))
-    adapter = " adapter/ (peft)," if (out / "adapter").is_dir() else ""  # none after a warm-up or full fine-tuning
-    _say(f"done. outputs in {out}/: README.md (model card), model/ (diffusers pipeline),{adapter} model.onnx, "
-         f"grid.png, comparison.png (public | federated), privacy/ ({eps})")
+    # Only what this plan wrote: no adapter after a warm-up or full fine-tuning, no comparison for DP-MEPF.
+    parts = [("README.md", "model card"), ("model", "the generator"), ("adapter", "peft"), ("model.onnx", ""),
+             ("grid.png", ""), ("comparison.png", "public | federated")]
+    listed = ", ".join(f"{name}{'/' if (out / name).is_dir() else ''}{f' ({what})' if what else ''}"
+                       for name, what in parts if (out / name).exists())
+    _say(f"done. outputs in {out}/: {listed}, privacy/ ({eps})")
     _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
 
 
@@ -373,9 +396,12 @@ def serve(
     open_enrollment: bool = typer.Option(False, "--open-enrollment",
                                          help="Under TLS, let any node that holds ca.crt join (no site keys)."),
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
-    epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, selection: str = _SELECTION,
+    epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, method: str = _METHOD, selection: str = _SELECTION,
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
+    row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
+    public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
+    pretrain_steps: int = _PRETRAIN_STEPS,
     candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
     keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: Optional[int] = typer.Option(None,

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
 
+METHODS = ("diffusion", "dp-mepf")  # DP fine-tuning of the public diffusion model | DP-MEPF's generator
 SELECTIONS = ("saliency", "attention", "random", "full", "sparta")  # parameter-selection strategies
 CANDIDATE_SETS = ("all", "no-conditioning", "attention")
 SCORES = ("sqnorm", "norm")
@@ -30,6 +31,7 @@ OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
 WARMUPS = ("auto", "none", "central-images")
+PUBLIC_SELECTIONS = ("none", "semantic")  # none: the base model as it is | semantic: PrivImage's query + pretraining
 WEIGHT_SELECTIONS = ("full", "sparta")  # selections that train the model's own weights (no adapter, full-weight lr)
 DEFAULT_HOLDOUT = 0.2  # share of the built-in sensitive set kept out of training, for evaluation
 
@@ -67,6 +69,7 @@ class MethodConfig:
     epsilon: float = 10.0  # target ε of the whole run (per site in a federation)
     delta: float | None = None  # None: 1/(N ln N) of the data holder's N
     accountant: str = "rdp"  # rdp | prv (Opacus)
+    method: str = "diffusion"  # diffusion: DP fine-tuning of the public model (--selection says how) | dp-mepf
     selection: str = "saliency"  # saliency (DP-SAPF) | attention (DP-LoRA) | random | full (DPDM) | sparta (rows)
     candidates: str = "all"  # matrices the selection ranks: all Linear/Conv2d, or attention projections
     top_fraction: float = 0.3  # share of the candidates fine-tuned (saliency, random)
@@ -94,10 +97,20 @@ class MethodConfig:
     central_queries: int = 1  # central-image queries (their sums add up)
     warmup_steps: int = 200  # non-private steps on the central images (post-processing)
     warmup_lr: float = 1e-4  # Adam learning rate of the warm-up (every weight moves)
+    public_selection: str = "none"  # semantic (PrivImage): a noisy query picks public-pool classes to pretrain on
+    public_pool: str = "public-pool"  # the labelled public data the semantic query chooses from
+    semantic_budget: float = 0.05  # share of ε spent by the semantic query
+    semantic_top_k: int = 1  # public classes each private record votes for (sensitivity √k)
+    semantic_per_label: int = 1  # public classes chosen per private label
+    pretrain_steps: int = 3000  # steps of pretraining on the chosen classes (the shipped model's: 3000)
+    generator_steps: int = 2000  # DP-MEPF: Adam steps of the generator on the noisy mean embeddings (post-processing)
+    generator_lr: float = 1e-3  # DP-MEPF: the generator's Adam learning rate
 
     @property
     def central_warmup(self) -> bool:
         """Whether the run has DP-FETA's warm-up stage (``auto``: from WARMUP_MIN_EPSILON up)."""
+        if self.method == "dp-mepf":  # no diffusion model to warm up
+            return False
         return self.warmup == "central-images" or (self.warmup == "auto" and self.epsilon >= WARMUP_MIN_EPSILON)
 
     def for_model(self, conditional: bool):
@@ -116,6 +129,12 @@ class MethodConfig:
                 raise ConfigError("lr", f"must be given for sgd with {self.selection} fine-tuning (none measured)")
             return SGD_LORA_LR
         return FULL_LR if self.selection in WEIGHT_SELECTIONS else LORA_LR
+
+    def semantic_query(self):
+        """PrivImage's query settings."""
+        from sapf.engine.semantic import SemanticQuery
+
+        return SemanticQuery(top_k=self.semantic_top_k, per_label=self.semantic_per_label)
 
     def mask_query(self):
         """SPARTA's mask-finding settings."""
@@ -137,8 +156,8 @@ class MethodConfig:
                "epsilon", f"must be > 0 (or inf for non-private), got {self.epsilon!r}")
         _check(self.delta is None or 0 < self.delta < 1, "delta", f"must lie in (0, 1), got {self.delta!r}")
         _check(0 <= self.holdout < 1, "holdout", f"must lie in [0, 1), got {self.holdout!r}")
-        for name, allowed in (("accountant", ACCOUNTANTS), ("selection", SELECTIONS), ("candidates", CANDIDATE_SETS),
-                              ("score", SCORES), ("optimizer", OPTIMIZERS)):
+        for name, allowed in (("accountant", ACCOUNTANTS), ("method", METHODS), ("selection", SELECTIONS),
+                              ("candidates", CANDIDATE_SETS), ("score", SCORES), ("optimizer", OPTIMIZERS)):
             _one_of(self, name, allowed)
         _check(0 < self.top_fraction <= 1, "top_fraction", f"must lie in (0, 1], got {self.top_fraction!r}")
         _check(0 < self.selection_budget < 1, "selection_budget", f"must lie in (0, 1), got {self.selection_budget!r}")
@@ -156,10 +175,28 @@ class MethodConfig:
         _check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank!r}")
         _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
         _one_of(self, "warmup", WARMUPS)
+        _one_of(self, "public_selection", PUBLIC_SELECTIONS)
+        semantic = self.semantic_budget if self.public_selection == "semantic" else 0.0
+        if self.public_selection == "semantic":
+            _check(self.method == "diffusion", "public_selection", "semantic pretrains a diffusion model: not with "
+                   "dp-mepf")
+            _check(0 < self.semantic_budget < 1, "semantic_budget", f"must lie in (0, 1), got {self.semantic_budget!r}")
+            _check(self.semantic_top_k >= 1, "semantic_top_k", "must be at least 1")
+            _check(self.semantic_per_label >= 1, "semantic_per_label", "must be at least 1")
+            _check(self.pretrain_steps >= 1, "pretrain_steps", "must be at least 1")
+            spent = semantic + (self.selection_budget if self.selection in ("saliency", "sparta") else 0.0)
+            _check(spent < 1, "semantic_budget", "and --selection-budget together must stay below 1")
+        if self.method == "dp-mepf":
+            _check(self.warmup in ("auto", "none"), "warmup", "must be auto or none for dp-mepf (it trains no "
+                   "diffusion model)")
+            _check(self.generator_steps >= 1, "generator_steps", "must be at least 1")
+            _check(self.generator_lr > 0, "generator_lr", f"must be > 0, got {self.generator_lr!r}")
+            return
         if self.warmup != "none":
             _check(0 < self.warmup_budget < 1, "warmup_budget", f"must lie in (0, 1), got {self.warmup_budget!r}")
-            spent = self.warmup_budget + (self.selection_budget if self.selection in ("saliency", "sparta") else 0.0)
-            _check(spent < 1, "warmup_budget", "and --selection-budget together must stay below 1")
+            spent = semantic + self.warmup_budget + (self.selection_budget if self.selection in ("saliency", "sparta")
+                                                     else 0.0)
+            _check(spent < 1, "warmup_budget", "and the other stages' budgets together must stay below 1")
             _check(0 < self.central_sample_rate <= 1, "central_sample_rate",
                    f"must lie in (0, 1], got {self.central_sample_rate!r}")
             _check(self.central_queries >= 1, "central_queries", "must be at least 1")
@@ -241,7 +278,6 @@ class FederationConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         _check(math.isfinite(self.epsilon), "epsilon", "must be finite for a federation (sites train only under DP)")
-        _check(self.selection != "sparta", "selection", "sparta runs centrally only so far (sapf train)")
         _one_of(self, "partition", PARTITIONS)
         _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha!r}")
         _check(self.num_sites >= 1, "num_sites", "must be at least 1")

@@ -25,6 +25,8 @@ SHAREABLE = {
     "selection.json": "which matrices were fine-tuned, with the noisy scores",
     "config.json": "the full configuration",
     "metrics.json": "public counts and ε per step or round",
+    "mean_embeddings.npz": "DP-MEPF's release: noisy per-class feature sums and counts, and their means",
+    "feature_net.safetensors": "DP-MEPF's feature network (trained on public data only)",
 }
 
 
@@ -41,19 +43,27 @@ def model_card(*, config: dict, privacy: list[tuple[str, dict]], stages: list, e
               "random": "DP-LoRA on a random share of the matrices", "full": "full DP fine-tuning (DPDM)"}
     selection = config.get("selection", "saliency")
     federated = config.get("command") in ("federate", "serve")
+    mepf = config.get("method") == "dp-mepf"
     base = config.get("base_model") or "the shipped public model (sapf's `public-digits-28`, trained on UCI digits)"
+    title = ("A class-conditional generator trained on noisy mean embeddings (DP-MEPF)" if mepf else
+             "A class-conditional diffusion model fine-tuned under differential privacy")
+    start = (f"DP-MEPF{', federated across sites with Flower' if federated else ''}: a conditional convolutional "
+             f"generator of {base}'s image size, with features from a network trained on public "
+             f"`{config.get('public_data', 'digits')}`. Stages, in order:" if mepf else
+             f"{method.get(selection, selection)}{', federated across sites with Flower' if federated else ''}, "
+             f"starting from {base}. Stages, in order:")
     lines = [
         "---",
         "library_name: diffusers",
-        "tags: [differential-privacy, sapf, diffusion, class-conditional, image-generation]",
+        "tags: [differential-privacy, sapf, " + ("dp-mepf" if mepf else "diffusion") +
+        ", class-conditional, image-generation]",
         "---",
         "",
-        f"# A class-conditional diffusion model fine-tuned under differential privacy ({config.get('command')})",
+        f"# {title} ({config.get('command')})",
         "",
         "## Method",
         "",
-        f"{method.get(selection, selection)}{', federated across sites with Flower' if federated else ''}, "
-        f"starting from {base}. Stages, in order:",
+        start,
         "",
         *[f"{i}. **{s.name}** — {s.what}" for i, s in enumerate(stages, 1)],
         "",
@@ -94,9 +104,11 @@ def model_card(*, config: dict, privacy: list[tuple[str, dict]], stages: list, e
         "```",
         "",
         "```python",
-        "from diffusers import DiffusionPipeline",
-        'pipe = DiffusionPipeline.from_pretrained("model", trust_remote_code=True)',
-        "images = pipe(class_labels=[0, 1, 7], num_inference_steps=50).images",
+        *(["from sapf.engine.mepf import load_mean_embedding_generator, sample_generator",
+           'images, labels = sample_generator(load_mean_embedding_generator("model"), 64)'] if mepf else
+          ["from diffusers import DiffusionPipeline",
+           'pipe = DiffusionPipeline.from_pretrained("model", trust_remote_code=True)',
+           "images = pipe(class_labels=[0, 1, 7], num_inference_steps=50).images"]),
         "```",
         "",
     ]

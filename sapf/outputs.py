@@ -111,6 +111,14 @@ def save_torch(path: str | Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def save_tensors(path: str | Path, state: dict) -> None:
+    """A state dict as safetensors, atomically (checkpoints, a site's saved replies, public networks)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+
+
 def save_png(path: str | Path, image: np.ndarray) -> None:
     """Save one uint8 image (H,W) or (H,W,C) as PNG, atomically."""
     from PIL import Image

@@ -73,3 +73,8 @@ def check_guidance(guidance: float, null_class: int | None) -> None:
 def guided(cond: np.ndarray, uncond: np.ndarray, guidance: float) -> np.ndarray:
     """ε = ε_∅ + w (ε_y − ε_∅), computed the same way by every sampler."""
     return uncond + guidance * (cond - uncond)
+
+
+def generator_latents(num: int, latent_dim: int, seed: int) -> np.ndarray:
+    """The latents a one-pass generator (DP-MEPF) maps to images: (num, latent_dim), seeded."""
+    return np.random.default_rng([seed, 2]).standard_normal((num, latent_dim)).astype(np.float32)

@@ -41,3 +41,13 @@ def mnist_small_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "mnist_small.npz"
     np.savez(path, images=images, labels=ds.labels[idx])
     return path
+
+
+@pytest.fixture
+def flower_identity():
+    """The run/node/task identity Flower sets around a ClientApp call (handlers called directly need it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

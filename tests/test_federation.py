@@ -10,7 +10,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from sapf.engine.finetune import make_trainable, trainable_state
 from sapf.engine.model import load_generator
@@ -21,13 +20,6 @@ from sapf.federation import client_app as site
 from sapf.federation.combine import UPDATE_NORM_FACTOR, combine_noisy_sums, combine_updates
 from sapf.federation.simulation import federate
 from sapf.federation.task import FederationConfig, from_wire, recompute_epsilon, validate_update
-
-
-@pytest.fixture
-def flower_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 def _cfg(tiny_model_dir, npz, out, **kw):

@@ -17,7 +17,7 @@ import numpy as np
 from sapf.config import ConfigError
 from sapf.errors import SapfError
 
-BUILTIN = ("mnist5k", "digits")
+BUILTIN = ("mnist5k", "digits", "public-pool")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -55,6 +55,12 @@ def load_dataset(spec: str, image_size: int = 28, channels: int = 1) -> ImageDat
         strokes, labels = _uci_digits_as_pen_strokes()
         x = mnist_layout(strokes, image_size)  # a new array: the cached strokes are never written
         ds = ImageDataset(_prepare(x, image_size, channels), labels.copy(), 10, "digits", [str(i) for i in range(10)])
+    elif spec == "public-pool":  # digits, letters, textures and faces with semantic classes (sapf.engine.public_pool)
+        from sapf.engine.public_pool import build_pool, class_names
+
+        x, y = build_pool()
+        ds = ImageDataset(_prepare(x, image_size, channels), y.copy(), len(class_names()), "public-pool",
+                          class_names())
     else:
         path = Path(spec)
         if not path.exists():

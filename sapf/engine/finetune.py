@@ -112,12 +112,12 @@ def make_trainable(gen: DiffusionModel, strategy: str, selected: list[str], rank
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a site sends: the LoRA matrices and the trainable class-embedding copy, or (full
-    fine-tuning) every weight."""
+    fine-tuning) every weight, or (SPARTA) the weights that hold chosen rows."""
     from peft import PeftModel, get_peft_model_state_dict
 
     if isinstance(model, PeftModel):
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    return {k: p.detach().clone() for k, p in model.named_parameters()}
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -128,7 +128,8 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         return
     with torch.no_grad():
         for k, p in model.named_parameters():
-            p.copy_(state[k])
+            if p.requires_grad:
+                p.copy_(state[k])
 
 
 def merged_generator(gen: DiffusionModel, model: nn.Module, strategy: str) -> DiffusionModel:

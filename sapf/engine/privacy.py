@@ -250,7 +250,8 @@ def plan_privacy(
     Args:
         target_epsilon: the run's ε (``inf``: no noise anywhere).
         delta: the run's δ.
-        releases: the releases before training, in the order they run; shares in (0, 1), summing below 1.
+        releases: the releases before training, in the order they run; shares in (0, 1), summing below 1
+            (with no training: summing to 1).
         train_sample_rate: DP-SGD's Poisson rate (expected batch / N).
         train_steps: DP-SGD steps over the whole run (0: no training).
     """
@@ -259,8 +260,10 @@ def plan_privacy(
         return PrivacyPlan(target_epsilon, delta, accountant,
                            [Mechanism(r.name, 0.0, r.sample_rate, r.steps) for r in releases], train)
     shares = [r.epsilon_share for r in releases]
-    if any(not 0 < s < 1 for s in shares) or sum(shares) >= 1:
+    if train_steps and (any(not 0 < s < 1 for s in shares) or sum(shares) >= 1):
         raise SapfError(f"each release's share of ε must lie in (0, 1) and the shares must sum below 1, got {shares}")
+    if not train_steps and (any(not 0 < s <= 1 for s in shares) or abs(sum(shares) - 1) > 1e-9):
+        raise SapfError(f"with no training, the releases' shares of ε must lie in (0, 1] and sum to 1, got {shares}")
     done: list[Mechanism] = []
     for r in releases:
         cumulative = target_epsilon * (sum(m.epsilon_share for m in releases[: len(done) + 1]))

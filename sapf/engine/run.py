@@ -25,7 +25,7 @@ from sapf.engine.sparta import row_masks, sparta_selection, trainable_count
 from sapf.engine.stages import plan_run, stages_of
 from sapf.errors import SapfError
 from sapf.model_card import write_model_card
-from sapf.outputs import atomic_output_dir, check_output_dir, write_json
+from sapf.outputs import atomic_output_dir, check_output_dir, save_tensors, write_json
 
 # The built-in sensitive set is split once, the same way everywhere (training, evaluation,
 # benchmarks), so that the holdout is never trained on.
@@ -80,15 +80,20 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
     gen = load_generator(cfg.base_model)
     data = load_private_data(cfg.data, gen, cfg.holdout)
     n = len(data)
+    if cfg.method == "dp-mepf":
+        return train_mean_embedding_generator(cfg, gen, data, out, force=force, show_progress=show_progress,
+                                              sample_grid=sample_grid)
     cfg = cfg.resolved(n).for_model(conditional=gen.num_classes > 0)
     cfg.validate_for(n)
     stages = stages_of(cfg)
     pp = plan_noise(cfg, n)  # before any private data is touched
     steps = cfg.training_steps(n)
     ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
-    base, central = gen, None
+    base, central, semantic = gen, None, None
     for stage in stages:
-        if stage.name == "warmup":
+        if stage.name == "pretrain":
+            gen, semantic = semantic_pretrain(cfg, gen, data, pp.noise_of(stage.release), ledger, show_progress)
+        elif stage.name == "warmup":
             central = noisy_central_images(cfg, gen, data, pp.noise_of(stage.release), ledger)
             gen = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
                           seed=cfg.seed, show_progress=show_progress, device=device)
@@ -130,6 +135,8 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
             model.save_pretrained(tmp / "adapter")
         if central is not None:
             write_central_images(tmp / "central_images.png", central)
+        if semantic is not None:
+            write_json(tmp / "semantic_query.json", semantic)
         save_generator(merged, tmp / "model")
         write_json(tmp / "selection.json", sel.to_dict())
         write_json(tmp / "privacy.json", ledger.to_dict())
@@ -140,6 +147,85 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
         write_model_card(tmp, config=config, privacy=[("this run", ledger.to_dict())], stages=stages,
                          examples=f"{n} training records")
     return {**summary, **{k: curves[k] for k in ("wall_time_s", "final_loss")}}
+
+
+def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data: ImageDataset, out: Path, *,
+                                   force: bool = False, show_progress: bool = True, sample_grid: bool = True) -> dict:
+    """`sapf train --method dp-mepf`: a feature network on public data, the one noisy release of the private data's
+    per-class mean embeddings (the whole ε), a generator trained on it. `base` gives only the image size, channels
+    and classes (the images are loaded as for the diffusion runs, so evaluations compare alike)."""
+    import time
+
+    from sapf.engine.mepf import (
+        mean_embeddings,
+        release_mean_embeddings,
+        sample_generator,
+        train_feature_net,
+        train_generator,
+    )
+    from sapf.outputs import class_grid, save_png
+
+    n = len(data)
+    cfg = cfg.resolved(n).for_model(conditional=base.num_classes > 0)
+    cfg.validate_for(n)
+    if not data.num_classes:
+        raise SapfError("dp-mepf needs labelled private data (per-class mean embeddings)")
+    stages = stages_of(cfg)
+    pp = plan_noise(cfg, n)  # before any private data is touched
+    ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
+    t0 = time.time()
+    net = train_feature_net(load_dataset(cfg.public_data, base.image_size, base.channels), seed=cfg.seed)
+    sums = release_mean_embeddings(net=net, data=data, num_classes=data.num_classes,
+                                   noise_multiplier=pp.noise_of("mean-embeddings"), ledger=ledger)
+    means, counts = mean_embeddings(sums, data.num_classes)
+    gen, losses = train_generator(net, means, image_size=base.image_size, channels=base.channels,
+                                  steps=cfg.generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
+                                  show_progress=show_progress)
+    # Everything below is a function of the release and public data: no private/ folder is needed.
+    summary = {"examples": n, "trainable_parameters": count_parameters(gen, trainable_only=True),
+               "feature_dim": int(means.shape[1]), "noise_multipliers": {"mean-embeddings": pp.noise_of(
+                   "mean-embeddings")}, "epsilon_spent": ledger.epsilon() if ledger.private else math.inf,
+               "wall_time_s": round(time.time() - t0, 2), "final_loss": float(np.mean(losses[-50:]))}
+    config = {"command": "train", **asdict(cfg), "base_model_resolved": base.source, "resolved_delta": pp.delta,
+              "stages": [s.to_dict() for s in stages]}
+    with atomic_output_dir(out, force) as tmp:
+        gen.save_pretrained(tmp / "model")
+        save_tensors(tmp / "feature_net.safetensors", net.state_dict())
+        np.savez(tmp / "mean_embeddings.npz", sums=sums, means=means, counts=counts)
+        write_json(tmp / "privacy.json", ledger.to_dict())
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "metrics.json", {**summary, "generator_loss": [round(v, 6) for v in losses]})
+        if sample_grid:
+            images, labels = sample_generator(gen, 100, seed=cfg.seed)
+            save_png(tmp / "grid.png", class_grid(images, labels))
+        write_model_card(tmp, config=config, privacy=[("this run", ledger.to_dict())], stages=stages,
+                         examples=f"{n} training records")
+    return summary
+
+
+def semantic_pretrain(cfg, base: DiffusionModel, data: ImageDataset, noise_multiplier: float,
+                      ledger: PrivacyLedger | None, show_progress: bool = True) -> tuple[DiffusionModel, dict]:
+    """PrivImage's stage: a classifier of the public pool, the noisy semantic histogram of the private data (recorded
+    in `ledger`), the classes it picks, and the generator pretrained on them (cached by the choice)."""
+    from sapf.engine.semantic import (
+        choice_record,
+        choose_public_classes,
+        pretrained_on_choice,
+        release_semantic_histogram,
+        train_pool_classifier,
+    )
+
+    if not data.num_classes:
+        raise SapfError("--public-selection semantic needs labelled private data")
+    pool = load_dataset(cfg.public_pool, base.image_size, base.channels)
+    net = train_pool_classifier(pool, seed=cfg.seed)
+    q = cfg.semantic_query()
+    hist = release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,
+                                      noise_multiplier=noise_multiplier, ledger=ledger)
+    chosen = choose_public_classes(hist, q.per_label)
+    gen = pretrained_on_choice(pool, chosen, data.num_classes, base, steps=cfg.pretrain_steps, seed=cfg.seed,
+                               show_progress=show_progress)
+    return gen, choice_record(hist, chosen, pool, q, noise_multiplier)
 
 
 def noisy_central_images(cfg, gen: DiffusionModel, data: ImageDataset, noise_multiplier: float,

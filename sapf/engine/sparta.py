@@ -89,9 +89,32 @@ def top_rows(scores: dict[str, np.ndarray], row_fraction: float) -> dict[str, li
         raise SapfError(f"the row fraction must lie in (0, 1], got {row_fraction}")
     out = {}
     for name, s in scores.items():
-        k = max(1, int(round(row_fraction * len(s))))
+        k = rows_per_matrix(len(s), row_fraction)
         out[name] = sorted(int(i) for i in np.argsort(-s, kind="stable")[:k])
     return out
+
+
+def row_counts(gen: DiffusionModel, candidates: str) -> dict[str, int]:
+    """{candidate matrix: its number of rows}, in the model's order: the layout of a flat score vector."""
+    modules = dict(gen.unet.named_modules())
+    return {n: int(modules[n].weight.shape[0]) for n in candidate_modules(gen.unet, candidates)}
+
+
+def flat_scores(scores: dict[str, np.ndarray]) -> np.ndarray:
+    """The row scores as one vector (what a site sends)."""
+    return np.concatenate([np.asarray(s, np.float64) for s in scores.values()])
+
+
+def split_scores(vector: np.ndarray, counts: dict[str, int]) -> dict[str, np.ndarray]:
+    """A flat score vector back to {matrix: row scores} (`counts` from :func:`row_counts`)."""
+    if vector.shape != (sum(counts.values()),):
+        raise SapfError(f"a row-score vector has shape {vector.shape}, expected ({sum(counts.values())},)")
+    return dict(zip(counts, np.split(vector, np.cumsum(list(counts.values()))[:-1]), strict=True))
+
+
+def rows_per_matrix(num_rows: int, row_fraction: float) -> int:
+    """How many of a matrix's rows train: the top `row_fraction`, at least one."""
+    return max(1, int(round(row_fraction * num_rows)))
 
 
 def sparta_selection(gen: DiffusionModel, data: ImageDataset, q: MaskQuery, noise_multiplier: float,

@@ -2,6 +2,8 @@
 
 Today's stages, in order (each method of the harness is a choice of them):
 
+- ``pretrain`` — optional: PrivImage's noisy semantic query picks public classes, and the generator is
+  pretrained on them (:mod:`sapf.engine.semantic`);
 - ``warmup``   — optional: DP-FETA's noisy per-class central images (a private release through
   :mod:`sapf.engine.noisy_sum`), then every weight trained on them (:mod:`sapf.engine.central_images`);
 - ``select``   — which weight matrices to fine-tune: the noisy saliency query (DP-SAPF, a private
@@ -24,7 +26,7 @@ from sapf.engine.privacy import PlannedRelease, PrivacyPlan, plan_privacy
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # select | finetune
+    name: str  # pretrain | warmup | select | finetune (DP fine-tuning); embed | generator (DP-MEPF)
     what: str  # one line for config.json and the model card
     release: str | None = None  # ledger name of the stage's private release before training, if it makes one
     epsilon_share: float = 0.0  # share of the run's ε that release spends
@@ -37,7 +39,17 @@ class Stage:
 
 def stages_of(cfg: MethodConfig) -> list[Stage]:
     """The stage list of a run with these settings."""
+    if cfg.method == "dp-mepf":
+        return [Stage("embed", "noisy per-class mean embeddings of public-network features (DP-MEPF), the whole ε",
+                      "mean-embeddings", 1.0),
+                Stage("generator", f"a conditional generator trained {cfg.generator_steps} steps to match them "
+                      "(post-processing, no privacy cost)")]
     stages = []
+    if cfg.public_selection == "semantic":
+        stages.append(Stage("pretrain", f"noisy semantic query (PrivImage, top-{cfg.semantic_top_k} votes) picks "
+                            f"{cfg.semantic_per_label} class(es) of {cfg.public_pool} per private label; the generator "
+                            f"is pretrained on them for {cfg.pretrain_steps} steps (public data)", "semantic-query",
+                            cfg.semantic_budget))
     if cfg.central_warmup:
         stages.append(Stage("warmup", f"noisy per-class central images (DP-FETA, {cfg.central_queries} "
                             f"quer{'y' if cfg.central_queries == 1 else 'ies'}), then every weight trained on them for "
@@ -65,8 +77,11 @@ def stages_of(cfg: MethodConfig) -> list[Stage]:
 def plan_run(stages: list[Stage], *, epsilon: float, delta: float, accountant: str, train_sample_rate: float,
              train_steps: int) -> PrivacyPlan:
     """Every stage's noise, fixed up front: each release before training spends its share of ε; DP-SGD's σ
-    is calibrated so that everything composes to ε exactly."""
+    is calibrated so that everything composes to ε exactly. A run with no ``finetune`` stage (DP-MEPF) trains
+    nothing privately: its release takes the whole ε."""
     before = [PlannedRelease(s.release, s.epsilon_share, s.sample_rate, s.release_steps) for s in stages
               if s.release and s.name != "finetune"]
+    if not any(s.name == "finetune" for s in stages):
+        train_steps = 0
     return plan_privacy(target_epsilon=epsilon, delta=delta, releases=before, train_sample_rate=train_sample_rate,
                         train_steps=train_steps, accountant=accountant)

@@ -239,6 +239,14 @@ def _opset_of(path: Path) -> int:
     return int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
+def _publish(final: Path, meta: dict, out_file: Path) -> dict:
+    """Move a checked export into place: the model file first, then its metadata (each an atomic rename)."""
+    write_json(final.with_name("meta.json"), meta)
+    os.replace(final, out_file)
+    os.replace(final.with_name("meta.json"), metadata_path(out_file))
+    return meta
+
+
 def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
                 int8: bool = False) -> dict:
     """Export `src`'s UNet to `out_file` (+ ``out_file.json``); return the metadata written.
@@ -248,6 +256,8 @@ def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSE
     """
     import onnx
 
+    from sapf.engine.mepf import is_generator_dir
+
     if fp16 and int8:
         raise SapfError("--fp16 and --int8 are exclusive: fp16 is for GPUs, int8 for CPUs")
     if not 7 <= opset <= 23:
@@ -255,6 +265,10 @@ def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSE
     out_file = Path(out_file)
     if out_file.is_dir():
         raise SapfError(f"--out {out_file} is a directory; give a file name such as model.onnx")
+    if is_generator_dir(src):
+        if fp16 or int8:
+            raise SapfError("a DP-MEPF generator exports as fp32 only (it is small: one pass of a few convolutions)")
+        return export_generator_onnx(src, out_file, opset)
     gen = load_source(src)
     variant = "fp16" if fp16 else "int8" if int8 else "fp32"
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -300,10 +314,55 @@ def export_onnx(src: str | Path, out_file: str | Path, opset: int = DEFAULT_OPSE
             "source": str(src),
             "torch": torch.__version__,
         }
-        write_json(tmpdir / "meta.json", meta)
-        os.replace(final, out_file)
-        os.replace(tmpdir / "meta.json", metadata_path(out_file))
-        return meta
+        return _publish(final, meta, out_file)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def export_generator_onnx(src: str | Path, out_file: Path, opset: int = DEFAULT_OPSET) -> dict:
+    """A DP-MEPF generator (one pass: ``noise (B, latent) float32, class_labels (B,) int64 -> images (B,C,H,W)`` in
+    [-1, 1]) to `out_file` + metadata, checked against PyTorch (max |Δ| ≤ FP32_BOUND)."""
+    import onnx
+
+    from sapf.engine.mepf import load_mean_embedding_generator
+
+    gen = load_mean_embedding_generator(src)
+    c = gen.config
+    rng = np.random.default_rng(0)
+    feeds = [{"noise": rng.standard_normal((PARITY_BATCH, c.latent_dim)).astype(np.float32),
+              "class_labels": rng.integers(0, c.num_classes, PARITY_BATCH).astype(np.int64)} for _ in range(4)]
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent))
+    try:
+        final = tmpdir / "model.onnx"
+        batch = torch.export.Dim("batch")
+        example = (torch.zeros(2, c.latent_dim), torch.zeros(2, dtype=torch.long))
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                prog = torch.onnx.export(gen, example, None, input_names=["noise", "class_labels"],
+                                         output_names=["images"], opset_version=opset, dynamo=True,
+                                         dynamic_shapes={"noise": {0: batch}, "class_labels": {0: batch}},
+                                         external_data=False, verbose=False)
+                prog.save(str(final), external_data=False)
+            onnx.checker.check_model(str(final), full_check=True)
+        except Exception as e:
+            raise SapfError(f"torch.onnx.export of the generator failed: {str(e).strip().splitlines()[0]}") from None
+        with torch.no_grad():
+            ref = [gen(torch.from_numpy(f["noise"]), torch.from_numpy(f["class_labels"])).numpy() for f in feeds]
+        err = prediction_error(ref, onnx_predictions(final, feeds))
+        if not err["max_abs_diff"] <= FP32_BOUND:
+            raise SapfError(f"ONNX/PyTorch parity failed: max |Δ| {err['max_abs_diff']:.3g} > {FP32_BOUND:g}")
+        meta = {"format": "sapf-onnx-1", "kind": "generator", "image_size": c.image_size, "channels": c.channels,
+                "num_classes": c.num_classes, "null_class": None, "latent_dim": c.latent_dim,
+                "inputs": ["noise", "class_labels"], "output": "images",
+                "sampler": "one pass: latents from sapf.sampling_inputs.generator_latents", "variant": "fp32",
+                "opset": _opset_of(final), "opset_requested": opset,
+                "parity": {**err, "metric": "max_abs_diff", "bound": FP32_BOUND, "batch": PARITY_BATCH},
+                "parity_max_abs_diff": err["max_abs_diff"], "source": str(src), "torch": torch.__version__}
+        return _publish(final, meta, out_file)
     finally:
         import shutil
 

@@ -1,4 +1,5 @@
-"""DDIM sampling from an exported ONNX noise predictor, without PyTorch.
+"""DDIM sampling from an exported ONNX noise predictor (or one pass of an exported DP-MEPF generator), without
+PyTorch.
 
 Only numpy, onnxruntime, rich and the torch-free :mod:`sapf.outputs` / :mod:`sapf.errors` are
 imported here (never :mod:`sapf.engine`), so ``sapf sample --onnx`` runs on an edge box that has
@@ -28,6 +29,7 @@ from sapf.outputs import to_uint8
 from sapf.sampling_inputs import (
     DEFAULT_ETA,
     check_eta,
+    generator_latents,
     guided,
     initial_noise,
     resolve_guidance,
@@ -248,8 +250,9 @@ class OnnxSampler:
         self._opts = opts
         self.session, self.provider = self._session(device, allow_cpu_fallback)
         self.meta = self._metadata()
+        self.kind = self.meta.get("kind", "diffusion")  # a DP-MEPF generator samples in one pass
         self._check_io()
-        self.ddim = DDIM(self.meta["scheduler"])
+        self.ddim = DDIM(self.meta["scheduler"]) if self.kind == "diffusion" else None
         self.iobinding = self.provider == CUDA and self._sample_dtype == np.float32
         self._step_session = None
 
@@ -286,17 +289,24 @@ class OnnxSampler:
             meta = json.loads(mp.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SapfError(f"metadata '{mp}' is not readable JSON: {_first_line(e)}") from None
-        missing = [k for k in ("image_size", "channels", "num_classes", "scheduler") if k not in meta]
-        if not isinstance(meta, dict) or missing:
+        if not isinstance(meta, dict):
+            raise SapfError(f"metadata '{mp}' is not a JSON object; re-run sapf export")
+        need = ("latent_dim",) if meta.get("kind") == "generator" else ("scheduler",)
+        missing = [k for k in ("image_size", "channels", "num_classes", *need) if k not in meta]
+        if missing:
             raise SapfError(f"metadata '{mp}' lacks {', '.join(missing) or 'its fields'}; re-run sapf export")
         return meta
 
     def _check_io(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
-        want = ["sample", "timestep"] + (["class_labels"] if int(self.meta["num_classes"]) else [])
+        if self.kind == "generator":
+            want = ["noise", "class_labels"]
+        else:
+            want = ["sample", "timestep"] + (["class_labels"] if int(self.meta["num_classes"]) else [])
         if set(inputs) != set(want):
             raise SapfError(f"'{self.path}' has inputs {sorted(inputs)}, but its metadata implies {want}")
-        self._sample_dtype = np.float16 if inputs["sample"].type == "tensor(float16)" else np.float32
+        first = inputs[want[0]]
+        self._sample_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
         self._output = self.session.get_outputs()[0].name
 
     @property
@@ -324,6 +334,12 @@ class OnnxSampler:
         check_eta(eta)
         guidance = self._guidance = resolve_guidance(guidance, self.null_class)
         labels = sample_labels(num, self.num_classes, class_label)
+        if self.kind == "generator":  # one pass, no steps: the same latents as the torch generator
+            z = generator_latents(num, int(self.meta["latent_dim"]), seed)
+            out = [self.session.run([self._output], {"noise": z[b : b + batch_size],
+                                                     "class_labels": labels[b : b + batch_size]})[0]
+                   for b in range(0, num, batch_size)]
+            return to_uint8(np.concatenate(out)), labels
         timesteps = self.ddim.set_timesteps(steps)
         c, size = int(self.meta["channels"]), int(self.meta["image_size"])
         noise = initial_noise(num, c, size, seed)

@@ -1,10 +1,11 @@
-"""Federated DP-SAPF with Flower: the server and the sites, in simulation and in deployment.
+"""Federated DP-SAPF (and the harness's other methods) with Flower: the server and the sites, in simulation and in
+deployment.
 
 Reading order, following `sapf federate --clients 4` to its ONNX file:
 
 1. :mod:`sapf.cli` ``federate`` builds a :class:`sapf.config.FederationConfig` (the plan) from its options.
 2. :mod:`sapf.federation.simulation` makes the run dir and starts Flower's simulation (Ray) with
-3. :mod:`sapf.federation.server_app` — runs the stages of :func:`sapf.engine.stages.stages_of`: the saliency
+3. :mod:`sapf.federation.server_app` — runs the stages of :func:`sapf.engine.stages.stages_of`: each query
    round (each site's noisy sum, combined by :mod:`sapf.federation.combine`), then rounds of local DP-SGD
    whose adapters are combined; writes ``model/``, ``README.md`` and exports ``model.onnx``
    (:mod:`sapf.export.onnx_export`);
@@ -18,11 +19,13 @@ Deployment (`sapf serve` / `sapf join`): :mod:`sapf.federation.deployment` start
 
 Contracts that no type checks, kept here in one place:
 
-- **Messages.** Server → site: ``query.saliency`` with ``config`` (the plan, :meth:`FederationConfig.to_record`);
-  ``train`` with ``config`` (the plan + ``round``, + ``selected`` for a saliency plan only) and ``adapter``
-  (float16 tensors, :func:`task.to_wire`). Site → server: ``scores`` (noisy score vector) or ``adapter``,
-  ``metrics`` (``examples``, ``epsilon``, and ``noise_multiplier`` for a query) and ``privacy``
-  (``site``, ``report``: the site's ledger as JSON). Nothing else travels.
+- **Messages.** Server → site: the queries ``query.central_images``, ``query.saliency``, ``query.sparta_mask`` and
+  ``query.mean_embeddings`` with ``config`` (the plan, :meth:`FederationConfig.to_record`; after a warm-up also
+  ``base``, the warmed weights; DP-MEPF's also ``features``, the public feature network's weights); ``train`` with
+  ``config`` (the plan + ``round``, + ``selected`` for a saliency plan, + ``rows``, JSON, for a SPARTA plan) and
+  ``adapter`` (float16 tensors, :func:`task.to_wire`: LoRA, or the trained weights). Site → server: ``sums`` or
+  ``scores`` (a noisy vector) or ``adapter``, ``metrics`` (``examples``, ``epsilon``, and ``noise_multiplier`` for a
+  query) and ``privacy`` (``site``, ``report``: the site's ledger as JSON). Nothing else travels.
 - **Run dir files.** ``config.json`` (the plan), ``status.json`` (``status``: completed | failed, ``error``,
   ``site_epsilon``: what `sapf federate`/`serve` read, since Flower reports a failed ServerApp as finished),
   ``checkpoint/`` (``state.json`` written last), ``privacy/site-<node id>.json``, ``selection.json``,

@@ -1,4 +1,5 @@
-"""The site: a Flower ClientApp that answers the saliency query and trains DP-LoRA locally.
+"""The site: a Flower ClientApp that answers the plan's noisy queries (central images, saliency, SPARTA's row
+scores) and trains locally with DP-SGD (LoRA, or SPARTA's rows).
 
 A site trusts no plan (:mod:`sapf.federation.site_policy`): every field it reads is checked
 against its own settings before its data is touched. Every release is recorded in the site's
@@ -36,6 +37,7 @@ from sapf.federation.site_policy import (
     check_noise,
     check_plan,
     check_round,
+    check_rows,
     check_site_plan,
     ensure_same_dataset,
     site_delta,
@@ -53,16 +55,16 @@ from sapf.federation.task import (
     load_base,
     open_ledger,
     plan_site,
-    save_tensors,
     site_data,
     site_lock,
     site_state_dir,
     to_wire,
 )
-from sapf.outputs import save_torch
+from sapf.outputs import save_tensors, save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
+MAX_PUBLIC_CLASSES = 100_000  # the semantic histogram's width a site accepts (memory, not privacy)
 FAILED_REASON = "the site could not answer this request; its operator sees why in the site's log"
 
 app = ClientApp()
@@ -114,6 +116,22 @@ class Site:
         """Every DP-SGD step of the plan, all rounds."""
         return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate, self.plan.total_steps)
 
+    def central_release(self) -> Mechanism | None:
+        """DP-FETA's central-image release, if the plan has a warm-up."""
+        if not self.cfg.central_warmup:
+            return None
+        return Mechanism("central-images", self.plan.central_noise, self.cfg.central_sample_rate,
+                         self.cfg.central_queries)
+
+    def selection_query(self) -> Mechanism | None:
+        """The plan's private selection query (DP-SAPF's saliency or SPARTA's mask-finding steps), if it has one."""
+        cfg, plan = self.cfg, self.plan
+        if cfg.selection == "saliency":
+            return Mechanism("saliency-query", plan.selection_noise, cfg.selection_sample_rate, 1)
+        if cfg.selection == "sparta":
+            return Mechanism("sparta-mask", plan.mask_noise, cfg.mask_sample_rate, cfg.mask_steps)
+        return None
+
     def spend(self, mechanisms: list[Mechanism], budget_check: list[Mechanism] | None = None) -> PrivacyLedger:
         """Under the site's lock: load the ledger, refuse past max-epsilon (checking `budget_check`,
         by default the mechanisms themselves), record `mechanisms` and save — all before the release
@@ -145,19 +163,32 @@ def _setup(msg: Message, context: Context) -> Site:
     state_dir = site_state_dir(cfg, context.node_config, name)
     delta = site_delta(cfg, settings, len(data), deployed="data-path" in context.node_config)
     plan = plan_site(cfg, len(data), state_dir, delta)
+    if cfg.public_selection == "semantic":
+        check_noise("semantic query", plan.semantic_noise)
     if cfg.central_warmup:
         check_noise("central-image release", plan.central_noise)
-        gen = _warmed_base(msg, gen, settings) if msg.metadata.message_type != "query.central_images" else gen
-    if cfg.selection == "saliency":
-        check_noise("saliency query", plan.selection_noise)
-    check_noise("DP-SGD", plan.train_noise)
+    # A plan whose stages change the base (pretraining, a warm-up) sends the server's current base with every request
+    # after its first query; that query runs on the base the site loaded itself.
+    first = ("query.semantic" if cfg.public_selection == "semantic" else
+             "query.central_images" if cfg.central_warmup else None)
+    if first is not None and msg.metadata.message_type != first:
+        gen = _warmed_base(msg, gen, settings)
+    if cfg.method == "dp-mepf":  # its one release is all it makes
+        check_noise("mean-embedding release", plan.embedding_noise)
+    else:
+        if cfg.selection == "saliency":
+            check_noise("saliency query", plan.selection_noise)
+        if cfg.selection == "sparta":
+            check_noise("SPARTA mask-finding step", plan.mask_noise)
+        check_noise("DP-SGD", plan.train_noise)
     return Site(cfg, settings, gen, data, name, plan, state_dir, dataset_fingerprint(data, context.node_config))
 
 
 def _warmed_base(msg: Message, gen: DiffusionModel, settings: SiteSettings) -> DiffusionModel:
-    """After a warm-up every later request carries the server's warmed base: weights only, checked like an adapter."""
+    """After pretraining or a warm-up every later request carries the server's base: weights only, of this site's
+    own architecture, checked like an adapter."""
     if "base" not in msg.content:
-        raise Refusal("refused: a warm-up plan's request must carry the warmed base model's weights")
+        raise Refusal("refused: this plan's request must carry the server's pretrained or warmed base weights")
     state = from_wire(msg.content["base"])
     check_incoming_weights(state, {k: p for k, p in gen.unet.named_parameters()}, settings.limits)
     return load_base(gen, state)
@@ -186,9 +217,8 @@ def central_images(msg: Message, context: Context) -> Message:
     if not site.gen.num_classes:
         raise Refusal("refused: central images need a class-conditional base model")
     cfg = site.cfg
-    release = Mechanism("central-images", site.plan.central_noise, cfg.central_sample_rate, cfg.central_queries)
-    later = [Mechanism("saliency-query", site.plan.selection_noise, cfg.selection_sample_rate, 1)] \
-        if cfg.selection == "saliency" else []
+    release = site.central_release()
+    later = [m for m in (site.selection_query(),) if m is not None]
     ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
     bound = image_bound(load_dataset(cfg.public_data, site.gen.image_size, site.gen.channels))
     sums = release_central_images(data=site.data, num_classes=site.gen.num_classes, bound=bound,
@@ -203,13 +233,96 @@ def saliency(msg: Message, context: Context) -> Message:
     site = _setup(msg, context)
     if site.cfg.selection != "saliency":
         raise Refusal(f"refused: a {site.cfg.selection} plan has no saliency query")
-    query = Mechanism("saliency-query", site.plan.selection_noise, site.cfg.selection_sample_rate, 1)
+    query = site.selection_query()
     # Refuse up front a run whose whole plan (query + every round) would pass the site's limit.
     whole = [query, site.whole_training()]
     ledger = site.spend([query], budget_check=whole)
     _, scores, _ = noisy_saliency_scores(site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None,
                                          show_progress=False)
     return _noisy_sum_reply(msg, site, ledger, "scores", scores, site.plan.selection_noise)
+
+
+@app.query("semantic")
+@_guard
+def semantic(msg: Message, context: Context) -> Message:
+    """PrivImage's query at this site: its noisy histogram of the public classes its images look like (per private
+    label). The pool classifier comes from the server as weights only, loaded into this site's own architecture;
+    whatever its weights, a record votes for exactly k classes, so the bound √k holds."""
+    from sapf.engine.mepf import FeatureNet
+    from sapf.engine.semantic import release_semantic_histogram
+
+    site = _setup(msg, context)
+    cfg = site.cfg
+    if cfg.public_selection != "semantic":
+        raise Refusal("refused: this plan has no semantic query")
+    if not site.data.num_classes:
+        raise Refusal("refused: the semantic query needs labelled data at the site")
+    if "classifier" not in msg.content:
+        raise Refusal("refused: a semantic query must carry the public classifier's weights")
+    state = from_wire(msg.content["classifier"])
+    # The pool's class count is the classifier's: public, and it moves no bound (a record votes for k classes).
+    num_public = int(state["head.bias"].shape[0]) if state.get("head.bias") is not None and \
+        state["head.bias"].dim() == 1 else 0
+    if not cfg.semantic_top_k <= num_public <= MAX_PUBLIC_CLASSES:
+        raise Refusal(f"refused: the classifier must score between top-k and {MAX_PUBLIC_CLASSES} public classes")
+    net = FeatureNet(site.gen.channels, num_public)
+    check_incoming_weights(state, net.state_dict(), site.settings.limits)
+    net.load_state_dict(state)
+    net.eval()
+    q = cfg.semantic_query()
+    release = Mechanism("semantic-query", site.plan.semantic_noise, q.sample_rate, 1)
+    later = [m for m in (site.central_release(), site.selection_query()) if m is not None]
+    ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
+    hist = release_semantic_histogram(net=net, data=site.data, num_public=num_public, query=q,
+                                      noise_multiplier=site.plan.semantic_noise, ledger=None)
+    return _noisy_sum_reply(msg, site, ledger, "sums", hist.ravel(), site.plan.semantic_noise)
+
+
+@app.query("mean_embeddings")
+@_guard
+def mean_embeddings(msg: Message, context: Context) -> Message:
+    """DP-MEPF's release at this site: noisy per-class sums of unit feature vectors and counts (one noisy sum; the
+    whole plan's ε). The feature network comes from the server as weights only, loaded into the architecture this
+    site installed; whatever its weights, every feature vector is scaled to unit norm, so the bound holds."""
+    from sapf.engine.data import load_dataset
+    from sapf.engine.mepf import FeatureNet, release_mean_embeddings
+
+    site = _setup(msg, context)
+    cfg = site.cfg
+    if cfg.method != "dp-mepf":
+        raise Refusal(f"refused: a {cfg.method} plan has no mean-embedding query")
+    if not site.data.num_classes:
+        raise Refusal("refused: mean embeddings are per class; this site's data has no labels")
+    if "features" not in msg.content:
+        raise Refusal("refused: a mean-embedding request must carry the feature network's weights")
+    public = load_dataset(cfg.public_data, site.gen.image_size, site.gen.channels)
+    net = FeatureNet(site.gen.channels, public.num_classes)
+    state = from_wire(msg.content["features"])
+    check_incoming_weights(state, net.state_dict(), site.settings.limits)
+    net.load_state_dict(state)
+    net.eval()
+    release = Mechanism("mean-embeddings", site.plan.embedding_noise, 1.0, 1)
+    ledger = site.spend([release])
+    sums = release_mean_embeddings(net=net, data=site.data, num_classes=site.gen.num_classes,
+                                   noise_multiplier=site.plan.embedding_noise, ledger=None)
+    return _noisy_sum_reply(msg, site, ledger, "sums", sums, site.plan.embedding_noise)
+
+
+@app.query("sparta_mask")
+@_guard
+def sparta_mask(msg: Message, context: Context) -> Message:
+    """SPARTA's mask-finding steps at this site: its row scores (|noisy sum| of every step's noisy gradient sum,
+    per row; post-processing of mask_steps recorded releases), one vector in the model's candidate order."""
+    from sapf.engine.sparta import flat_scores, noisy_row_scores
+
+    site = _setup(msg, context)
+    if site.cfg.selection != "sparta":
+        raise Refusal(f"refused: a {site.cfg.selection} plan has no SPARTA mask query")
+    query = site.selection_query()
+    ledger = site.spend([query], budget_check=[query, site.whole_training()])
+    scores = noisy_row_scores(site.gen, site.data, site.cfg.mask_query(), site.plan.mask_noise, None,
+                              show_progress=False)
+    return _noisy_sum_reply(msg, site, ledger, "scores", flat_scores(scores), site.plan.mask_noise)
 
 
 def _request_key(msg: Message) -> str:
@@ -237,7 +350,7 @@ def _save_reply(path: Path, state: dict, metrics: dict) -> None:
     write_json(path.with_suffix(".json"), metrics)  # written last: marks the reply complete
 
 
-def _optimizer_state_path(state_dir: Path, cfg: FederationConfig, selected: list[str]) -> Path | None:
+def _optimizer_state_path(state_dir: Path, cfg: FederationConfig, selected) -> Path | None:
     """Where the site keeps its optimizer between rounds of one plan (None: a fresh one each round)."""
     if not cfg.keep_optimizer_state:
         return None
@@ -249,10 +362,14 @@ def _optimizer_state_path(state_dir: Path, cfg: FederationConfig, selected: list
 def train(msg: Message, context: Context) -> Message:
     site = _setup(msg, context)
     cfg = site.cfg
+    if cfg.method == "dp-mepf":
+        raise Refusal("refused: a dp-mepf plan trains nothing at the sites")
     config = msg.content["config"]
     rnd = check_round(config.get("round"), cfg.rounds)
     selected = site_selection(cfg, config.get("selected"), site.gen)
-    model = make_trainable(site.gen, cfg.selection, selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a)
+    rows = check_rows(config.get("rows"), site.gen, cfg) if cfg.selection == "sparta" else None
+    model = make_trainable(site.gen, cfg.selection, selected, cfg.rank, cfg.lora_alpha, cfg.freeze_lora_a,
+                           rows=rows)
     if "adapter" not in msg.content:
         raise Refusal("refused: the training request carries no adapter")
     incoming = from_wire(msg.content["adapter"])
@@ -264,14 +381,14 @@ def train(msg: Message, context: Context) -> Message:
     if reply is None:
         steps = Mechanism("dp-sgd", site.plan.train_noise, site.plan.sample_rate, site.plan.local_steps)
         # Recorded before training: a crash mid-round can only over-count. A site refuses up front a run it
-        # could not finish: a saliency plan's query checked the whole run; a plan with no query checks all
+        # could not finish: a plan's selection query checked the whole run; a plan with no query checks all
         # its training at round 1.
-        whole = [site.whole_training()] if cfg.selection != "saliency" and rnd == 1 else None
+        whole = [site.whole_training()] if site.selection_query() is None and rnd == 1 else None
         site.spend([steps], budget_check=whole)
         load_trainable_state(model, incoming)
         dp_cfg = cfg.dpsgd(site.plan.local_steps, cfg.batch_size)
         torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
-        opt_path = _optimizer_state_path(site.state_dir, cfg, selected)
+        opt_path = _optimizer_state_path(site.state_dir, cfg, [selected, rows])
         opt_state = torch.load(opt_path, weights_only=True) if opt_path and opt_path.exists() else None
         hist = dp_finetune(site.gen, model, site.data, dp_cfg, site.plan.train_noise, None, show_progress=False,
                            optimizer_state=opt_state)

@@ -10,7 +10,9 @@ and ``sapf federate --resume RUN_DIR`` continues from it.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sys
 import time
 from dataclasses import replace
@@ -22,10 +24,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
-from sapf.config import snake
+from sapf.config import WEIGHT_SELECTIONS, snake
 from sapf.engine.finetune import load_trainable_state, make_trainable, merged_generator, trainable_state
 from sapf.engine.model import count_parameters, save_generator
 from sapf.engine.saliency import candidate_modules, choose_matrices, select_top
+from sapf.engine.sparta import row_masks, trainable_count
 from sapf.engine.stages import stages_of
 from sapf.errors import SapfError
 from sapf.federation.combine import combine_noisy_sums, combine_updates, metric, report_of
@@ -37,11 +40,10 @@ from sapf.federation.task import (
     from_wire,
     load_base,
     recompute_epsilon,
-    save_tensors,
     to_wire,
     validate_update,
 )
-from sapf.outputs import atomic_output_dir, read_json, write_json
+from sapf.outputs import atomic_output_dir, read_json, save_tensors, write_json
 
 log = logging.getLogger("sapf.server")
 ROUND_TIMEOUT = 3600.0
@@ -91,52 +93,49 @@ def _parse(reply: Message, what: str, parse):
 
 
 def _content(cfg: FederationConfig, base, **records) -> RecordDict:
-    """A request: the plan (+ `records`), and the warmed base's weights when the plan has a warm-up."""
+    """A request: the plan (+ `records`), and the server's base weights once a stage has changed the base."""
     return RecordDict({"config": ConfigRecord(cfg.to_record()), **records, **({"base": base} if base else {})})
 
 
-def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen) -> tuple[np.ndarray, list]:
+def query_round(grid: Grid, cfg: FederationConfig, nodes: list[int], kind: str, size: int, content: RecordDict,
+                max_abs: float = math.inf) -> tuple[list[tuple[np.ndarray, float, int]], list[Message]]:
+    """One private query: ``query.<kind>`` to every site; each reply's noisy vector (under ``sums`` or ``scores``,
+    `size` finite values of at most `max_abs`), σ > 0 and example count > 0 are checked, and what fails is left
+    out. Returns ([(vector, σ, examples)], replies); fewer than min_clients valid replies stop the run."""
+    msgs = [Message(content, dst_node_id=n, message_type=f"query.{kind}", group_id=kind) for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
+    what = kind.replace("_", " ")
+
+    def parse(r: Message):
+        key = "sums" if "sums" in r.content else "scores"
+        v = np.asarray(r.content[key][key].numpy(), np.float64)
+        if v.shape != (size,) or not np.isfinite(v).all() or np.abs(v).max(initial=0.0) > max_abs:
+            raise ValueError(f"malformed {what} vector")
+        sigma, n = metric(r, "noise_multiplier", float), metric(r, "examples", int)
+        if not (sigma > 0 and n > 0):
+            raise ValueError("the reply's noise multiplier and example count must be positive")
+        return v, sigma, n
+
+    valid = [v for v in (_parse(r, what, parse) for r in replies) if v is not None]
+    if len(valid) < cfg.min_clients:
+        raise SapfError(f"{what} round: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}")
+    return valid, replies
+
+
+def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=None
+                         ) -> tuple[np.ndarray, list]:
     """DP-FETA across sites: each site's noisy per-class image sums and counts; the server adds them (a sum of
     the sites' Gaussian releases) and divides only afterwards."""
     from sapf.engine.central_images import REDUCE
 
     d = gen.channels * (gen.image_size // REDUCE) ** 2
-    size = gen.num_classes * (d + 1)
-    msgs = [Message(_content(cfg, None), dst_node_id=n, message_type="query.central_images", group_id="central")
-            for n in nodes]
-    replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
-
-    def parse(r: Message):
-        v = np.asarray(r.content["sums"]["sums"].numpy(), np.float64)
-        if v.shape != (size,) or not np.isfinite(v).all() or np.abs(v).max() > 1e9:
-            raise ValueError("malformed central-image sums")
-        if not metric(r, "noise_multiplier", float) > 0:
-            raise ValueError("the reply's noise multiplier must be positive")
-        return v
-
-    valid = [v for v in (_parse(r, "central images", parse) for r in replies) if v is not None]
-    if len(valid) < cfg.min_clients:
-        raise SapfError(f"central-image round: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}")
-    return np.sum(valid, axis=0), replies
+    valid, replies = query_round(grid, cfg, nodes, "central_images", gen.num_classes * (d + 1), _content(cfg, base),
+                                 max_abs=1e9)
+    return np.sum([v for v, _, _ in valid], axis=0), replies
 
 
 def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: list[str], base=None) -> dict:
-    msgs = [Message(_content(cfg, base), dst_node_id=n, message_type="query.saliency", group_id="saliency")
-            for n in nodes]
-    replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
-
-    def parse(r: Message):
-        s = np.asarray(r.content["scores"]["scores"].numpy(), np.float64)
-        if s.shape != (len(names),) or not np.isfinite(s).all():
-            raise ValueError("malformed score vector")
-        sigma, n = metric(r, "noise_multiplier", float), metric(r, "examples", int)
-        if not (sigma > 0 and n > 0):
-            raise ValueError("the reply's noise multiplier and example count must be positive")
-        return s, sigma, n
-
-    valid = [v for v in (_parse(r, "saliency", parse) for r in replies) if v is not None]
-    if len(valid) < cfg.min_clients:
-        raise SapfError(f"saliency round: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}")
+    valid, replies = query_round(grid, cfg, nodes, "saliency", len(names), _content(cfg, base))
     total = combine_noisy_sums([s for s, _, _ in valid])
     return {"strategy": "saliency", "candidates": names, "selected": select_top(names, total, cfg.top_fraction),
             "scores": total.tolist(), "combination": "equal-weight mean of unit-L1 site vectors",
@@ -146,16 +145,37 @@ def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: l
             "top_fraction": cfg.top_fraction, "replies": replies}
 
 
+def sparta_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=None) -> dict:
+    """SPARTA across sites: each site's noisy row scores (its mask-finding steps, recorded in its ledger); the
+    server combines them (bounded, :func:`combine_noisy_sums`) and keeps each matrix's top rows."""
+    from sapf.engine.sparta import row_counts, split_scores, top_rows
+
+    counts = row_counts(gen, cfg.candidates)
+    valid, replies = query_round(grid, cfg, nodes, "sparta_mask", sum(counts.values()), _content(cfg, base))
+    scores = split_scores(combine_noisy_sums([s for s, _, _ in valid]), counts)
+    return {"strategy": "sparta", "candidates": list(counts), "selected": list(counts),
+            "rows": top_rows(scores, cfg.row_fraction), "row_scores": {k: v.tolist() for k, v in scores.items()},
+            "combination": "equal-weight mean of unit-L1 site vectors", "sites": len(valid),
+            "site_noise_multipliers": [v[1] for v in valid], "site_examples": [v[2] for v in valid],
+            "mask_steps": cfg.mask_steps, "sensitivity_per_site": cfg.selection_clip, "clip": cfg.selection_clip,
+            "top_fraction": cfg.row_fraction, "replies": replies}
+
+
 def public_selection(cfg: FederationConfig, gen) -> dict:
     """A strategy that needs no private data (attention, random, full): chosen here, and by each site itself."""
     sel = choose_matrices(cfg.selection, gen, None, cfg.query(), cfg.top_fraction, 0.0, None, cfg.seed)
     return {"strategy": cfg.selection, "candidates": sel.candidates, "selected": sel.selected, "sites": 0}
 
 
-def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selected: list[str],
-                   state: dict[str, torch.Tensor], base=None) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
-    # Only a saliency plan names its matrices: every other selection is public, and each site makes it itself.
-    named = {"selected": selected} if cfg.selection == "saliency" else {}
+def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selection: dict,
+                   state: dict[str, torch.Tensor], base=None, masks: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
+    """One round of local DP-SGD at every site, the changes combined (bounded). `masks`: SPARTA's row masks by
+    parameter name; rows outside them keep the current weights whatever a site sends."""
+    # A saliency plan names its matrices, a SPARTA plan its rows; every other selection is public, and each
+    # site makes it itself.
+    named = ({"selected": selection["selected"]} if cfg.selection == "saliency" else
+             {"rows": json.dumps(selection["rows"], separators=(",", ":"))} if cfg.selection == "sparta" else {})
     content = _content(cfg, base, adapter=to_wire(state))
     content["config"] = ConfigRecord({**cfg.to_record(), **named, "round": rnd})
     msgs = [Message(content, dst_node_id=n, message_type="train", group_id=f"round-{rnd}") for n in nodes]
@@ -181,12 +201,20 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
         raise SapfError(f"round {rnd}: the combined adapter is unusable ({why}); the last checkpoint is kept")
     if cfg.freeze_lora_a:  # FFA-LoRA: A is the server's; a site that moved it (e.g. an older sapf) cannot drift it
         averaged = {k: state[k] if ".lora_A." in k else v for k, v in averaged.items()}
+    if masks:  # SPARTA: only the chosen rows move (float16 rounding on the wire must not drift the frozen ones)
+        averaged = {k: torch.where(_rows_of(masks[k], v), v, state[k]) if k in masks else v
+                    for k, v in averaged.items()}
     metrics = {"round": rnd, "replies": len(valid),
                "wire_bytes_per_site": int(sum(v.numel() for v in state.values()) * WIRE_DTYPE.itemsize),
                "max_site_epsilon": max(v[2] for v in valid),
                "examples": int(sum(min(v[1], 10**12) for v in valid)), "update_norms": [round(n, 6) for n in norms],
                "update_norm_bound": round(bound, 6)}
     return averaged, metrics, replies
+
+
+def _rows_of(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A row mask (out,) as a boolean tensor that broadcasts over `t` (out, ...)."""
+    return mask.bool().view(-1, *[1] * (t.dim() - 1))
 
 
 def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torch.Tensor], history: list[dict]) -> None:
@@ -198,14 +226,17 @@ def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torc
 def run_server(grid: Grid, cfg: FederationConfig) -> None:
     """The run's stages, in order, each private query one round whose replies are the sites' noisy sums:
     ``warmup`` (central images, then the server warms the model up and sends its weights with every later
-    request), ``select`` (the saliency round, or a public choice), then ``finetune`` (rounds of local DP-SGD)."""
+    request), ``select`` (the saliency round, SPARTA's row-score round, or a public choice), then ``finetune``
+    (rounds of local DP-SGD)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     public = gen = base_generator(cfg)
     cfg = cfg.for_model(conditional=gen.num_classes > 0)  # the sites get a concrete --warmup
-    base = None  # the warmed base's weights on the wire, when the plan has a warm-up
+    base = None  # the server's base weights on the wire, once pretraining or a warm-up changed it
     nodes = wait_for_nodes(grid, cfg.min_clients if cfg.num_sites <= 0 else cfg.num_sites)
     say(f"{len(nodes)} sites connected")
+    if cfg.method == "dp-mepf":
+        return mean_embedding_run(grid, cfg, nodes, gen, out)
     ck = out / "checkpoint" / "state.json"
     resumed = ck.exists()
     if resumed:
@@ -213,22 +244,29 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
         selection, start, history = st["selection"], st["round"] + 1, st["history"]
         say(f"resuming after round {st['round']}")
     for stage in stages_of(cfg):
-        if stage.name == "warmup":
-            gen = _warmup(grid, cfg, nodes, gen, out, resumed)
+        if stage.name == "pretrain":
+            gen = _pretrain(grid, cfg, nodes, gen, out, resumed)
+            base = base_to_wire(gen.unet)
+        elif stage.name == "warmup":
+            gen = _warmup(grid, cfg, nodes, gen, out, resumed, base)
             base = base_to_wire(gen.unet)
         elif stage.name == "select" and not resumed:
             if cfg.selection == "saliency":
                 selection = saliency_round(grid, cfg, nodes, candidate_modules(gen.unet, cfg.candidates), base)
                 _write_site_reports(out, selection.pop("replies"))
+            elif cfg.selection == "sparta":
+                selection = sparta_round(grid, cfg, nodes, gen, base)
+                _write_site_reports(out, selection.pop("replies"))
             else:
                 selection = public_selection(cfg, gen)
             write_json(out / "selection.json", selection)
             say(f"selection ({cfg.selection}): {len(selection['selected'])} of {len(selection['candidates'])} "
-                f"matrices")
+                f"matrices" + (f", the top {cfg.row_fraction:.0%} of each one's rows" if "rows" in selection else ""))
         elif stage.name == "finetune":
             torch.manual_seed(cfg.seed)  # the same initial adapter for every site
             model = make_trainable(gen, cfg.selection, selection["selected"], cfg.rank, cfg.lora_alpha,
-                                   cfg.freeze_lora_a)
+                                   cfg.freeze_lora_a, rows=selection.get("rows"))
+            masks = row_masks(model)
             if resumed:
                 state = load_file(str(out / "checkpoint" / "adapter.safetensors"))
             else:
@@ -236,7 +274,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
                 _save_checkpoint(out, 0, selection, state, history)
             for rnd in range(start, cfg.rounds + 1):
                 t0 = time.time()
-                state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection["selected"], state, base)
+                state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection, state, base, masks)
                 metrics["wall_time_s"] = round(time.time() - t0, 1)
                 history.append(metrics)
                 _write_site_reports(out, replies)
@@ -247,7 +285,127 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
     finish(out, cfg, gen, model, selection, history, public)
 
 
-def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path, resumed: bool):
+def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base, out: Path) -> None:
+    """DP-MEPF across sites: one round. The server trains the feature network on public data and sends its weights;
+    each site releases its noisy per-class feature sums and counts; the server combines the sites' means
+    (:func:`combine_mean_embeddings`), trains the generator on them and writes the run dir. The combined sums are
+    kept in ``checkpoint/``, so a resumed run asks the sites nothing again."""
+    from sapf.engine.data import load_dataset
+    from sapf.engine.mepf import feature_dim, sample_generator, train_feature_net, train_generator
+    from sapf.model_card import write_model_card
+    from sapf.outputs import class_grid, save_png
+
+    if not base.num_classes:
+        raise SapfError("dp-mepf needs a class-conditional base model (per-class mean embeddings)")
+    net = train_feature_net(load_dataset(cfg.public_data, base.image_size, base.channels), seed=cfg.seed)
+    k, d = base.num_classes, feature_dim(net, base.channels, base.image_size)
+    saved = out / "checkpoint" / "mean_embeddings.npz"
+    if saved.exists():
+        means = np.load(saved)["means"]
+    else:
+        valid, replies = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
+                                     _content(cfg, None, features=base_to_wire(net)))
+        _write_site_reports(out, replies)
+        means = combine_mean_embeddings([v for v, _, _ in valid], k)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(saved, means=means, sites=len(valid))
+    say(f"mean embeddings from {len(nodes)} sites; training the generator for {cfg.generator_steps} steps")
+    gen, losses = train_generator(net, means, image_size=base.image_size, channels=base.channels,
+                                  steps=cfg.generator_steps, lr=cfg.generator_lr, seed=cfg.seed, show_progress=False)
+    with atomic_output_dir(out / "model", force=True) as tmp:
+        gen.save_pretrained(tmp)
+    save_tensors(out / "feature_net.safetensors", net.state_dict())
+    write_json(out / "metrics.json", {"trainable_parameters": count_parameters(gen, True), "feature_dim": d,
+                                      "generator_loss": [round(v, 6) for v in losses]})
+    images, labels = sample_generator(gen, 100, seed=cfg.seed)
+    save_png(out / "grid.png", class_grid(images, labels))
+    _export(out)
+    eps, ledgers = _site_ledgers(out)
+    write_model_card(out, config={"command": _command(out), **cfg.to_record()}, privacy=ledgers,
+                     stages=stages_of(cfg), examples=f"{len(ledgers)} sites")
+    write_json(out / "status.json", {"status": "completed", "rounds": 1, "site_epsilon": eps})
+
+
+def combine_mean_embeddings(site_sums: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """The sites' per-class means (each site's noisy sums over its noisy counts), each mean clipped to norm 1 — a
+    mean of unit vectors is no longer — and averaged with equal weights: a site that sends anything moves a class's
+    mean by at most 2/(number of sites)."""
+    from sapf.engine.mepf import mean_embeddings
+
+    means = []
+    for v in site_sums:
+        m, _ = mean_embeddings(v, num_classes)
+        means.append(m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1.0))
+    return np.mean(means, axis=0)
+
+
+def _export(out: Path) -> None:
+    try:
+        from sapf.export.onnx_export import export_onnx
+
+        export_onnx(out / "model", out / "model.onnx")
+    except ImportError:
+        say("ONNX export is not available in this installation; skipped")
+
+
+def _command(out: Path) -> str:
+    """The command that made the run dir (federate or serve), from its config.json."""
+    saved = out / "config.json"
+    return read_json(saved).get("command", "federate") if saved.exists() else "federate"
+
+
+def _site_ledgers(out: Path) -> tuple[dict, list]:
+    """(site → ε recomputed, [(site, ledger)]) from ``privacy/``: validated when written; still, a report must not
+    stop the run at its end."""
+    reports = sorted((out / "privacy").glob("*.json")) if (out / "privacy").exists() else []
+    eps, ledgers = {}, []
+    for p in reports:
+        try:
+            report = read_json(p)
+            eps[p.stem] = recompute_epsilon(report)
+            ledgers.append((p.stem, {**report, "epsilon_spent": eps[p.stem]}))
+        except Exception as e:  # noqa: BLE001
+            say(f"{p.name}: ε not recomputed ({type(e).__name__})")
+    return eps, ledgers
+
+
+def _pretrain(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path, resumed: bool):
+    """PrivImage across sites: the server trains the pool classifier (public data) and sends its weights; each site
+    releases its noisy semantic histogram; the server combines them (bounded, :func:`combine_noisy_sums`), chooses the
+    classes and pretrains on them (kept in checkpoint/pretrained, so a resumed run sends the same base)."""
+    from sapf.engine.data import load_dataset
+    from sapf.engine.model import load_generator
+    from sapf.engine.semantic import (
+        choice_record,
+        choose_public_classes,
+        pretrained_on_choice,
+        train_pool_classifier,
+    )
+
+    saved = out / "checkpoint" / "pretrained"
+    if resumed and (saved / "unet" / "config.json").exists():
+        return load_generator(saved)
+    pool = load_dataset(cfg.public_pool, gen.image_size, gen.channels)
+    net = train_pool_classifier(pool, seed=cfg.seed)
+    k, p = gen.num_classes, pool.num_classes
+    valid, replies = query_round(grid, cfg, nodes, "semantic", k * p,
+                                 _content(cfg, None, classifier=base_to_wire(net)))
+    _write_site_reports(out, replies)
+    hist = combine_noisy_sums([v for v, _, _ in valid]).reshape(k, p)
+    chosen = choose_public_classes(hist, cfg.semantic_per_label)
+    pretrained = pretrained_on_choice(pool, chosen, k, gen, steps=cfg.pretrain_steps, seed=cfg.seed,
+                                      show_progress=False)
+    with atomic_output_dir(saved, force=True) as tmp:
+        save_generator(pretrained, tmp)
+    record = choice_record(hist, chosen, pool, cfg.semantic_query(), None)
+    write_json(out / "semantic_query.json", {**record, "combination": "equal-weight mean of unit-L1 site histograms",
+                                             "sites": len(valid), "site_noise_multipliers": [v[1] for v in valid]})
+    say(f"semantic query: {len(chosen)} public classes chosen from {len(nodes)} sites; pretrained "
+        f"{cfg.pretrain_steps} steps on them")
+    return pretrained
+
+
+def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path, resumed: bool, base=None):
     """The warm-up stage: the sites' central-image sums → central images → the warmed model (kept in
     checkpoint/base.safetensors, so a resumed run sends the same base)."""
     from sapf.engine.central_images import central_images, warm_up
@@ -256,7 +414,7 @@ def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path,
     saved = out / "checkpoint" / "base.safetensors"
     if resumed and saved.exists():
         return load_base(gen, load_file(str(saved)))
-    sums, replies = central_images_round(grid, cfg, nodes, gen)
+    sums, replies = central_images_round(grid, cfg, nodes, gen, base)
     _write_site_reports(out, replies)
     central = central_images(sums, gen.num_classes, gen.channels, gen.image_size)
     write_central_images(out / "central_images.png", central)
@@ -272,38 +430,26 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     from sapf.model_card import write_model_card
     from sapf.outputs import class_grid, save_png
 
+    public = gen if public is None else public
     merged = merged_generator(gen, model, cfg.selection)
     writers = {"model": lambda d: save_generator(merged, d)}
-    if cfg.selection != "full" and not cfg.central_warmup:  # after a warm-up the adapters fit the warmed model only
+    if cfg.selection not in WEIGHT_SELECTIONS and gen is public:  # after pretraining or a warm-up the adapters fit
+        # that model only
         writers["adapter"] = lambda d: model.save_pretrained(d)
     for name, write in writers.items():
         with atomic_output_dir(out / name, force=True) as tmp:
             write(tmp)
-    write_json(out / "metrics.json", {"rounds": history, "trainable_parameters": count_parameters(model, True)})
+    trainable = trainable_count(model) if cfg.selection == "sparta" else count_parameters(model, True)
+    write_json(out / "metrics.json", {"rounds": history, "trainable_parameters": trainable})
     images, labels = sample(merged, 100, steps=50, seed=cfg.seed, show_progress=False)
     grid = class_grid(images, labels)
     save_png(out / "grid.png", grid)
-    pub, plabels = sample(public or gen, 100, steps=50, seed=cfg.seed, show_progress=False)
+    pub, plabels = sample(public, 100, steps=50, seed=cfg.seed, show_progress=False)
     gap = np.full((grid.shape[0], 8), 255, np.uint8)
     save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, grid], axis=1))
-    try:
-        from sapf.export.onnx_export import export_onnx
-
-        export_onnx(out / "model", out / "model.onnx")
-    except ImportError:
-        say("ONNX export is not available in this installation; skipped")
-    reports = sorted((out / "privacy").glob("*.json")) if (out / "privacy").exists() else []
-    eps, ledgers = {}, []
-    for p in reports:  # validated when written; still, a report must not stop the run at its end
-        try:
-            report = read_json(p)
-            eps[p.stem] = recompute_epsilon(report)
-            ledgers.append((p.stem, {**report, "epsilon_spent": eps[p.stem]}))
-        except Exception as e:  # noqa: BLE001
-            say(f"{p.name}: ε not recomputed ({type(e).__name__})")
-    saved = out / "config.json"
-    config = {"command": read_json(saved).get("command", "federate") if saved.exists() else "federate",
-              **cfg.to_record()}
+    _export(out)
+    eps, ledgers = _site_ledgers(out)
+    config = {"command": _command(out), **cfg.to_record()}
     write_model_card(out, config=config, privacy=ledgers, stages=stages_of(cfg),
                      examples=f"{len(ledgers)} sites; per-site record counts in each site's replies (metrics.json)")
     write_json(out / "status.json", {"status": "completed", "rounds": cfg.rounds, "site_epsilon": eps})

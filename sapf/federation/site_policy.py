@@ -119,6 +119,7 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     _in("selection_multiplicity", cfg.selection_multiplicity, 1, lim.max_multiplicity)
     _in("rounds", cfg.rounds, 1, lim.max_rounds)
     _in("central_queries", cfg.central_queries, 1, lim.max_rounds)
+    _in("mask_steps", cfg.mask_steps, 1, lim.max_local_steps)
     _in("local_steps", cfg.local_steps, 1, lim.max_local_steps)
     if cfg.local_epochs is not None:
         _in("local_epochs", cfg.local_epochs, 0.0, float(lim.max_local_steps), lo_open=True)
@@ -148,6 +149,8 @@ def site_delta(cfg: FederationConfig, settings: SiteSettings, n: int, deployed: 
 
 def check_site_plan(cfg: FederationConfig, settings: SiteSettings, n: int) -> None:
     """The checks that need the site's example count n (a public number: see the README)."""
+    if cfg.method == "dp-mepf":  # one query, no training
+        return
     if cfg.batch_size > n:
         raise Refusal(f"refused: batch size {cfg.batch_size} is larger than this site's {n} examples")
     local = cfg.local_steps_for(n)
@@ -176,14 +179,49 @@ def check_selected(selected, candidates: list[str], top_fraction: float) -> list
     return list(selected)
 
 
+MAX_ROWS_TEXT = 10_000_000  # characters of a row mask in a request (the shipped model's is ~30 k)
+
+
+def check_rows(requested, gen, cfg: FederationConfig) -> dict[str, list[int]]:
+    """SPARTA's mask a training request carries (JSON {matrix: row indices}): exactly this model's candidate
+    matrices, and in each exactly the plan's share of distinct, in-range rows — so a server can neither train
+    more rows than the plan says nor name a matrix the site did not score."""
+    import json
+
+    from sapf.engine.sparta import row_counts, rows_per_matrix
+
+    if not isinstance(requested, str) or len(requested) > MAX_ROWS_TEXT:
+        raise Refusal("refused: a sparta training request must carry its row mask (rows, JSON)")
+    try:
+        rows = json.loads(requested)
+    except (ValueError, RecursionError):
+        raise Refusal("refused: the request's row mask is not valid JSON") from None
+    counts = row_counts(gen, cfg.candidates)
+    if not isinstance(rows, dict) or set(rows) != set(counts):
+        raise Refusal("refused: the request's row mask must name exactly the plan's candidate matrices")
+    for name, n in counts.items():
+        chosen = rows[name]
+        ok = isinstance(chosen, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in chosen)
+        if not (ok and len(set(chosen)) == len(chosen) == rows_per_matrix(n, cfg.row_fraction)
+                and all(0 <= i < n for i in chosen)):
+            raise Refusal(f"refused: the row mask of {name} must hold {rows_per_matrix(n, cfg.row_fraction)} distinct "
+                          f"rows in 0..{n - 1} (the plan's row fraction)")
+    return {name: sorted(rows[name]) for name in counts}
+
+
 def site_selection(cfg: FederationConfig, requested, gen) -> list[str]:
     """The matrices this site trains. Saliency: the server's choice from the noisy scores, checked
-    (:func:`check_selected`). Every other strategy is a public choice the site makes itself; a request
-    that names matrices for one is refused (the server has nothing to choose)."""
+    (:func:`check_selected`). SPARTA: every candidate (its rows come checked by :func:`check_rows`). Every
+    other strategy is a public choice the site makes itself; a request that names matrices for one is
+    refused (the server has nothing to choose)."""
     from sapf.engine.saliency import candidate_modules, choose_matrices
 
     if cfg.selection == "saliency":
         return check_selected(requested, candidate_modules(gen.unet, cfg.candidates), cfg.top_fraction)
+    if cfg.selection == "sparta":  # every candidate holds chosen rows (check_rows); no matrix list travels
+        if requested is not None:
+            raise Refusal("refused: a sparta plan's request names rows (rows), not matrices")
+        return candidate_modules(gen.unet, cfg.candidates)
     if requested is not None:
         raise Refusal(f"refused: a {cfg.selection} plan selects its matrices publicly; the request must not name any")
     return choose_matrices(cfg.selection, gen, None, cfg.query(), cfg.top_fraction, 0.0, None, cfg.seed).selected

@@ -1,9 +1,12 @@
 """Shared task code of the sapf Flower apps: configuration, site data and ledgers, records.
 
 What crosses the network, and nothing else:
-- server → site: public things (the plan's hyper-parameters, selected matrix names, the
-  current global adapter);
-- site → server: the *noisy* saliency score vector, DP-trained adapter tensors, and declared-public
+- server → site: public things (the plan's hyper-parameters, selected matrix names or SPARTA's row
+  mask, the current global adapter or trainable weights, a pretrained or warmed base, the public networks of
+  DP-MEPF and PrivImage);
+- site → server: the *noisy* query outputs (saliency scores, central-image sums, SPARTA's row scores,
+  DP-MEPF's mean-embedding sums, PrivImage's semantic histogram),
+  DP-trained adapter tensors (or SPARTA's row-masked weights), and declared-public
   scalars (the site's example count, ε spent, the query's σ) plus the site's ε history (mechanism
   parameters, no data). No loss, timing or other statistic of private data.
 """
@@ -28,7 +31,7 @@ from sapf.engine.run import load_private_data
 from sapf.engine.stages import plan_run, stages_of
 from sapf.errors import SapfError
 from sapf.federation.site_policy import Refusal
-from sapf.outputs import atomic_path, read_json, write_json
+from sapf.outputs import read_json, write_json
 
 
 def base_generator(cfg: FederationConfig) -> DiffusionModel:
@@ -113,6 +116,9 @@ class SitePlan:
     total_steps: int
     local_steps: int
     central_noise: float = 0.0  # σ of the central-image release (0: no warm-up planned)
+    mask_noise: float = 0.0  # σ of SPARTA's mask-finding steps (0: not a sparta plan)
+    embedding_noise: float = 0.0  # σ of DP-MEPF's mean-embedding release (0: not a dp-mepf plan)
+    semantic_noise: float = 0.0  # σ of PrivImage's semantic query (0: no semantic pretraining planned)
 
 
 def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None, delta: float | None = None) -> SitePlan:
@@ -123,18 +129,20 @@ def plan_site(cfg: FederationConfig, n: int, state_dir: Path | None = None, delt
     a fresh process (Flower's subprocess isolation), and the calibration costs seconds each time.
     """
     delta = check_privacy_args(cfg.epsilon, delta if delta is not None else cfg.delta, n)
-    if cfg.batch_size > n:
+    trains = cfg.method != "dp-mepf"  # a DP-MEPF site answers one query and trains nothing
+    if trains and cfg.batch_size > n:
         raise SapfError(f"batch size {cfg.batch_size} is larger than this site's {n} examples")
     saved = None
     if state_dir is not None:
         saved = state_dir / "plans" / f"plan-{fingerprint(cfg.to_record(), n, delta, list(RDP_ORDERS))}.json"
         if saved.exists():
             return SitePlan(**read_json(saved))
-    steps = cfg.rounds * cfg.local_steps_for(n)
+    steps = cfg.rounds * cfg.local_steps_for(n) if trains else 0
     p = plan_run(stages_of(cfg), epsilon=cfg.epsilon, delta=delta, accountant=cfg.accountant,
                  train_sample_rate=cfg.batch_size / n, train_steps=steps)
     plan = SitePlan(delta, p.selection_noise, p.train_noise, cfg.batch_size / n, steps, cfg.local_steps_for(n),
-                    p.noise_of("central-images"))
+                    p.noise_of("central-images"), p.noise_of("sparta-mask"), p.noise_of("mean-embeddings"),
+                    p.noise_of("semantic-query"))
     if saved is not None:
         write_json(saved, asdict(plan))
     return plan
@@ -163,14 +171,6 @@ def check_budget(ledger: PrivacyLedger, extra: list[Mechanism], limit: float) ->
 
 
 # --- aggregation (server side) ---------------------------------------------------------------
-
-
-def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Write a state dict as safetensors atomically (server checkpoints, a site's saved replies)."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
 
 
 WIRE_DTYPE = torch.float16

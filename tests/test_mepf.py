@@ -1,0 +1,160 @@
+"""DP-MEPF: the mean-embedding release is bounded, noised and recorded; a tiny run trains, exports and samples."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sapf.cli import app
+from sapf.engine.data import load_dataset
+from sapf.engine.mepf import (
+    BOUND,
+    embedding_contributions,
+    mean_embeddings,
+    release_mean_embeddings,
+    train_feature_net,
+)
+from sapf.engine.privacy import PrivacyLedger
+
+
+@pytest.fixture(scope="module")
+def small(mnist_small_npz):
+    data = load_dataset(str(mnist_small_npz), 16, 1)
+    net = train_feature_net(load_dataset("digits", 16, 1), steps=20, seed=0)
+    return data, net
+
+
+def test_one_record_moves_the_embedding_sums_by_at_most_sqrt2(small):
+    data, net = small
+    contributions, dim = embedding_contributions(net, data, 10)
+    rows = contributions(np.arange(len(data)))
+    assert rows.shape == (len(data), dim)
+    norms = rows.norm(dim=1)
+    assert (norms <= BOUND * (1 + 1e-6)).all() and norms.max() > 0.99 * BOUND  # unit features (float32) and a 1
+    assert BOUND == pytest.approx(math.sqrt(2))
+    # The noiseless release with and without the last record differs by that record's row: at most Δ.
+    without = data.subset(np.arange(len(data) - 1), "without")
+    a = release_mean_embeddings(net=net, data=data, num_classes=10, noise_multiplier=0.0, ledger=None)
+    b = release_mean_embeddings(net=net, data=without, num_classes=10, noise_multiplier=0.0, ledger=None)
+    assert 0 < np.linalg.norm(a - b) <= BOUND + 1e-9
+    means, counts = mean_embeddings(a, 10)
+    assert counts.sum() == pytest.approx(len(data)) and np.allclose(np.linalg.norm(means, axis=1), 1.0, atol=0.5)
+
+
+def test_the_release_adds_noise_of_std_sigma_times_sqrt2_and_is_recorded(small):
+    """Noise shrunk, a bound below √2 or an unrecorded release fails this."""
+    data, net = small
+    clean = release_mean_embeddings(net=net, data=data, num_classes=10, noise_multiplier=0.0, ledger=None)
+    ledger = PrivacyLedger(10.0, 1e-5, "rdp")
+    sigma = 3.0
+    noisy = release_mean_embeddings(net=net, data=data, num_classes=10, noise_multiplier=sigma, ledger=ledger)
+    assert np.std(noisy - clean) == pytest.approx(sigma * math.sqrt(2), rel=0.05)
+    assert [(m.name, m.noise_multiplier, m.sample_rate, m.steps) for m in ledger.mechanisms] == \
+        [("mean-embeddings", sigma, 1.0, 1)]
+    again = release_mean_embeddings(net=net, data=data, num_classes=10, noise_multiplier=sigma, ledger=None)
+    assert not np.allclose(again, noisy)  # fresh noise every release
+
+
+def test_dp_mepf_trains_exports_and_samples_alike_in_torch_and_onnx(tmp_path, tiny_model_dir, mnist_small_npz):
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, [str(a) for a in (
+        "train", "--method", "dp-mepf", "--base-model", tiny_model_dir, "--data", mnist_small_npz, "--epsilon", 2,
+        "--generator-steps", 3, "--out", run)])
+    assert r.exit_code == 0, r.output
+    for f in ("model/config.json", "feature_net.safetensors", "mean_embeddings.npz", "grid.png", "README.md",
+              "config.json", "metrics.json"):
+        assert (run / f).exists(), f
+    assert not (run / "private").exists()  # everything written is the release or computed from it
+    priv = json.loads((run / "privacy.json").read_text())
+    [m] = priv["mechanisms"]
+    assert (m["name"], m["sample_rate"], m["steps"]) == ("mean-embeddings", 1.0, 1) and m["noise_multiplier"] > 0
+    acc = pld_privacy_accountant.PLDAccountant()
+    acc.compose(dp_event.GaussianDpEvent(m["noise_multiplier"]))
+    assert acc.get_epsilon(priv["delta"]) <= priv["epsilon_spent"] * 1.01 and priv["epsilon_spent"] <= 2.0
+    assert "DP-MEPF" in (run / "README.md").read_text()
+
+    onnx_file = tmp_path / "gen.onnx"
+    r = CliRunner().invoke(app, ["export", str(run), "--out", str(onnx_file)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "gen.onnx.json").read_text())["kind"] == "generator"
+    for how, src in (("torch", ["--model", str(run)]), ("onnx", ["--onnx", str(onnx_file)])):
+        r = CliRunner().invoke(app, ["sample", *src, "--num", "20", "--seed", "3", "--out", str(tmp_path / how)])
+        assert r.exit_code == 0, r.output
+    a, b = (np.load(tmp_path / how / "samples.npz") for how in ("torch", "onnx"))
+    assert np.array_equal(a["labels"], b["labels"]) and a["images"].shape == (20, 16, 16)
+    assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1
+    assert torch.from_numpy(a["images"]).float().std() > 0  # not a blank image
+
+
+def _site_call(message_type, cfg, node, **content):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from sapf.federation import client_app
+
+    rec = RecordDict({"config": ConfigRecord(cfg.to_record()), **content})
+    ctx = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    return client_app.app(Message(rec, dst_node_id=1, message_type=message_type), ctx)
+
+
+def _mepf_plan(tiny_model_dir, npz, out, **kw):
+    from sapf.federation.task import FederationConfig
+
+    return FederationConfig(**{**dict(data=str(npz), num_sites=2, base_model=str(tiny_model_dir), min_clients=2,
+                                      out=str(out), method="dp-mepf", generator_steps=3), **kw})
+
+
+def test_a_site_checks_the_feature_network_and_records_its_one_release(tmp_path, tiny_model_dir, mnist_small_npz,
+                                                                        flower_identity, small):
+    from flwr.app import ArrayRecord
+
+    from sapf.federation.task import base_to_wire
+
+    _, net = small
+    cfg = _mepf_plan(tiny_model_dir, mnist_small_npz, tmp_path / "run")
+    node = {"partition-id": 0, "num-partitions": 2}
+    ledger_path = tmp_path / "run" / "sites" / "site-0" / "ledger.json"
+    wrong = {k: v[..., :1] if v.dim() > 1 else v for k, v in net.state_dict().items()}
+    huge = {k: v * 1e6 for k, v in net.state_dict().items()}
+    for content in ({}, {"features": ArrayRecord(torch_state_dict=wrong)},
+                    {"features": ArrayRecord(torch_state_dict=huge)}):
+        reply = _site_call("query.mean_embeddings", cfg, node, **content)
+        assert reply.has_error() and "refused" in reply.error.reason
+    assert not ledger_path.exists()  # nothing spent on a refused request
+    reply = _site_call("query.mean_embeddings", cfg, node, features=base_to_wire(net))
+    assert not reply.has_error(), reply.error.reason
+    [m] = PrivacyLedger.load(ledger_path).mechanisms
+    assert (m.name, m.sample_rate, m.steps) == ("mean-embeddings", 1.0, 1)
+    assert reply.content["metrics"]["noise_multiplier"] == m.noise_multiplier > 0
+    sums = reply.content["sums"]["sums"].numpy()
+    assert sums.shape[0] % 10 == 0 and set(reply.content.keys()) == {"sums", "metrics", "privacy"}
+    # A dp-mepf plan trains nothing at a site, and the spent budget refuses a second release.
+    assert _site_call("train", cfg, node).has_error()
+    again = _site_call("query.mean_embeddings", cfg, node, features=base_to_wire(net))
+    assert again.has_error() and "past its limit" in again.error.reason
+    assert len(PrivacyLedger.load(ledger_path).mechanisms) == 1
+
+
+@pytest.mark.slow
+def test_federated_dp_mepf_one_round_of_noisy_feature_sums(tmp_path, tiny_model_dir, mnist_small_npz):
+    from sapf.federation.simulation import federate
+    from sapf.federation.task import recompute_epsilon
+
+    out = tmp_path / "fed"
+    status = federate(_mepf_plan(tiny_model_dir, mnist_small_npz, out))
+    assert status["status"] == "completed"
+    for f in ("model/config.json", "model.onnx", "grid.png", "README.md", "feature_net.safetensors",
+              "checkpoint/mean_embeddings.npz"):
+        assert (out / f).exists(), f
+    assert json.loads((out / "model.onnx.json").read_text())["kind"] == "generator"
+    reports = sorted((out / "privacy").glob("*.json"))
+    assert len(reports) == 2
+    for path in reports:
+        report = json.loads(path.read_text())
+        assert [(m["name"], m["steps"]) for m in report["mechanisms"]] == [("mean-embeddings", 1)]
+        assert 9.9 <= recompute_epsilon(report) <= 10.0
