@@ -18,6 +18,10 @@ At each ε (δ = 1e-5), with the same batch size, steps and multiplicity for eve
                  default, FETA_WARMUP_STEPS at FETA_WARMUP_LR), then DP full fine-tuning
 - feta-saliency  DP-FETA + DP-SAPF: the shipped model, warmed up on the central images (sapf's default warm-up),
                  then the saliency row's noisy selection and DP-LoRA
+- privimage-full PrivImage as the paper: its noisy semantic query (5% of ε) picks one `public-pool` class per private
+                 label, the shipped architecture is pretrained on them (3,000 steps, as the shipped model on the UCI
+                 digits; cached by the choice), then DP full fine-tuning
+- privimage-saliency  the same pretraining, then DP-SAPF
 - non-private    the saliency configuration at ε = ∞ (the upper bound)
 
 then sample class-balanced images and evaluate them with `sapf evaluate`'s metrics (class fidelity first).
@@ -68,8 +72,9 @@ from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 METHODS = ["public", "full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency",
-           "non-private"]
-CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency")  # against ε
+           "privimage-full", "privimage-saliency", "non-private"]
+CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency",
+          "privimage-full", "privimage-saliency")  # plotted against ε
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
@@ -100,6 +105,11 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
                     warmup_budget=MethodConfig.warmup_budget, warmup_steps=FETA_WARMUP_STEPS,
                     warmup_lr=FETA_WARMUP_LR),
     "feta-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, **DEFAULT_WARMUP),
+    # PrivImage: the semantic query (5% of ε) picks public-pool classes; the shipped architecture is pretrained on them
+    # for as many steps as the shipped model was on the UCI digits (equal pretraining compute), then DP fine-tuning.
+    "privimage-full": dict(selection="full", lr=FULL_LR, warmup="none", public_selection="semantic"),
+    "privimage-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none",
+                               public_selection="semantic"),
     "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3

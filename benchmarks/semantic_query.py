@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--top-k", type=int, default=TrainConfig.semantic_top_k)
     ap.add_argument("--per-label", type=int, default=TrainConfig.semantic_per_label)
+    ap.add_argument("--budget", type=float, default=TrainConfig.semantic_budget, help="The query's share of ε.")
     args = ap.parse_args()
 
     from sapf.engine.data import load_dataset
@@ -50,7 +51,7 @@ def main() -> None:
         train_s = time.time() - t0
         for eps in args.epsilons:
             cfg = TrainConfig(epsilon=eps, delta=1e-5, public_selection="semantic", semantic_top_k=q.top_k,
-                              semantic_per_label=q.per_label, warmup="none")
+                              semantic_per_label=q.per_label, semantic_budget=args.budget, warmup="none")
             sigma = plan_noise(cfg, len(data)).noise_of("semantic-query")
             hist = release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,
                                               noise_multiplier=sigma, ledger=None)
@@ -65,7 +66,8 @@ def main() -> None:
                          "choice": {pool.class_names[c]: y for c, y in chosen.items()}})
             print(rows[-1], flush=True)
     save("semantic_query", rows, {"pool_classes": pool.num_classes, "pool_records": len(pool),
-                                   "private_records": len(data), "top_k": q.top_k, "per_label": q.per_label})
+                                   "private_records": len(data), "top_k": q.top_k, "per_label": q.per_label,
+                                   "budget": args.budget})
     print(table(rows, ["epsilon", "seed", "sigma", "query_epsilon", "chosen", "own_digit", "digit_classes",
                        "others"]))
 

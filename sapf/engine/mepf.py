@@ -76,8 +76,22 @@ class FeatureNet(nn.Module):
         return torch.cat(scaled, dim=1) / math.sqrt(len(scaled))
 
 
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Public images as handwriting varies: a random slant, a thinner or thicker stroke, a shift of up to 2 pixels."""
+    from sapf.engine.pretrain import random_slant
+
+    x = random_slant(x, (-0.2, 0.5), g)
+    stroke = int(torch.randint(0, 3, (1,), generator=g))
+    if stroke == 1:  # thicker: grey dilation
+        x = F.max_pool2d(x, 3, stride=1, padding=1)
+    elif stroke == 2:  # thinner: grey erosion
+        x = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    shift = torch.randint(-2, 3, (2,), generator=g)
+    return torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+
+
 def train_feature_net(public: ImageDataset, *, steps: int = FEATURE_STEPS, seed: int = 0) -> FeatureNet:
-    """The feature network, trained non-privately on public data (random shifts; the seed is public)."""
+    """The feature network, trained non-privately on public data (:func:`augment`-ed; the seed is public)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = FeatureNet(public.channels, public.num_classes)
@@ -85,9 +99,7 @@ def train_feature_net(public: ImageDataset, *, steps: int = FEATURE_STEPS, seed:
     x_all, y_all = torch.from_numpy(public.images), torch.from_numpy(public.labels).long()
     for _ in range(steps):
         idx = torch.randint(0, len(x_all), (FEATURE_BATCH,), generator=g)
-        shift = torch.randint(-2, 3, (2,), generator=g)
-        x = torch.roll(x_all[idx], shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
-        loss = F.cross_entropy(net(x), y_all[idx])
+        loss = F.cross_entropy(net(augment(x_all[idx], g)), y_all[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -37,6 +37,7 @@ from sapf.errors import SapfError
 
 RELEASE = "semantic-query"
 CLASSIFIER_STEPS = 1500  # Adam steps of the pool classifier (public data)
+CLASSIFIER_VERSION = 2  # of its training recipe (sapf.engine.mepf.augment): part of its cache key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +62,9 @@ def train_pool_classifier(pool: ImageDataset, seed: int = 0, steps: int = CLASSI
 
     h = hashlib.sha256(np.ascontiguousarray(pool.images).tobytes())
     h.update(np.ascontiguousarray(pool.labels).tobytes())
-    path = cache_dir() / "classifiers" / f"{h.hexdigest()[:16]}-seed{seed}-steps{steps}.safetensors"
+    # CLASSIFIER_VERSION names how it is trained (augmentation), so a changed recipe never reads an old network.
+    name = f"v{CLASSIFIER_VERSION}-{h.hexdigest()[:16]}-seed{seed}-steps{steps}.safetensors"
+    path = cache_dir() / "classifiers" / name
     if path.exists():
         net = FeatureNet(pool.channels, pool.num_classes)
         net.load_state_dict(load_file(str(path)))
