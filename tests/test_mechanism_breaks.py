@@ -409,13 +409,30 @@ def test_a_model_directory_is_read_as_weights_only(tmp_path):
         load_generator(tmp_path / "pickled")
 
 
-@pytest.mark.parametrize("query", ["saliency", "central_images"])
+# Per query: the engine module whose noisy_sum makes the release, its ledger name, the plan, and the public network
+# the request carries (a class count; none for the queries that run on the site's own model).
+RELEASES = {
+    "saliency": ("saliency", "saliency-query", {}, None),
+    "central_images": ("central_images", "central-images", {"warmup": "central-images"}, None),
+    "sparta_mask": ("sparta", "sparta-mask", {"selection": "sparta", "mask_steps": 2}, None),
+    "mean_embeddings": ("mepf", "mean-embeddings", {"method": "dp-mepf"}, ("features", 10)),
+    "semantic": ("semantic", "semantic-query", {"public_selection": "semantic", "selection": "attention"},
+                 ("classifier", 79)),
+}
+
+
+@pytest.mark.parametrize("query", list(RELEASES))
 def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir, site_npz, flower_identity,
                                                         monkeypatch, query):
     """When the site starts computing a release, its ledger on disk already holds it: a crash, a kill or a reply
     lost mid-query cannot leave a release unrecorded. The spy reads the ledger and calls the real noisy sum."""
-    from sapf.engine import central_images, noisy_sum, saliency
+    import importlib
 
+    from sapf.engine import noisy_sum
+    from sapf.engine.mepf import FeatureNet
+    from sapf.federation.task import base_to_wire
+
+    module, name, plan, network = RELEASES[query]
     seen = []
 
     def spy(**kwargs):
@@ -423,9 +440,13 @@ def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir
         seen.append([m.name for m in ledger.mechanisms] if ledger is not None else [])
         return noisy_sum.noisy_sum(**kwargs)
 
-    monkeypatch.setattr(saliency if query == "saliency" else central_images, "noisy_sum", spy)
-    cfg = _plan(tiny_model_dir, warmup="central-images" if query == "central_images" else "none")
-    msg = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type=f"query.{query}")
+    monkeypatch.setattr(importlib.import_module(f"sapf.engine.{module}"), "noisy_sum", spy)
+    cfg = _plan(tiny_model_dir, **plan)
+    content = {"config": ConfigRecord(cfg.to_record())}
+    if network is not None:
+        content[network[0]] = base_to_wire(FeatureNet(1, network[1]))
+    msg = Message(RecordDict(content), dst_node_id=1, message_type=f"query.{query}")
     reply = _ask(msg, _node(tmp_path, site_npz, tiny_model_dir))
     assert not reply.has_error(), reply.error.reason
-    assert seen == [["saliency-query" if query == "saliency" else "central-images"]]
+    assert seen and all(s == [name] for s in seen)  # every step of the release (SPARTA's: mask_steps of them)
+    assert len(seen) == plan.get("mask_steps", 1)

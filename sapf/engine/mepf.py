@@ -206,24 +206,29 @@ def train_generator(net: FeatureNet, means: np.ndarray, *, image_size: int, chan
     return gen.eval(), losses
 
 
-def is_generator_dir(path) -> bool:
-    """Whether `path` (a model dir, or a run dir with ``model/``) holds a :class:`MeanEmbeddingGenerator`."""
+def _generator_dir(path):
+    """The folder holding a :class:`MeanEmbeddingGenerator` (`path`, or a run dir's ``model/``), or None."""
     import json
     from pathlib import Path
 
     for d in (Path(path), Path(path) / "model"):
         try:
             if json.loads((d / "config.json").read_text()).get("_class_name") == MeanEmbeddingGenerator.__name__:
-                return True
+                return d
         except (OSError, ValueError):
             continue
-    return False
+    return None
+
+
+def is_generator_dir(path) -> bool:
+    """Whether `path` (a model dir, or a run dir with ``model/``) holds a :class:`MeanEmbeddingGenerator`."""
+    return _generator_dir(path) is not None
 
 
 def load_mean_embedding_generator(path) -> MeanEmbeddingGenerator:
-    from pathlib import Path
-
-    d = Path(path) / "model" if (Path(path) / "model" / "config.json").exists() else Path(path)
+    d = _generator_dir(path)
+    if d is None:
+        raise SapfError(f"'{path}' holds no DP-MEPF generator (model/config.json of a MeanEmbeddingGenerator)")
     try:
         return MeanEmbeddingGenerator.from_pretrained(d, local_files_only=True, use_safetensors=True).eval()
     except Exception as e:  # diffusers raises many types for missing/corrupt weights

@@ -215,15 +215,16 @@ def semantic_pretrain(cfg, base: DiffusionModel, data: ImageDataset, noise_multi
         train_pool_classifier,
     )
 
-    if not data.num_classes:
-        raise SapfError("--public-selection semantic needs labelled private data")
+    if not data.num_classes or not base.num_classes:
+        raise SapfError("--public-selection semantic needs labelled private data and a class-conditional model")
     pool = load_dataset(cfg.public_pool, base.image_size, base.channels)
     net = train_pool_classifier(pool, seed=cfg.seed)
     q = cfg.semantic_query()
+    # One histogram row, and one pretrained class, per class of the base model (as a federated server has them).
     hist = release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,
-                                      noise_multiplier=noise_multiplier, ledger=ledger)
+                                      noise_multiplier=noise_multiplier, ledger=ledger, num_labels=base.num_classes)
     chosen = choose_public_classes(hist, q.per_label)
-    gen = pretrained_on_choice(pool, chosen, data.num_classes, base, steps=cfg.pretrain_steps, seed=cfg.seed,
+    gen = pretrained_on_choice(pool, chosen, base.num_classes, base, steps=cfg.pretrain_steps, seed=cfg.seed,
                                show_progress=show_progress)
     return gen, choice_record(hist, chosen, pool, q, noise_multiplier)
 

@@ -76,11 +76,15 @@ def train_pool_classifier(pool: ImageDataset, seed: int = 0, steps: int = CLASSI
     return net
 
 
-def semantic_contributions(net, data: ImageDataset, num_public: int, top_k: int):
-    """The per-record contribution function (rows of K·P values: k ones in the record's label row)."""
+def semantic_contributions(net, data: ImageDataset, num_public: int, top_k: int, num_labels: int | None = None):
+    """The per-record contribution function (rows of K·P values: k ones in the record's label row). K is
+    `num_labels` (a site passes its model's classes, so every site's histogram has the server's rows; data may hold
+    fewer), else the data's."""
     if not 1 <= top_k <= num_public:
         raise SapfError(f"the semantic query's top-k must lie in 1..{num_public}, got {top_k}")
-    rows_k = max(data.num_classes, 1)
+    rows_k = max(num_labels if num_labels is not None else data.num_classes, 1)
+    if data.num_classes > rows_k:
+        raise SapfError(f"the data has {data.num_classes} labels, more than the histogram's {rows_k} rows")
     x_all = torch.from_numpy(data.images)
     y_all = torch.from_numpy(data.labels).long() if data.num_classes else torch.zeros(len(data), dtype=torch.long)
 
@@ -96,9 +100,10 @@ def semantic_contributions(net, data: ImageDataset, num_public: int, top_k: int)
 
 
 def release_semantic_histogram(*, net, data: ImageDataset, num_public: int, query: SemanticQuery,
-                               noise_multiplier: float, ledger: PrivacyLedger | None) -> np.ndarray:
+                               noise_multiplier: float, ledger: PrivacyLedger | None,
+                               num_labels: int | None = None) -> np.ndarray:
     """The noisy K × P histogram (recorded in `ledger`; None: the caller recorded it, as a site does)."""
-    contributions, dim = semantic_contributions(net, data, num_public, query.top_k)
+    contributions, dim = semantic_contributions(net, data, num_public, query.top_k, num_labels)
     release = NoisySum(RELEASE, math.sqrt(query.top_k), noise_multiplier, query.sample_rate)
     noisy, _ = noisy_sum(release=release, num_records=len(data), dim=dim, contributions=contributions,
                          ledger=ledger, chunk=512)

@@ -1,5 +1,6 @@
-"""The site: a Flower ClientApp that answers the plan's noisy queries (central images, saliency, SPARTA's row
-scores) and trains locally with DP-SGD (LoRA, or SPARTA's rows).
+"""The site: a Flower ClientApp that answers the plan's noisy queries (PrivImage's semantic histogram, central
+images, saliency, SPARTA's row scores, DP-MEPF's mean embeddings) and trains locally with DP-SGD (LoRA, every
+weight, or SPARTA's rows).
 
 A site trusts no plan (:mod:`sapf.federation.site_policy`): every field it reads is checked
 against its own settings before its data is touched. Every release is recorded in the site's
@@ -64,7 +65,7 @@ from sapf.outputs import save_tensors, save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
-MAX_PUBLIC_CLASSES = 100_000  # the semantic histogram's width a site accepts (memory, not privacy)
+MAX_PUBLIC_CLASSES = 100_000  # classes of a public network a site accepts (a histogram's width: memory, not privacy)
 FAILED_REASON = "the site could not answer this request; its operator sees why in the site's log"
 
 app = ClientApp()
@@ -242,13 +243,32 @@ def saliency(msg: Message, context: Context) -> Message:
     return _noisy_sum_reply(msg, site, ledger, "scores", scores, site.plan.selection_noise)
 
 
+def _public_network(msg: Message, key: str, site: "Site", min_classes: int = 1):
+    """The public network a request carries under `key` (DP-MEPF's feature network, PrivImage's pool classifier):
+    weights only, loaded into the architecture this site installed, checked like an adapter. Its class count is
+    read from its head (public; no bound depends on it) and capped, as the histogram's width costs memory."""
+    from sapf.engine.mepf import FeatureNet
+
+    if key not in msg.content:
+        raise Refusal(f"refused: this request must carry the public network's weights ({key})")
+    state = from_wire(msg.content[key])
+    head = state.get("head.bias")
+    classes = int(head.shape[0]) if head is not None and head.dim() == 1 else 0
+    if not min_classes <= classes <= MAX_PUBLIC_CLASSES:
+        raise Refusal(f"refused: the public network must score between {min_classes} and {MAX_PUBLIC_CLASSES} "
+                      "classes")
+    net = FeatureNet(site.gen.channels, classes)
+    check_incoming_weights(state, net.state_dict(), site.settings.limits)
+    net.load_state_dict(state)
+    return net.eval()
+
+
 @app.query("semantic")
 @_guard
 def semantic(msg: Message, context: Context) -> Message:
     """PrivImage's query at this site: its noisy histogram of the public classes its images look like (per private
     label). The pool classifier comes from the server as weights only, loaded into this site's own architecture;
     whatever its weights, a record votes for exactly k classes, so the bound √k holds."""
-    from sapf.engine.mepf import FeatureNet
     from sapf.engine.semantic import release_semantic_histogram
 
     site = _setup(msg, context)
@@ -257,24 +277,15 @@ def semantic(msg: Message, context: Context) -> Message:
         raise Refusal("refused: this plan has no semantic query")
     if not site.data.num_classes:
         raise Refusal("refused: the semantic query needs labelled data at the site")
-    if "classifier" not in msg.content:
-        raise Refusal("refused: a semantic query must carry the public classifier's weights")
-    state = from_wire(msg.content["classifier"])
-    # The pool's class count is the classifier's: public, and it moves no bound (a record votes for k classes).
-    num_public = int(state["head.bias"].shape[0]) if state.get("head.bias") is not None and \
-        state["head.bias"].dim() == 1 else 0
-    if not cfg.semantic_top_k <= num_public <= MAX_PUBLIC_CLASSES:
-        raise Refusal(f"refused: the classifier must score between top-k and {MAX_PUBLIC_CLASSES} public classes")
-    net = FeatureNet(site.gen.channels, num_public)
-    check_incoming_weights(state, net.state_dict(), site.settings.limits)
-    net.load_state_dict(state)
-    net.eval()
+    net = _public_network(msg, "classifier", site, min_classes=cfg.semantic_top_k)
+    num_public = net.head.out_features
     q = cfg.semantic_query()
     release = Mechanism("semantic-query", site.plan.semantic_noise, q.sample_rate, 1)
     later = [m for m in (site.central_release(), site.selection_query()) if m is not None]
     ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
     hist = release_semantic_histogram(net=net, data=site.data, num_public=num_public, query=q,
-                                      noise_multiplier=site.plan.semantic_noise, ledger=None)
+                                      noise_multiplier=site.plan.semantic_noise, ledger=None,
+                                      num_labels=site.gen.num_classes)  # the server's histogram rows
     return _noisy_sum_reply(msg, site, ledger, "sums", hist.ravel(), site.plan.semantic_noise)
 
 
@@ -284,8 +295,7 @@ def mean_embeddings(msg: Message, context: Context) -> Message:
     """DP-MEPF's release at this site: noisy per-class sums of unit feature vectors and counts (one noisy sum; the
     whole plan's ε). The feature network comes from the server as weights only, loaded into the architecture this
     site installed; whatever its weights, every feature vector is scaled to unit norm, so the bound holds."""
-    from sapf.engine.data import load_dataset
-    from sapf.engine.mepf import FeatureNet, release_mean_embeddings
+    from sapf.engine.mepf import release_mean_embeddings
 
     site = _setup(msg, context)
     cfg = site.cfg
@@ -293,14 +303,7 @@ def mean_embeddings(msg: Message, context: Context) -> Message:
         raise Refusal(f"refused: a {cfg.method} plan has no mean-embedding query")
     if not site.data.num_classes:
         raise Refusal("refused: mean embeddings are per class; this site's data has no labels")
-    if "features" not in msg.content:
-        raise Refusal("refused: a mean-embedding request must carry the feature network's weights")
-    public = load_dataset(cfg.public_data, site.gen.image_size, site.gen.channels)
-    net = FeatureNet(site.gen.channels, public.num_classes)
-    state = from_wire(msg.content["features"])
-    check_incoming_weights(state, net.state_dict(), site.settings.limits)
-    net.load_state_dict(state)
-    net.eval()
+    net = _public_network(msg, "features", site)
     release = Mechanism("mean-embeddings", site.plan.embedding_noise, 1.0, 1)
     ledger = site.spend([release])
     sums = release_mean_embeddings(net=net, data=site.data, num_classes=site.gen.num_classes,
