@@ -208,8 +208,14 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
          "--optimizer"),
         (["federate", "--clients", "2", "--optimizer", "lbfgs", "--out", str(tmp_path / "f")], "--optimizer"),
     ]
-    for args, expected in cases:
-        res = subprocess.run(SAPF + args, capture_output=True, text=True, timeout=120)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args):  # each case is its own `sapf` process; they start side by side (imports dominate)
+        return subprocess.run(SAPF + args, capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, [args for args, _ in cases]))
+    for (args, expected), res in zip(cases, results, strict=True):
         assert res.returncode == 2, (args, res.stderr)
         assert expected in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -133,10 +133,12 @@ def public_subset(pool: ImageDataset, chosen: dict[int, int], num_labels: int) -
 
 def choice_record(histogram: np.ndarray, chosen: dict[int, int], pool: ImageDataset, query: SemanticQuery,
                   noise_multiplier: float) -> dict:
-    """``semantic_query.json``: the noisy histogram, what it chose, and the mechanism's parameters."""
+    """``semantic_query.json``: the noisy histogram, what it chose, and the mechanism's parameters. The histogram is
+    kept at full precision so that anyone can recompute the choice from it (a federated histogram is unit-L1 scaled;
+    rounding it made near-ties)."""
     return {"release": RELEASE, "noise_multiplier": noise_multiplier, "sensitivity": math.sqrt(query.top_k),
             "top_k": query.top_k, "per_label": query.per_label, "sample_rate": query.sample_rate,
-            "public_classes": pool.class_names, "histogram": np.round(histogram, 4).tolist(),
+            "public_classes": pool.class_names, "histogram": histogram.astype(float).tolist(),
             "chosen": [{"public_class": pool.class_names[c], "index": c, "private_label": y}
                        for c, y in chosen.items()]}
 
