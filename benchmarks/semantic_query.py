@@ -1,9 +1,10 @@
 """What PrivImage's semantic query chooses from `public-pool` for the private MNIST digits, per ε and seed.
 
 The query as `sapf train --public-selection semantic` plans it (its share of ε at the run's target ε, δ = 1e-5, on
-mnist5k's 4,000 training records): the pool classifier (seeded), one noisy histogram, each private label's top public
-class. Reported: the chosen classes, how many private labels got their own digit, and what else was chosen. The
-noise is fresh OS entropy, so seeds differ in the noise as well as in the classifier.
+mnist5k's 4,000 training records): the pool classifier (seeded), one noisy histogram, a public class for each private
+label (strongest noisy counts first, as `choose_public_classes` does). Reported: the chosen classes, how many
+private labels got their own digit, and what else was chosen. The noise is fresh OS entropy, so seeds differ in the
+noise as well as in the classifier.
 
     python benchmarks/semantic_query.py                  # ε 1 and 10, seeds 0 1 2: a few minutes on 2 cores
 """

@@ -78,12 +78,12 @@ def _stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, while_up=None):
+def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, while_up=None, rounds=2):
     port = _free_port()
     before = _flower_processes()
     out = tmp_path / "run"
-    serve = _start(SAPF + ["serve", "--clients", "2", "--port", str(port), "--host", "127.0.0.1", "--rounds", "2",
-                           "--local-steps", "2", "--batch-size", "8", "--multiplicity", "1",
+    serve = _start(SAPF + ["serve", "--clients", "2", "--port", str(port), "--host", "127.0.0.1",
+                           "--rounds", str(rounds), "--local-steps", "2", "--batch-size", "8", "--multiplicity", "1",
                            "--base-model", str(tiny_model_dir), "--out", str(out), *server_flags],
                    tmp_path / "serve.log")
     sites = []
@@ -110,23 +110,25 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, 
     return out
 
 
-def _check_run(out: Path, tmp_path: Path) -> None:
+def _check_run(out: Path, tmp_path: Path, default_plan: bool = True) -> None:
+    rounds = 2 if default_plan else 1
     status = json.loads((out / "status.json").read_text())
-    assert status["status"] == "completed" and status["rounds"] == 2
+    assert status["status"] == "completed" and status["rounds"] == rounds
     # The default plan at ε = 10 warms up on DP-FETA's central images: their round and the warmed base's weights in
     # every later request go over the real SuperLink too; after a warm-up there is no adapter of the public model.
-    for rel in ("model/unet/config.json", "central_images.png", "selection.json", "model.onnx", "grid.png",
-                "metrics.json"):
+    for rel in ("model/unet/config.json", "selection.json", "model.onnx", "grid.png", "metrics.json",
+                *(["central_images.png"] if default_plan else [])):
         assert (out / rel).exists(), rel
-    assert not (out / "adapter").exists()
+    assert (out / "adapter").exists() != default_plan
     reports = sorted((out / "privacy").glob("site-*.json"))
     assert len(reports) == 2
+    expected = ([("central-images", 1), ("saliency-query", 1), ("dp-sgd", 4)] if default_plan
+                else [("dp-sgd", 2)])
     for i in range(2):  # each site's ledger on its own disk, matching what the server received
         ledger = json.loads((tmp_path / f"ledger{i}" / "ledger.json").read_text())
-        assert [(m["name"], m["steps"]) for m in ledger["mechanisms"]] == [("central-images", 1),
-                                                                          ("saliency-query", 1), ("dp-sgd", 4)]
+        assert [(m["name"], m["steps"]) for m in ledger["mechanisms"]] == expected
         assert 0 < ledger["epsilon_spent"] <= 10.0 + 1e-6
-    assert len(json.loads((out / "metrics.json").read_text())["rounds"]) == 2
+    assert len(json.loads((out / "metrics.json").read_text())["rounds"]) == rounds
 
 
 def _only_the_fleet_api_faces_the_sites(port: int) -> None:
@@ -150,9 +152,11 @@ def _only_the_fleet_api_faces_the_sites(port: int) -> None:
 
 @pytest.mark.slow
 def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
-    out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure"], lambda i: ["--insecure"],
-                      while_up=_only_the_fleet_api_faces_the_sites)
-    _check_run(out, tmp_path)
+    # One message exchange (no central images, no saliency round): the default plan goes over TLS below.
+    out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure", "--warmup", "none", "--selection",
+                                                             "attention"],
+                      lambda i: ["--insecure"], while_up=_only_the_fleet_api_faces_the_sites, rounds=1)
+    _check_run(out, tmp_path, default_plan=False)
     assert "http://127.0.0.1" in (out / "superlink" / "superlink.log").read_text()
 
 

@@ -78,10 +78,15 @@ def test_one_record_moves_the_histogram_by_sqrt_k_and_the_noise_is_sigma_sqrt_k(
         [("semantic-query", sigma, 1.0, 1)]
 
 
-def test_the_choice_is_the_top_classes_of_each_label_row():
+def test_every_label_gets_its_own_classes_strongest_counts_first():
     hist = np.array([[5.0, 1.0, 0.0, 3.0], [0.0, 2.0, 9.0, 4.0], [1.0, 0.0, 8.0, 0.0]])
-    assert choose_public_classes(hist, 1) == {0: 0, 2: 1}  # class 2 stands for label 1, where its count is highest
-    assert choose_public_classes(hist, 2) == {0: 0, 2: 1, 3: 1}
+    # Class 2 stands for label 1, where its count is highest; label 2, whose top class it also is, takes its best
+    # class left (no label is left without pretraining data).
+    assert choose_public_classes(hist, 1) == {0: 0, 1: 2, 2: 1}
+    # Two a label until the pool runs out: label 2 gets none of the four classes the others hold more strongly.
+    assert choose_public_classes(hist, 2) == {0: 0, 1: 0, 2: 1, 3: 1}
+    # The choice depends on the histogram's order alone: shifting every count keeps it.
+    assert choose_public_classes(hist + 100.0, 1) == choose_public_classes(hist, 1)
 
 
 def test_semantic_pretraining_stage_is_recorded_first_and_cached(tmp_path, tiny_model_dir, mnist_small_npz,

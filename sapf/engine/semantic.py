@@ -111,15 +111,21 @@ def release_semantic_histogram(*, net, data: ImageDataset, num_public: int, quer
 
 
 def choose_public_classes(histogram: np.ndarray, per_label: int) -> dict[int, int]:
-    """{chosen public class: the private label it stands for}, from the noisy histogram alone."""
+    """{chosen public class: the private label it stands for}, from the noisy histogram alone.
+
+    Cells are taken in decreasing noisy count; a label takes a class while it has fewer than `per_label` and no label
+    with a higher count took that class. So every label gets its own classes (when the pool has enough): letting each
+    label take only its top classes left a label whose top class another label held more strongly (MNIST's 9 and the
+    pool's "digit 8") with no pretraining data at all, and its samples unreadable."""
     if not 1 <= per_label <= histogram.shape[1]:
         raise SapfError(f"the classes chosen per label must lie in 1..{histogram.shape[1]}, got {per_label}")
     chosen: dict[int, int] = {}
-    for label, row in enumerate(histogram):
-        for c in np.argsort(-row, kind="stable")[:per_label]:
-            c = int(c)
-            if c not in chosen or histogram[label, c] > histogram[chosen[c], c]:
-                chosen[c] = label
+    taken = np.zeros(histogram.shape[0], np.int64)
+    for cell in np.argsort(-histogram, axis=None, kind="stable"):
+        label, c = divmod(int(cell), histogram.shape[1])
+        if taken[label] < per_label and c not in chosen:
+            chosen[c] = label
+            taken[label] += 1
     return dict(sorted(chosen.items()))
 
 
