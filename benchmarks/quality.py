@@ -63,7 +63,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, machine, table  # noqa: E402
+from common import RESULTS, machine, pld_epsilon, table  # noqa: E402
 
 from sapf.config import MethodConfig  # noqa: E402  (torch-free; its defaults, not copies)
 from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE  # noqa: E402  (sapf's defaults, not copies)
@@ -79,7 +79,12 @@ PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
     "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
-    "quick": dict(steps=50, batch_size=TRAIN_BATCH_SIZE, samples=500, ddim_steps=50, ddim_eta=DEFAULT_ETA),
+    # Sized to fit ~45 minutes on 2 CPU cores for every method at ε ∈ {1, 10}: fewer DP-SGD steps, fewer samples
+    # and DDIM steps, and each method's fixed cost cut by `caps` (the fields of TrainConfig they override). The
+    # saliency query keeps its full pass over the data: it is DP-SAPF's own cost. One seed: the ranking of the
+    # methods, not their spread (the full profile gives that).
+    "quick": dict(steps=20, batch_size=TRAIN_BATCH_SIZE, samples=200, ddim_steps=25, ddim_eta=DEFAULT_ETA,
+                  caps=dict(pretrain_steps=300, generator_steps=400, mask_steps=8, warmup_steps=300)),
 }
 PROFILE_SEEDS = {"full": [0, 1, 2], "quick": [0]}  # not part of the profile: --resume keeps rows per seed
 
@@ -114,7 +119,8 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
 METRICS = ("class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall")  # class fidelity first
-COSTS = ("trainable_parameters", "train_time_s", "epsilon_spent")  # summarised too, shown as means
+# epsilon_pld: ε recomputed from the run's privacy.json by an independent accountant (Google's dp_accounting, PLD)
+COSTS = ("trainable_parameters", "train_time_s", "epsilon_spent", "epsilon_pld")  # summarised too, shown as means
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,21 @@ def random_init_model(seed: int, work: Path) -> str:
     return str(out)
 
 
+def capped(settings: dict, prof: dict) -> dict:
+    """A method's TrainConfig fields (its SETTINGS entry), with the profile's caps on fixed costs applied where the
+    method has that cost (a warm-up is only capped where the method warms up for longer than the cap)."""
+    s = dict(settings)
+    for key, cap in prof.get("caps", {}).items():
+        if key == "warmup_steps":
+            if s.get("warmup", "none") != "none" and s.get(key, MethodConfig.warmup_steps) > cap:
+                s[key] = cap
+        elif key == "pretrain_steps" and s.get("public_selection") == "semantic" or \
+                key == "generator_steps" and s.get("method") == "dp-mepf" or \
+                key == "mask_steps" and s.get("selection") == "sparta":
+            s[key] = cap
+    return s
+
+
 def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, device: str = "cpu"
             ) -> tuple[dict, np.ndarray, np.ndarray]:
     from sapf.config import TrainConfig
@@ -179,7 +200,7 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
     from sapf.engine.model import count_parameters, load_generator
     from sapf.engine.run import train
     from sapf.engine.sampling import sample
-    from sapf.outputs import write_samples
+    from sapf.outputs import read_json, write_samples
 
     row = {"method": method, "epsilon": epsilon, "seed": seed, "device": device}
     tag = f"{method}-eps{epsilon:g}-seed{seed}"
@@ -189,7 +210,7 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
         row.update(train_time_s=0.0, trainable_parameters=0, epsilon_spent=0.0,
                    total_parameters=count_parameters(gen.unet))
     else:
-        s = dict(SETTINGS[method])
+        s = capped(SETTINGS[method], prof)
         base = random_init_model(seed, work) if s.pop("init", "shipped") == "random" else None
         cfg = TrainConfig(epsilon=epsilon, delta=DELTA, top_fraction=TOP_FRACTION, steps=prof["steps"],
                           batch_size=prof["batch_size"], multiplicity=MULTIPLICITY, clip=CLIP, seed=seed,
@@ -199,7 +220,8 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
                load_generator(str(run_dir / "model")))
         row.update(train_time_s=summary["wall_time_s"], trainable_parameters=summary["trainable_parameters"],
                    epsilon_spent=summary["epsilon_spent"], final_loss=summary["final_loss"],
-                   selected_matrices=summary.get("selected_matrices"))
+                   selected_matrices=summary.get("selected_matrices"),
+                   epsilon_pld=pld_epsilon(read_json(run_dir / "privacy.json")))
     t0 = time.time()
     if method == "dp-mepf":  # one pass of its generator; the same class-balanced labels
         images, labels = sample_generator(gen, prof["samples"], seed=seed)
@@ -367,7 +389,12 @@ def plots(summary: list[dict], epsilons: list[float], out: Outputs) -> list[str]
 
 def _describe(method: str, s: dict) -> str:
     txt = (f"{method}: lr {s['lr']:g}" if "lr" in s else
-           f"{method}: generator lr {MethodConfig.generator_lr:g}, {MethodConfig.generator_steps} steps")
+           f"{method}: generator lr {MethodConfig.generator_lr:g}, "
+           f"{s.get('generator_steps', MethodConfig.generator_steps)} steps")
+    if s.get("selection") == "sparta":
+        txt += f", {s.get('mask_steps', MethodConfig.mask_steps)} mask-finding steps"
+    if s.get("public_selection") == "semantic":
+        txt += f", pretrained {s.get('pretrain_steps', MethodConfig.pretrain_steps)} steps on the chosen classes"
     if s.get("init") == "random":
         txt += ", random init"
     if s.get("warmup", "none") != "none":
@@ -380,6 +407,23 @@ def _gpu(result: dict) -> str:
     procs = len(result.get("machines", []))
     where = f" per process, {procs} processes" if procs > 1 else ""
     return f"{where}; training and sampling on one {gpu}, evaluation on the CPU" if gpu else where
+
+
+def pld_check(rows: list[dict]) -> str:
+    """Whether every DP row's recorded ε holds under the independent accountant (PLD ε ≤ recorded ε × 1.01) and the
+    recorded ε is within the row's target."""
+    dp = [r for r in rows if r["method"] not in ("public", "non-private")]
+    checked = [r for r in dp if r.get("epsilon_pld") is not None]
+    if not checked:
+        return "- (no row has a PLD ε: dp_accounting was not installed)"
+    bad = [r for r in checked if not (r["epsilon_pld"] <= r["epsilon_spent"] * 1.01
+                                      and r["epsilon_spent"] <= r["epsilon"])]
+    worst = max(r["epsilon_pld"] / r["epsilon_spent"] for r in checked)
+    head = (f"- {len(checked)} of {len(dp)} DP rows checked; PLD ε / recorded ε at most {worst:.3f}; "
+            + ("every recorded ε holds and is within its target." if not bad else "**failed**: "
+               + ", ".join(f"{r['method']} ε={r['epsilon']:g} seed {r['seed']} (PLD {r['epsilon_pld']:.3f}, "
+                           f"recorded {r['epsilon_spent']:.3f})" for r in bad)))
+    return head
 
 
 def write_doc(result: dict, out: Outputs) -> None:
@@ -396,7 +440,7 @@ def write_doc(result: dict, out: Outputs) -> None:
     plots_md = "\n".join(f"![{Path(p).name}]({p})" for p in result["plots"])
     reused = (f" ({result['reused_rows']} rows kept from an earlier run with the same profile and settings, `--resume`)"
               if result.get("reused_rows") else "")
-    settings = result.get("settings", SETTINGS)
+    settings = {m: capped(s, prof) for m, s in result.get("settings", SETTINGS).items()}
     lrs = "; ".join(_describe(m, s) for m, s in settings.items())
     feta_s = settings.get("dp-feta", SETTINGS["dp-feta"])
     fs_s = settings.get("feta-saliency", SETTINGS["feta-saliency"])
@@ -460,6 +504,11 @@ less than their standard deviations added):
 The DP-FETA rows against their neighbours:
 
 {feta}
+
+Every row's `privacy.json` under an independent accountant (`epsilon_pld`: Google's dp_accounting, PLD, recomputed
+from the recorded mechanisms alone; sapf's own ledger uses Opacus's RDP accountant):
+
+{pld_check(rows)}
 
 {prof['samples']} samples a run. Differences within the seeds' spread are ties; with n = 1 the spread is unknown, so
 treat small differences (a few points of accuracy, FID within ~5%) as ties. The saliency set is chosen by gradient \
