@@ -34,7 +34,7 @@ its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean
 
     python benchmarks/quality.py            # full profile (3 seeds): several hours on 2 CPU cores;
                                             #   it may run in parts with --resume
-    python benchmarks/quality.py --quick    # one seed, fewer steps and samples
+    python benchmarks/quality.py --quick    # one seed, 20 steps, 200 samples, capped fixed costs (108 min on 2 cores)
     python benchmarks/quality.py --resume   # keep the finished (method, ε, seed) rows made with the same settings
     python benchmarks/quality.py --report   # only rewrite the doc and plots from the results JSON
     python benchmarks/quality.py --device cuda --seeds 0 --methods saliency full --out-dir part0   # a part, on a GPU
@@ -120,7 +120,9 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
 METRICS = ("class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall")  # class fidelity first
 # epsilon_pld: ε recomputed from the run's privacy.json by an independent accountant (Google's dp_accounting, PLD)
-COSTS = ("trainable_parameters", "train_time_s", "epsilon_spent", "epsilon_pld")  # summarised too, shown as means
+# train_time_s: the DP fine-tuning loop alone; row_time_s: the whole row (queries, warm-up, pretraining, training,
+# sampling, evaluation)
+COSTS = ("trainable_parameters", "train_time_s", "row_time_s", "epsilon_spent", "epsilon_pld")  # shown as means
 
 
 @dataclass(frozen=True)
@@ -488,7 +490,8 @@ holdout accuracy of a small CNN trained only on the synthetic images (DPImageBen
 Each cell is the **mean ± sample standard deviation** over the row's n seeds (n = {n_text}; one seed: the value
 alone); cost columns are means. The seed is public randomness (initialisation, random selection, warm-up batches,
 sampling, the evaluation's networks); the DP noise is fresh at every run, so the spread includes it. Min and max
-of every metric are in the JSON's `summary`.
+of every metric are in the JSON's `summary`. `train_time_s` is the DP fine-tuning loop alone; `row_time_s` the whole
+row (private queries, warm-up or pretraining, training, sampling and evaluation), on the machine above.
 
 {summary_table(summary)}
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sapf.cli import app
@@ -71,11 +72,16 @@ def test_one_record_moves_the_histogram_by_sqrt_k_and_the_noise_is_sigma_sqrt_k(
     assert clean.sum() == pytest.approx(top_k * len(data))
     ledger = PrivacyLedger(10.0, 1e-5, "rdp")
     sigma = 2.0
+    torch.manual_seed(0)
     noisy = release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,
                                        noise_multiplier=sigma, ledger=ledger)
     assert np.std(noisy - clean) == pytest.approx(sigma * math.sqrt(top_k), rel=0.06)
     assert [(m.name, m.noise_multiplier, m.sample_rate, m.steps) for m in ledger.mechanisms] == \
         [("semantic-query", sigma, 1.0, 1)]
+    torch.manual_seed(0)  # the public seed does not govern the noise: OS entropy, fresh at every release
+    again = release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,
+                                       noise_multiplier=sigma, ledger=None)
+    assert not np.allclose(again, noisy)
 
 
 def test_every_label_gets_its_own_classes_strongest_counts_first():
