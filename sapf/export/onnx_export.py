@@ -218,7 +218,10 @@ def _to_int8(src: Path, dst: Path) -> None:
     level = root.level
     try:
         root.setLevel(logging.ERROR)  # "Please consider to run pre-processing before quantization"
-        quantize_dynamic(str(bare), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES)
+        # reduce_range: 7-bit weights. x86 CPUs without VNNI (many edge CPUs, and AMD EPYCs before Zen 4) saturate in
+        # the u8×s8 multiply onnxruntime uses; measured there: relative RMSE 0.11 with 8 bits, over the 0.03 bound.
+        quantize_dynamic(str(bare), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES,
+                         reduce_range=True)
     finally:
         root.setLevel(level)
         with contextlib.suppress(FileNotFoundError):
