@@ -18,6 +18,9 @@ At each ε (δ = 1e-5), with the same batch size, steps and multiplicity for eve
                  default, FETA_WARMUP_STEPS at FETA_WARMUP_LR), then DP full fine-tuning
 - feta-saliency  DP-FETA + DP-SAPF: the shipped model, warmed up on the central images (sapf's default warm-up),
                  then the saliency row's noisy selection and DP-LoRA
+- mepf-saliency  DP-MEPF's release as a warm-up for DP-SAPF: the shipped model, warmed up on samples of a generator
+                 matched to noisy mean embeddings (10% of ε; `--warmup mean-embeddings`), then the saliency row's
+                 noisy selection and DP-LoRA
 - privimage-full PrivImage as the paper: its noisy semantic query (5% of ε) picks one `public-pool` class per private
                  label, the shipped architecture is pretrained on them (3,000 steps, as the shipped model on the UCI
                  digits; cached by the choice), then DP full fine-tuning
@@ -34,7 +37,7 @@ its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean
 
     python benchmarks/quality.py            # full profile (3 seeds): several hours on 2 CPU cores;
                                             #   it may run in parts with --resume
-    python benchmarks/quality.py --quick    # one seed, 20 steps, 200 samples, capped fixed costs (108 min on 2 cores)
+    python benchmarks/quality.py --quick    # one seed, 20 steps, 200 samples, capped fixed costs (~130 min on 2 cores)
     python benchmarks/quality.py --resume   # keep the finished (method, ε, seed) rows made with the same settings
     python benchmarks/quality.py --report   # only rewrite the doc and plots from the results JSON
     python benchmarks/quality.py --device cuda --seeds 0 --methods saliency full --out-dir part0   # a part, on a GPU
@@ -72,14 +75,15 @@ from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 METHODS = ["public", "full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency",
-           "privimage-full", "privimage-saliency", "non-private"]
-CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency",
+           "mepf-saliency", "privimage-full", "privimage-saliency", "non-private"]
+CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency", "mepf-saliency",
           "privimage-full", "privimage-saliency")  # plotted against ε
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
     "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
-    # Cut towards 45 minutes on 2 CPU cores for every method at ε ∈ {1, 10} (measured: 108 min): fewer DP-SGD steps,
+    # Cut towards 45 minutes on 2 CPU cores for every method at ε ∈ {1, 10} (measured: 108 min for 22 rows, and
+    # 24 min more for the two mepf-saliency rows): fewer DP-SGD steps,
     # fewer samples and DDIM steps, and each method's fixed cost cut by `caps` (the fields of TrainConfig they
     # override). The saliency query keeps its full pass over the data: it is DP-SAPF's own cost. One seed: the
     # ranking of the methods, not their spread (the full profile gives that). The capped DP-FETA (random init) and
@@ -111,6 +115,10 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
                     warmup_budget=MethodConfig.warmup_budget, warmup_steps=FETA_WARMUP_STEPS,
                     warmup_lr=FETA_WARMUP_LR),
     "feta-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, **DEFAULT_WARMUP),
+    "mepf-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="mean-embeddings",
+                          warmup_budget=0.1, warmup_steps=MethodConfig.warmup_steps, warmup_lr=MethodConfig.warmup_lr,
+                          warmup_generator_steps=MethodConfig.warmup_generator_steps,
+                          warmup_samples=MethodConfig.warmup_samples),
     # PrivImage: the semantic query (5% of ε) picks public-pool classes; the shipped architecture is pretrained on them
     # for as many steps as the shipped model was on the UCI digits (equal pretraining compute), then DP fine-tuning.
     "privimage-full": dict(selection="full", lr=FULL_LR, warmup="none", public_selection="semantic"),
@@ -340,10 +348,11 @@ def aim_verdicts(summary: list[dict], epsilons: list[float]) -> list[str]:
 
 
 def feta_comparisons(summary: list[dict], epsilons: list[float]) -> list[str]:
-    """The DP-FETA rows against their neighbours: does the warm-up help DP-SAPF, and does a public model help
-    DP-FETA?"""
+    """The warm-up rows against their neighbours: does a warm-up (central images, or a mean-embedding generator's
+    samples) help DP-SAPF, and does a public model help DP-FETA?"""
     get = {(r["method"], r["epsilon"]): r for r in summary}
-    pairs = (("feta-saliency", "saliency"), ("feta-saliency", "dp-feta"), ("dp-feta", "full"))
+    pairs = (("feta-saliency", "saliency"), ("feta-saliency", "dp-feta"), ("dp-feta", "full"),
+             ("mepf-saliency", "saliency"), ("mepf-saliency", "feta-saliency"))
     return [_compare(get[(a, e)], get[(b, e)], e) for e in epsilons for a, b in pairs
             if (a, e) in get and (b, e) in get]
 
@@ -470,7 +479,7 @@ clip {CLIP}, δ = {DELTA:g}, Adam ({lrs}), LoRA rank 8; saliency/random fine-tun
 Linear/Conv2d matrices (saliency spends 10% of ε on the noisy query). Evaluation: {prof['samples']} class-balanced
 samples (DDIM, {prof['ddim_steps']} steps, eta {prof['ddim_eta']:g}) against the 1,000 holdout digits.
 
-**The two DP-FETA rows.** DP-FETA releases one noisy central (mean) image per class, spending \
+**The warm-up rows.** DP-FETA releases one noisy central (mean) image per class, spending \
 {feta_s['warmup_budget']:.0%} of ε,
 and warms the model up on them (post-processing, free) before DP-SGD.
 `dp-feta` is DP-FETA as the paper runs it: the model has seen **no public data** (a randomly initialised UNet of the
@@ -478,7 +487,9 @@ shipped model's architecture, seeded), so the warm-up is long ({feta_s['warmup_s
 {feta_s['warmup_lr']:g}),
 and DP **full** fine-tuning follows. `feta-saliency` combines DP-FETA with DP-SAPF: the shipped model, sapf's default
 warm-up ({fs_s['warmup_steps']} steps at lr {fs_s['warmup_lr']:g}), then the saliency row's noisy selection (10% of ε)
-and DP-LoRA on the rest. Both spend the same total ε as every other row.
+and DP-LoRA on the rest. `mepf-saliency` warms the shipped model up on samples of a generator matched to DP-MEPF's
+noisy mean embeddings instead (`--warmup mean-embeddings`, 10% of ε), then runs DP-SAPF the same way. All spend the
+same total ε as every other row.
 
 **Metrics are on sapf's own feature network** (a small CNN trained on the real training split, no download):
 they compare these runs with each other, not with Inception-FID numbers in papers. `class_fidelity` is the share
@@ -504,7 +515,7 @@ less than their standard deviations added):
 
 {verdicts}
 
-The DP-FETA rows against their neighbours:
+The warm-up rows against their neighbours:
 
 {feta}
 

@@ -252,10 +252,15 @@ _SEED = typer.Option(_M.seed, help="Seed of public randomness only (initialisati
                                    "sample grids); DP noise and batches are always fresh.")
 _FORCE = typer.Option(False, help="Replace an existing --out.")
 _WARMUP = typer.Option(_M.warmup, help="auto | none | central-images (DP-FETA: noisy per-class mean images, then "
-                                        f"every weight warmed up on them); auto: central-images from ε = "
-                                        f"{WARMUP_MIN_EPSILON:g} up.")
-_WARMUP_BUDGET = typer.Option(_M.warmup_budget, help="Share of ε spent on the central images.")
-_WARMUP_STEPS = typer.Option(_M.warmup_steps, help="Non-private warm-up steps on the central images (post-processing).")
+                                        "every weight warmed up on them) | mean-embeddings (DP-MEPF's noisy mean "
+                                        "embeddings, a generator matched to them, every weight warmed up on its "
+                                        f"samples); auto: central-images from ε = {WARMUP_MIN_EPSILON:g} up.")
+_WARMUP_BUDGET = typer.Option(_M.warmup_budget, help="Share of ε spent by the warm-up's release.")
+_WARMUP_STEPS = typer.Option(_M.warmup_steps, help="Non-private warm-up steps on the central images or the generator's "
+                                                   "samples (post-processing).")
+_WARMUP_GENERATOR_STEPS = typer.Option(_M.warmup_generator_steps,
+                                       help="mean-embeddings warm-up: generator steps on the noisy mean embeddings "
+                                            "(post-processing).")
 
 
 @command()
@@ -270,6 +275,7 @@ def train(
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
     pretrain_steps: int = _PRETRAIN_STEPS,
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
+    warmup_generator_steps: int = _WARMUP_GENERATOR_STEPS,
     steps: Optional[int] = typer.Option(None, help=f"DP-SGD steps (default {TRAIN_STEPS})."),
     epochs: Optional[float] = typer.Option(None, help="Alternatively, epochs of expected batches."),
     batch_size: Optional[int] = typer.Option(None, help=f"Expected (Poisson) batch size (default {TRAIN_BATCH_SIZE}, "
@@ -346,6 +352,7 @@ def federate(
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, method: str = _METHOD, selection: str = _SELECTION,
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
+    warmup_generator_steps: int = _WARMUP_GENERATOR_STEPS,
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
     row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
@@ -398,6 +405,7 @@ def serve(
     rounds: int = _ROUNDS, local_steps: Optional[int] = _LOCAL_STEPS, local_epochs: Optional[float] = _LOCAL_EPOCHS,
     epsilon: str = _FED_EPSILON, delta: Optional[float] = _DELTA, method: str = _METHOD, selection: str = _SELECTION,
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
+    warmup_generator_steps: int = _WARMUP_GENERATOR_STEPS,
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
     row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,

@@ -30,7 +30,7 @@ SCORES = ("sqnorm", "norm")
 OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
-WARMUPS = ("auto", "none", "central-images")
+WARMUPS = ("auto", "none", "central-images", "mean-embeddings")  # the warm-up stage's release (DP-FETA | DP-MEPF)
 PUBLIC_SELECTIONS = ("none", "semantic")  # none: the base model as it is | semantic: PrivImage's query + pretraining
 WEIGHT_SELECTIONS = ("full", "sparta")  # selections that train the model's own weights (no adapter, full-weight lr)
 DEFAULT_HOLDOUT = 0.2  # share of the built-in sensitive set kept out of training, for evaluation
@@ -90,12 +90,15 @@ class MethodConfig:
     lora_alpha: int = 8  # LoRA alpha
     seed: int = 0  # public randomness only: initialisation, random selection, partitions, sample grids
     public_data: str = "digits"  # the public set: it bounds the central images' norms
-    warmup: str = "auto"  # auto | none | central-images (DP-FETA: warm up on noisy per-class mean images); auto:
-    #   central-images from ε = WARMUP_MIN_EPSILON up (a class-conditional model), none below
-    warmup_budget: float = 0.05  # share of ε spent on the central images
+    warmup: str = "auto"  # auto | none | central-images (DP-FETA: warm up on noisy per-class mean images) |
+    #   mean-embeddings (warm up on samples of a DP-MEPF generator); auto: central-images from ε = WARMUP_MIN_EPSILON
+    #   up (a class-conditional model), none below
+    warmup_budget: float = 0.05  # share of ε spent by the warm-up's release (central images or mean embeddings)
     central_sample_rate: float = 1.0  # Poisson rate of each central-image query
     central_queries: int = 1  # central-image queries (their sums add up)
-    warmup_steps: int = 200  # non-private steps on the central images (post-processing)
+    warmup_steps: int = 200  # non-private steps on the central images or generator samples (post-processing)
+    warmup_generator_steps: int = 400  # mean-embeddings warm-up: DP-MEPF generator steps (post-processing)
+    warmup_samples: int = 2000  # mean-embeddings warm-up: the generator's samples the model warms up on
     warmup_lr: float = 1e-4  # Adam learning rate of the warm-up (every weight moves)
     public_selection: str = "none"  # semantic (PrivImage): a noisy query picks public-pool classes to pretrain on
     public_pool: str = "public-pool"  # the labelled public data the semantic query chooses from
@@ -112,6 +115,11 @@ class MethodConfig:
         if self.method == "dp-mepf":  # no diffusion model to warm up
             return False
         return self.warmup == "central-images" or (self.warmup == "auto" and self.epsilon >= WARMUP_MIN_EPSILON)
+
+    @property
+    def embedding_warmup(self) -> bool:
+        """Whether the run warms up on a DP-MEPF generator's samples (``--warmup mean-embeddings``)."""
+        return self.method != "dp-mepf" and self.warmup == "mean-embeddings"
 
     def for_model(self, conditional: bool):
         """These settings for a base model: ``auto`` made concrete (no central images without classes)."""
@@ -201,6 +209,8 @@ class MethodConfig:
                    f"must lie in (0, 1], got {self.central_sample_rate!r}")
             _check(self.central_queries >= 1, "central_queries", "must be at least 1")
             _check(self.warmup_steps >= 0, "warmup_steps", "must be at least 0")
+            _check(self.warmup_generator_steps >= 1, "warmup_generator_steps", "must be at least 1")
+            _check(self.warmup_samples >= 1, "warmup_samples", "must be at least 1")
             _check(self.warmup_lr > 0, "warmup_lr", f"must be > 0, got {self.warmup_lr!r}")
 
     def dpsgd(self, steps: int, batch_size: int, ema_decay: float = 0.0):

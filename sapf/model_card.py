@@ -19,6 +19,8 @@ SHAREABLE = {
     "model.onnx": "the generator's UNet for onnxruntime (`sapf sample --onnx`)",
     "grid.png": "samples, one row per class",
     "central_images.png": "the warm-up's central images (a DP release, when the run has a warm-up)",
+    "warmup_samples.png": "samples of the generator matched to the warm-up's mean embeddings (post-processing of a DP "
+                          "release)",
     "comparison.png": "public model | this model, same seeds",
     "privacy.json": "the ledger: every release from private data, to recompute ε independently",
     "privacy/": "each site's ledger",

@@ -197,17 +197,24 @@ def test_validation_and_bounded_combination(flower_identity):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plan", [{}, {"warmup": "central-images", "selection": "attention", "warmup_steps": 2}])
+@pytest.mark.parametrize("plan", [
+    {},
+    {"warmup": "central-images", "selection": "attention", "warmup_steps": 2},
+    {"warmup": "mean-embeddings", "selection": "attention", "warmup_steps": 2, "warmup_generator_steps": 2,
+     "warmup_samples": 20},
+])
 def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz, plan):
-    """The default DP-SAPF plan, and DP-FETA's warm-up before DP-LoRA on all attention: every stage runs across
-    two Flower sites, and each site's ledger holds exactly the plan's releases within its ε."""
+    """The default DP-SAPF plan, and a warm-up (DP-FETA's central images, or samples of a generator matched to
+    DP-MEPF's mean embeddings) before DP-LoRA on all attention: every stage runs across two Flower sites, and each
+    site's ledger holds exactly the plan's releases within its ε."""
     out = tmp_path / "fed"
     status = federate(_cfg(tiny_model_dir, mnist_small_npz, out, **plan))
     assert status["status"] == "completed"
-    warm = bool(plan)
+    warm = plan.get("warmup")
+    picture = {"central-images": "central_images.png", "mean-embeddings": "warmup_samples.png"}.get(warm)
     for f in ("model/unet/config.json", "model/model_index.json", "README.md", "selection.json", "metrics.json",
               "grid.png", "comparison.png", "checkpoint/adapter.safetensors", "config.json",
-              *(["central_images.png", "checkpoint/base.safetensors"] if warm else ["adapter/adapter_config.json"])):
+              *([picture, "checkpoint/base.safetensors"] if warm else ["adapter/adapter_config.json"])):
         assert (out / f).exists(), f
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2] and all(r["replies"] == 2 for r in metrics["rounds"])
@@ -215,7 +222,7 @@ def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz, plan):
     assert len(reports) == 2 and all(p.stem == f"site-{json.loads(p.read_text())['node_id']}" for p in reports)
     for path in reports:
         report = json.loads(path.read_text())
-        names = ["central-images", "dp-sgd"] if warm else ["saliency-query", "dp-sgd"]
+        names = [warm, "dp-sgd"] if warm else ["saliency-query", "dp-sgd"]
         assert [m["name"] for m in report["mechanisms"]] == names
         assert report["mechanisms"][1]["steps"] == 4
         assert 9.0 <= recompute_epsilon(report) <= 10.0

@@ -158,3 +158,72 @@ def test_federated_dp_mepf_one_round_of_noisy_feature_sums(tmp_path, tiny_model_
         report = json.loads(path.read_text())
         assert [(m["name"], m["steps"]) for m in report["mechanisms"]] == [("mean-embeddings", 1)]
         assert 9.9 <= recompute_epsilon(report) <= 10.0
+
+
+def test_central_training_warms_up_on_samples_of_a_mean_embedding_generator(tmp_path, tiny_model_dir,
+                                                                            mnist_small_npz):
+    """`--warmup mean-embeddings`: DP-MEPF's release spends its share of ε, recorded first; every weight of the
+    model moves in the warm-up on the generator's samples; DP-SAPF's stages follow on the warmed model."""
+    from sapf.engine.model import load_generator
+    from sapf.engine.privacy import Mechanism
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, [str(a) for a in (
+        "train", "--base-model", tiny_model_dir, "--data", mnist_small_npz, "--epsilon", 10, "--warmup",
+        "mean-embeddings", "--warmup-budget", 0.1, "--warmup-steps", 3, "--warmup-generator-steps", 3, "--steps", 2,
+        "--batch-size", 16, "--out", run)])
+    assert r.exit_code == 0, r.output
+    priv = json.loads((run / "privacy.json").read_text())
+    assert [m["name"] for m in priv["mechanisms"]] == ["mean-embeddings", "saliency-query", "dp-sgd"]
+    assert 9.5 <= priv["epsilon_spent"] <= 10.0
+    release_only = PrivacyLedger(10.0, priv["delta"], mechanisms=[Mechanism(**priv["mechanisms"][0])])
+    assert release_only.epsilon() == pytest.approx(1.0, rel=0.02)  # its share of ε
+    assert (run / "warmup_samples.png").exists() and not (run / "adapter").exists()
+    assert [s["name"] for s in json.loads((run / "config.json").read_text())["stages"]] == ["warmup", "select",
+                                                                                             "finetune"]
+    base, tuned = load_generator(tiny_model_dir).unet.state_dict(), load_generator(run).unet.state_dict()
+    moved = [k for k in base if not torch.equal(base[k], tuned[k])]
+    assert len(moved) == len(base)  # the warm-up trains every weight, not only the selected matrices
+    assert "mean embeddings" in (run / "README.md").read_text()
+
+
+def test_a_site_answers_the_warm_up_query_within_its_whole_plan(tmp_path, tiny_model_dir, mnist_small_npz,
+                                                                 flower_identity, small):
+    """A diffusion plan with the mean-embedding warm-up: the site checks the whole run's budget up front, records
+    the release at the warm-up's σ, refuses it a second time, and afterwards needs the server's warmed base."""
+    from sapf.federation.task import base_to_wire, plan_site
+
+    _, net = small
+    cfg = _mepf_plan(tiny_model_dir, mnist_small_npz, tmp_path / "run", method="diffusion",
+                     warmup="mean-embeddings", selection="attention", rounds=2, local_steps=1, batch_size=16)
+    node = {"partition-id": 0, "num-partitions": 2}
+    ledger_path = tmp_path / "run" / "sites" / "site-0" / "ledger.json"
+    reply = _site_call("query.mean_embeddings", cfg, node, features=base_to_wire(net))
+    assert not reply.has_error(), reply.error.reason
+    [m] = PrivacyLedger.load(ledger_path).mechanisms
+    assert (m.name, m.sample_rate, m.steps) == ("mean-embeddings", 1.0, 1)
+    assert reply.content["metrics"]["noise_multiplier"] == m.noise_multiplier
+    ledger = PrivacyLedger(10.0, PrivacyLedger.load(ledger_path).delta, mechanisms=[m])
+    assert ledger.epsilon() == pytest.approx(10.0 * cfg.warmup_budget, rel=0.02)  # the warm-up's share, not all of ε
+    assert m.noise_multiplier == plan_site(cfg, reply.content["metrics"]["examples"]).embedding_noise
+    again = _site_call("query.mean_embeddings", cfg, node, features=base_to_wire(net))
+    assert again.has_error() and "past its limit" in again.error.reason
+    refused = _site_call("train", cfg, node)
+    assert refused.has_error() and "warmed base" in refused.error.reason
+    assert len(PrivacyLedger.load(ledger_path).mechanisms) == 1
+
+
+def test_the_public_feature_network_is_cached_by_its_public_inputs(tmp_path, monkeypatch):
+    """Trained once per (public images, labels, seed, steps) and read back after: the same weights, and another seed
+    trains another network (nothing private goes into the cache key or the cache)."""
+    from sapf.engine.mepf import public_feature_net
+
+    monkeypatch.setenv("SAPF_CACHE", str(tmp_path))
+    public = load_dataset("digits", 16, 1)
+    first = public_feature_net(public, seed=0, steps=5)
+    [cached] = list((tmp_path / "classifiers").glob("*.safetensors"))
+    again = public_feature_net(public, seed=0, steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
+    other = public_feature_net(public, seed=1, steps=5)
+    assert len(list((tmp_path / "classifiers").glob("*.safetensors"))) == 2 and cached.exists()
+    assert not torch.equal(first.conv1.weight, other.conv1.weight)

@@ -107,9 +107,11 @@ def central_images(noisy_sums: np.ndarray, num_classes: int, channels: int, imag
 
 
 def warm_up(gen: DiffusionModel, images: np.ndarray, *, steps: int, lr: float, label_dropout: float = 0.0,
-            batch_size: int = 64, seed: int = 0, show_progress: bool = True, device: str = "cpu") -> DiffusionModel:
-    """Train every weight of a copy of the model on the central images (one per class, label = its row),
-    each batch randomly shifted by up to 2 pixels and slanted: post-processing of a DP release."""
+            labels: np.ndarray | None = None, batch_size: int = 64, seed: int = 0, show_progress: bool = True,
+            device: str = "cpu") -> DiffusionModel:
+    """Train every weight of a copy of the model on images made from a DP release — the central images (one per
+    class, label = its row) or a DP-MEPF generator's samples (`labels`) — each batch randomly shifted by up to 2
+    pixels and slanted: post-processing."""
     import copy
 
     from sapf.engine.device import compute_device
@@ -126,7 +128,7 @@ def warm_up(gen: DiffusionModel, images: np.ndarray, *, steps: int, lr: float, l
         p.requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     x_all = torch.from_numpy(np.ascontiguousarray(images, np.float32))
-    y_all = torch.arange(len(x_all))
+    y_all = torch.arange(len(x_all)) if labels is None else torch.from_numpy(np.asarray(labels)).long()
     with progress_bar("warm-up", steps, show_progress) as bar:
         for _ in range(steps):
             idx = torch.randint(0, len(x_all), (batch_size,), generator=g)

@@ -44,6 +44,7 @@ BOUND = math.sqrt(2.0)  # a record's unit feature vector plus its count's 1
 FEATURE_STEPS = 600  # Adam steps of the feature network on public data
 FEATURE_BATCH = 128
 GENERATOR_BATCH = 200  # images a generator step draws (class-balanced)
+FEATURE_NET_VERSION = 2  # of train_feature_net's recipe (augment): part of the cache key of public_feature_net
 
 
 class FeatureNet(nn.Module):
@@ -106,6 +107,32 @@ def train_feature_net(public: ImageDataset, *, steps: int = FEATURE_STEPS, seed:
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()
+
+
+def public_feature_net(public: ImageDataset, *, seed: int = 0, steps: int = FEATURE_STEPS) -> FeatureNet:
+    """:func:`train_feature_net`, from ``$SAPF_CACHE/classifiers/`` when trained before on the same public images
+    and labels with the same seed and steps (public data and public randomness: nothing private is cached)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from sapf.engine.evaluate import cache_dir
+    from sapf.outputs import save_tensors
+
+    h = hashlib.sha256(np.ascontiguousarray(public.images).tobytes())
+    h.update(np.ascontiguousarray(public.labels).tobytes())
+    # FEATURE_NET_VERSION names how it is trained (augmentation), so a changed recipe never reads an old network.
+    name = f"v{FEATURE_NET_VERSION}-{h.hexdigest()[:16]}-seed{seed}-steps{steps}.safetensors"
+    path = cache_dir() / "classifiers" / name
+    if path.exists():
+        net = FeatureNet(public.channels, public.num_classes)
+        net.load_state_dict(load_file(str(path)))
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net.eval()
+    net = train_feature_net(public, steps=steps, seed=seed)
+    save_tensors(path, net.state_dict())
+    return net
 
 
 def feature_dim(net: FeatureNet, channels: int, image_size: int) -> int:
@@ -247,3 +274,16 @@ def sample_generator(gen: MeanEmbeddingGenerator, num: int, class_label: int | N
     out = [gen(torch.from_numpy(z[b : b + batch_size]), torch.from_numpy(labels[b : b + batch_size])).numpy()
            for b in range(0, num, batch_size)]
     return to_uint8(np.concatenate(out)), labels
+
+
+@torch.no_grad()
+def generator_images(gen: MeanEmbeddingGenerator, num: int, *, seed: int = 0, batch_size: int = 256
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(float images in [-1, 1] (N, C, H, W), class-balanced labels): training data for a diffusion model's warm-up
+    (``--warmup mean-embeddings``); public randomness, seeded."""
+    labels = np.arange(num) % gen.config.num_classes
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(num, gen.config.latent_dim, generator=g)
+    out = [gen(z[b : b + batch_size], torch.from_numpy(labels[b : b + batch_size])).numpy()
+           for b in range(0, num, batch_size)]
+    return np.concatenate(out).astype(np.float32), labels

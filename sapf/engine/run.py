@@ -89,10 +89,15 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
     pp = plan_noise(cfg, n)  # before any private data is touched
     steps = cfg.training_steps(n)
     ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
-    base, central, semantic = gen, None, None
+    base, central, samples, semantic = gen, None, None, None
     for stage in stages:
         if stage.name == "pretrain":
             gen, semantic = semantic_pretrain(cfg, gen, data, pp.noise_of(stage.release), ledger, show_progress)
+        elif stage.name == "warmup" and cfg.embedding_warmup:
+            samples, labels = mean_embedding_samples(cfg, gen, data, pp.noise_of(stage.release), ledger,
+                                                     show_progress)
+            gen = warm_up(gen, samples, labels=labels, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
+                          label_dropout=cfg.label_dropout, seed=cfg.seed, show_progress=show_progress, device=device)
         elif stage.name == "warmup":
             central = noisy_central_images(cfg, gen, data, pp.noise_of(stage.release), ledger)
             gen = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
@@ -133,6 +138,8 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
     with atomic_output_dir(out, force) as tmp:
         if cfg.selection not in WEIGHT_SELECTIONS and gen is base:  # after a warm-up the adapters fit it only
             model.save_pretrained(tmp / "adapter")
+        if samples is not None:
+            write_warmup_samples(tmp / "warmup_samples.png", samples, labels)
         if central is not None:
             write_central_images(tmp / "central_images.png", central)
         if semantic is not None:
@@ -158,9 +165,9 @@ def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data:
 
     from sapf.engine.mepf import (
         mean_embeddings,
+        public_feature_net,
         release_mean_embeddings,
         sample_generator,
-        train_feature_net,
         train_generator,
     )
     from sapf.outputs import class_grid, save_png
@@ -174,7 +181,7 @@ def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data:
     pp = plan_noise(cfg, n)  # before any private data is touched
     ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
     t0 = time.time()
-    net = train_feature_net(load_dataset(cfg.public_data, base.image_size, base.channels), seed=cfg.seed)
+    net = public_feature_net(load_dataset(cfg.public_data, base.image_size, base.channels), seed=cfg.seed)
     sums = release_mean_embeddings(net=net, data=data, num_classes=data.num_classes,
                                    noise_multiplier=pp.noise_of("mean-embeddings"), ledger=ledger)
     means, counts = mean_embeddings(sums, data.num_classes)
@@ -241,6 +248,36 @@ def noisy_central_images(cfg, gen: DiffusionModel, data: ImageDataset, noise_mul
                                   noise_multiplier=noise_multiplier, sample_rate=cfg.central_sample_rate,
                                   queries=cfg.central_queries, ledger=ledger)
     return central_images(sums, gen.num_classes, gen.channels, gen.image_size)
+
+
+def mean_embedding_samples(cfg, gen: DiffusionModel, data: ImageDataset, noise_multiplier: float,
+                           ledger: PrivacyLedger | None, show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """DP-MEPF's release (recorded in `ledger`) and its post-processing: a generator matched to the noisy per-class
+    mean embeddings, and `cfg.warmup_samples` of its images with their labels, to warm the diffusion model up on."""
+    from sapf.engine.mepf import (
+        generator_images,
+        mean_embeddings,
+        public_feature_net,
+        release_mean_embeddings,
+        train_generator,
+    )
+
+    if not gen.num_classes or not data.num_classes:
+        raise SapfError("--warmup mean-embeddings needs labelled private data and a class-conditional model")
+    net = public_feature_net(load_dataset(cfg.public_data, gen.image_size, gen.channels), seed=cfg.seed)
+    sums = release_mean_embeddings(net=net, data=data, num_classes=gen.num_classes,
+                                   noise_multiplier=noise_multiplier, ledger=ledger)
+    means, _ = mean_embeddings(sums, gen.num_classes)
+    generator, _ = train_generator(net, means, image_size=gen.image_size, channels=gen.channels,
+                                   steps=cfg.warmup_generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
+                                   show_progress=show_progress)
+    return generator_images(generator, cfg.warmup_samples, seed=cfg.seed)
+
+
+def write_warmup_samples(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    from sapf.outputs import class_grid, save_png, to_uint8
+
+    save_png(path, class_grid(to_uint8(images), labels))
 
 
 def write_central_images(path: Path, central: np.ndarray) -> None:

@@ -37,7 +37,6 @@ from sapf.errors import SapfError
 
 RELEASE = "semantic-query"
 CLASSIFIER_STEPS = 1500  # Adam steps of the pool classifier (public data)
-CLASSIFIER_VERSION = 2  # of its training recipe (sapf.engine.mepf.augment): part of its cache key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,30 +49,10 @@ class SemanticQuery:
 
 
 def train_pool_classifier(pool: ImageDataset, seed: int = 0, steps: int = CLASSIFIER_STEPS):
-    """The pool classifier (public data, seeded), from ``$SAPF_CACHE/classifiers/`` when trained before with the same
-    pool, image size, seed and steps."""
-    import hashlib
+    """The pool classifier: a public feature network trained on the pool's semantic labels (cached)."""
+    from sapf.engine.mepf import public_feature_net
 
-    from safetensors.torch import load_file
-
-    from sapf.engine.evaluate import cache_dir
-    from sapf.engine.mepf import FeatureNet, train_feature_net
-    from sapf.outputs import save_tensors
-
-    h = hashlib.sha256(np.ascontiguousarray(pool.images).tobytes())
-    h.update(np.ascontiguousarray(pool.labels).tobytes())
-    # CLASSIFIER_VERSION names how it is trained (augmentation), so a changed recipe never reads an old network.
-    name = f"v{CLASSIFIER_VERSION}-{h.hexdigest()[:16]}-seed{seed}-steps{steps}.safetensors"
-    path = cache_dir() / "classifiers" / name
-    if path.exists():
-        net = FeatureNet(pool.channels, pool.num_classes)
-        net.load_state_dict(load_file(str(path)))
-        for p in net.parameters():
-            p.requires_grad_(False)
-        return net.eval()
-    net = train_feature_net(pool, steps=steps, seed=seed)
-    save_tensors(path, net.state_dict())
-    return net
+    return public_feature_net(pool, seed=seed, steps=steps)
 
 
 def semantic_contributions(net, data: ImageDataset, num_public: int, top_k: int, num_labels: int | None = None):

@@ -6,6 +6,8 @@ Today's stages, in order (each method of the harness is a choice of them):
   pretrained on them (:mod:`sapf.engine.semantic`);
 - ``warmup``   — optional: DP-FETA's noisy per-class central images (a private release through
   :mod:`sapf.engine.noisy_sum`), then every weight trained on them (:mod:`sapf.engine.central_images`);
+  or DP-MEPF's noisy mean embeddings, a generator matched to them, and every weight trained on its
+  samples (:mod:`sapf.engine.mepf`);
 - ``select``   — which weight matrices to fine-tune: the noisy saliency query (DP-SAPF, a private
   release through :mod:`sapf.engine.noisy_sum`) or a public choice (all attention, random, full);
 - ``finetune`` — DP-SGD on the chosen parameters (LoRA, or every weight).
@@ -55,6 +57,11 @@ def stages_of(cfg: MethodConfig) -> list[Stage]:
                             f"quer{'y' if cfg.central_queries == 1 else 'ies'}), then every weight trained on them for "
                             f"{cfg.warmup_steps} steps", "central-images", cfg.warmup_budget, cfg.central_sample_rate,
                             cfg.central_queries))
+    elif cfg.embedding_warmup:
+        stages.append(Stage("warmup", "noisy per-class mean embeddings of public-network features (DP-MEPF), a "
+                            f"generator trained {cfg.warmup_generator_steps} steps to match them, then every weight "
+                            f"trained on {cfg.warmup_samples} of its samples for {cfg.warmup_steps} steps",
+                            "mean-embeddings", cfg.warmup_budget))
     if cfg.selection == "saliency":
         select = Stage("select", f"noisy saliency query ranks the {cfg.candidates} candidate matrices; the top "
                        f"{cfg.top_fraction:.0%} are fine-tuned", "saliency-query", cfg.selection_budget,

@@ -21,7 +21,8 @@ Contracts that no type checks, kept here in one place:
 
 - **Messages.** Server → site: the queries ``query.central_images``, ``query.saliency``, ``query.sparta_mask`` and
   ``query.mean_embeddings`` with ``config`` (the plan, :meth:`FederationConfig.to_record`; after a warm-up also
-  ``base``, the warmed weights; DP-MEPF's also ``features``, the public feature network's weights); ``train`` with
+  ``base``, the warmed weights; ``query.mean_embeddings`` (a dp-mepf plan, or a ``mean-embeddings`` warm-up) also
+  ``features``, the public feature network's weights); ``train`` with
   ``config`` (the plan + ``round``, + ``selected`` for a saliency plan, + ``rows``, JSON, for a SPARTA plan) and
   ``adapter`` (float16 tensors, :func:`task.to_wire`: LoRA, or the trained weights). Site → server: ``sums`` or
   ``scores`` (a noisy vector) or ``adapter``, ``metrics`` (``examples``, ``epsilon``, and ``noise_multiplier`` for a

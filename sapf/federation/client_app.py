@@ -118,7 +118,9 @@ class Site:
         return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate, self.plan.total_steps)
 
     def central_release(self) -> Mechanism | None:
-        """DP-FETA's central-image release, if the plan has a warm-up."""
+        """The warm-up's release, if the plan has a warm-up: DP-FETA's central images or DP-MEPF's mean embeddings."""
+        if self.cfg.embedding_warmup:
+            return Mechanism("mean-embeddings", self.plan.embedding_noise, 1.0, 1)
         if not self.cfg.central_warmup:
             return None
         return Mechanism("central-images", self.plan.central_noise, self.cfg.central_sample_rate,
@@ -168,10 +170,13 @@ def _setup(msg: Message, context: Context) -> Site:
         check_noise("semantic query", plan.semantic_noise)
     if cfg.central_warmup:
         check_noise("central-image release", plan.central_noise)
+    if cfg.embedding_warmup:
+        check_noise("mean-embedding release", plan.embedding_noise)
     # A plan whose stages change the base (pretraining, a warm-up) sends the server's current base with every request
     # after its first query; that query runs on the base the site loaded itself.
     first = ("query.semantic" if cfg.public_selection == "semantic" else
-             "query.central_images" if cfg.central_warmup else None)
+             "query.central_images" if cfg.central_warmup else
+             "query.mean_embeddings" if cfg.embedding_warmup else None)
     if first is not None and msg.metadata.message_type != first:
         gen = _warmed_base(msg, gen, settings)
     if cfg.method == "dp-mepf":  # its one release is all it makes
@@ -292,20 +297,25 @@ def semantic(msg: Message, context: Context) -> Message:
 @app.query("mean_embeddings")
 @_guard
 def mean_embeddings(msg: Message, context: Context) -> Message:
-    """DP-MEPF's release at this site: noisy per-class sums of unit feature vectors and counts (one noisy sum; the
-    whole plan's ε). The feature network comes from the server as weights only, loaded into the architecture this
-    site installed; whatever its weights, every feature vector is scaled to unit norm, so the bound holds."""
+    """DP-MEPF's release at this site: noisy per-class sums of unit feature vectors and counts (one noisy sum; a
+    dp-mepf plan's whole ε, or a warm-up's share of it). The feature network comes from the server as weights only,
+    loaded into the architecture this site installed; whatever its weights, every feature vector is scaled to unit
+    norm, so the bound holds."""
     from sapf.engine.mepf import release_mean_embeddings
 
     site = _setup(msg, context)
     cfg = site.cfg
-    if cfg.method != "dp-mepf":
-        raise Refusal(f"refused: a {cfg.method} plan has no mean-embedding query")
+    if cfg.method != "dp-mepf" and not cfg.embedding_warmup:
+        raise Refusal(f"refused: this {cfg.method} plan has no mean-embedding query")
     if not site.data.num_classes:
         raise Refusal("refused: mean embeddings are per class; this site's data has no labels")
     net = _public_network(msg, "features", site)
     release = Mechanism("mean-embeddings", site.plan.embedding_noise, 1.0, 1)
-    ledger = site.spend([release])
+    if cfg.method == "dp-mepf":  # its one release is the whole plan
+        ledger = site.spend([release])
+    else:  # a warm-up: the whole run's budget is checked up front
+        later = [m for m in (site.selection_query(),) if m is not None]
+        ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])
     sums = release_mean_embeddings(net=net, data=site.data, num_classes=site.gen.num_classes,
                                    noise_multiplier=site.plan.embedding_noise, ledger=None)
     return _noisy_sum_reply(msg, site, ledger, "sums", sums, site.plan.embedding_noise)

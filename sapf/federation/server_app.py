@@ -225,9 +225,9 @@ def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torc
 
 def run_server(grid: Grid, cfg: FederationConfig) -> None:
     """The run's stages, in order, each private query one round whose replies are the sites' noisy sums:
-    ``warmup`` (central images, then the server warms the model up and sends its weights with every later
-    request), ``select`` (the saliency round, SPARTA's row-score round, or a public choice), then ``finetune``
-    (rounds of local DP-SGD)."""
+    ``warmup`` (central images or mean embeddings, then the server warms the model up and sends its weights with
+    every later request), ``select`` (the saliency round, SPARTA's row-score round, or a public choice), then
+    ``finetune`` (rounds of local DP-SGD)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     public = gen = base_generator(cfg)
@@ -291,13 +291,13 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     (:func:`combine_mean_embeddings`), trains the generator on them and writes the run dir. The combined sums are
     kept in ``checkpoint/``, so a resumed run asks the sites nothing again."""
     from sapf.engine.data import load_dataset
-    from sapf.engine.mepf import feature_dim, sample_generator, train_feature_net, train_generator
+    from sapf.engine.mepf import feature_dim, public_feature_net, sample_generator, train_generator
     from sapf.model_card import write_model_card
     from sapf.outputs import class_grid, save_png
 
     if not base.num_classes:
         raise SapfError("dp-mepf needs a class-conditional base model (per-class mean embeddings)")
-    net = train_feature_net(load_dataset(cfg.public_data, base.image_size, base.channels), seed=cfg.seed)
+    net = public_feature_net(load_dataset(cfg.public_data, base.image_size, base.channels), seed=cfg.seed)
     k, d = base.num_classes, feature_dim(net, base.channels, base.image_size)
     saved = out / "checkpoint" / "mean_embeddings.npz"
     if saved.exists():
@@ -414,6 +414,10 @@ def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path,
     saved = out / "checkpoint" / "base.safetensors"
     if resumed and saved.exists():
         return load_base(gen, load_file(str(saved)))
+    if cfg.embedding_warmup:
+        warmed = _embedding_warmup(grid, cfg, nodes, gen, out, base)
+        save_tensors(saved, {k: p for k, p in warmed.unet.named_parameters()})
+        return warmed
     sums, replies = central_images_round(grid, cfg, nodes, gen, base)
     _write_site_reports(out, replies)
     central = central_images(sums, gen.num_classes, gen.channels, gen.image_size)
@@ -422,6 +426,39 @@ def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path,
                      seed=cfg.seed, show_progress=False)
     save_tensors(saved, {k: p for k, p in warmed.unet.named_parameters()})
     say(f"warm-up: central images from {len(nodes)} sites; {cfg.warmup_steps} steps on them")
+    return warmed
+
+
+def _embedding_warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path, base=None):
+    """The warm-up on DP-MEPF's release: the sites' noisy per-class feature sums (one round, as a dp-mepf run's),
+    combined like a dp-mepf run's (:func:`combine_mean_embeddings`), a generator matched to them, and the model
+    warmed up on its samples (``warmup_samples.png``)."""
+    from sapf.engine.central_images import warm_up
+    from sapf.engine.data import load_dataset
+    from sapf.engine.mepf import BOUND, feature_dim, generator_images, public_feature_net, train_generator
+    from sapf.engine.run import write_warmup_samples
+
+    net = public_feature_net(load_dataset(cfg.public_data, gen.image_size, gen.channels), seed=cfg.seed)
+    k, d = gen.num_classes, feature_dim(net, gen.channels, gen.image_size)
+    valid, replies = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
+                                 _content(cfg, base, features=base_to_wire(net)))
+    _write_site_reports(out, replies)
+    # A site's class mean carries noise of norm about σ·Δ·√D / (its records per class) against a signal of norm at
+    # most 1 (public: σ, Δ, D and N). Past 1 the combined means, and so the generator's samples, are mostly noise.
+    noise = max(sigma * BOUND * math.sqrt(d) / max(n / k, 1.0) for _, sigma, n in valid)
+    if noise > 1:
+        say(f"warning: each site's mean embeddings carry noise of norm ~{noise:.1f} against a signal of at most 1; "
+            "the warm-up will learn mostly noise (raise --warmup-budget, or use --warmup central-images)")
+    means = combine_mean_embeddings([v for v, _, _ in valid], k)
+    generator, _ = train_generator(net, means, image_size=gen.image_size, channels=gen.channels,
+                                   steps=cfg.warmup_generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
+                                   show_progress=False)
+    images, labels = generator_images(generator, cfg.warmup_samples, seed=cfg.seed)
+    write_warmup_samples(out / "warmup_samples.png", images, labels)
+    warmed = warm_up(gen, images, labels=labels, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
+                     label_dropout=cfg.label_dropout, seed=cfg.seed, show_progress=False)
+    say(f"warm-up: mean embeddings from {len(valid)} sites; a generator of {cfg.warmup_generator_steps} steps; "
+        f"{cfg.warmup_steps} steps on {cfg.warmup_samples} of its samples")
     return warmed
 
 
