@@ -75,7 +75,12 @@ def test_one_record_moves_the_histogram_by_sqrt_k_and_the_noise_is_sigma_sqrt_k(
     torch.manual_seed(0)
     noisy = release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,
                                        noise_multiplier=sigma, ledger=ledger)
-    assert np.std(noisy - clean) == pytest.approx(sigma * math.sqrt(top_k), rel=0.06)
+    # The noise's std from six releases (4,740 draws): its estimate is then within ~1% (one release's 790 draws give
+    # ~2.5%, and a 6% tolerance on one of them failed about once in fifty), so noise shrunk by 6% still fails.
+    more = [release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,
+                                       noise_multiplier=sigma, ledger=None) for _ in range(5)]
+    residual = np.concatenate([noisy - clean, *(m - clean for m in more)])
+    assert np.std(residual) == pytest.approx(sigma * math.sqrt(top_k), rel=0.06)
     assert [(m.name, m.noise_multiplier, m.sample_rate, m.steps) for m in ledger.mechanisms] == \
         [("semantic-query", sigma, 1.0, 1)]
     torch.manual_seed(0)  # the public seed does not govern the noise: OS entropy, fresh at every release
