@@ -416,6 +416,9 @@ RELEASES = {
     "central_images": ("central_images", "central-images", {"warmup": "central-images"}, None),
     "sparta_mask": ("sparta", "sparta-mask", {"selection": "sparta", "mask_steps": 2}, None),
     "mean_embeddings": ("mepf", "mean-embeddings", {"method": "dp-mepf"}, ("features", 10)),
+    # the same query as a diffusion plan's warm-up (the whole run's budget checked first, then recorded)
+    "mean_embeddings+warmup": ("mepf", "mean-embeddings", {"warmup": "mean-embeddings", "selection": "attention"},
+                               ("features", 10)),
     "semantic": ("semantic", "semantic-query", {"public_selection": "semantic", "selection": "attention"},
                  ("classifier", 79)),
 }
@@ -445,7 +448,7 @@ def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir
     content = {"config": ConfigRecord(cfg.to_record())}
     if network is not None:
         content[network[0]] = base_to_wire(FeatureNet(1, network[1]))
-    msg = Message(RecordDict(content), dst_node_id=1, message_type=f"query.{query}")
+    msg = Message(RecordDict(content), dst_node_id=1, message_type=f"query.{query.split('+')[0]}")
     reply = _ask(msg, _node(tmp_path, site_npz, tiny_model_dir))
     assert not reply.has_error(), reply.error.reason
     assert seen and all(s == [name] for s in seen)  # every step of the release (SPARTA's: mask_steps of them)

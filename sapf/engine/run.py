@@ -254,13 +254,7 @@ def mean_embedding_samples(cfg, gen: DiffusionModel, data: ImageDataset, noise_m
                            ledger: PrivacyLedger | None, show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """DP-MEPF's release (recorded in `ledger`) and its post-processing: a generator matched to the noisy per-class
     mean embeddings, and `cfg.warmup_samples` of its images with their labels, to warm the diffusion model up on."""
-    from sapf.engine.mepf import (
-        generator_images,
-        mean_embeddings,
-        public_feature_net,
-        release_mean_embeddings,
-        train_generator,
-    )
+    from sapf.engine.mepf import mean_embeddings, public_feature_net, release_mean_embeddings
 
     if not gen.num_classes or not data.num_classes:
         raise SapfError("--warmup mean-embeddings needs labelled private data and a class-conditional model")
@@ -268,6 +262,15 @@ def mean_embedding_samples(cfg, gen: DiffusionModel, data: ImageDataset, noise_m
     sums = release_mean_embeddings(net=net, data=data, num_classes=gen.num_classes,
                                    noise_multiplier=noise_multiplier, ledger=ledger)
     means, _ = mean_embeddings(sums, gen.num_classes)
+    return warmup_generator_samples(cfg, net, means, gen, show_progress)
+
+
+def warmup_generator_samples(cfg, net, means: np.ndarray, gen: DiffusionModel, show_progress: bool = True
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Post-processing of mean embeddings (one site's, or a server's combination of the sites'): a generator matched
+    to them and `cfg.warmup_samples` of its labelled images, for the warm-up."""
+    from sapf.engine.mepf import generator_images, train_generator
+
     generator, _ = train_generator(net, means, image_size=gen.image_size, channels=gen.channels,
                                    steps=cfg.warmup_generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
                                    show_progress=show_progress)

@@ -117,7 +117,7 @@ class Site:
         """Every DP-SGD step of the plan, all rounds."""
         return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate, self.plan.total_steps)
 
-    def central_release(self) -> Mechanism | None:
+    def warmup_release(self) -> Mechanism | None:
         """The warm-up's release, if the plan has a warm-up: DP-FETA's central images or DP-MEPF's mean embeddings."""
         if self.cfg.embedding_warmup:
             return Mechanism("mean-embeddings", self.plan.embedding_noise, 1.0, 1)
@@ -223,7 +223,7 @@ def central_images(msg: Message, context: Context) -> Message:
     if not site.gen.num_classes:
         raise Refusal("refused: central images need a class-conditional base model")
     cfg = site.cfg
-    release = site.central_release()
+    release = site.warmup_release()
     later = [m for m in (site.selection_query(),) if m is not None]
     ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
     bound = image_bound(load_dataset(cfg.public_data, site.gen.image_size, site.gen.channels))
@@ -286,7 +286,7 @@ def semantic(msg: Message, context: Context) -> Message:
     num_public = net.head.out_features
     q = cfg.semantic_query()
     release = Mechanism("semantic-query", site.plan.semantic_noise, q.sample_rate, 1)
-    later = [m for m in (site.central_release(), site.selection_query()) if m is not None]
+    later = [m for m in (site.warmup_release(), site.selection_query()) if m is not None]
     ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
     hist = release_semantic_histogram(net=net, data=site.data, num_public=num_public, query=q,
                                       noise_multiplier=site.plan.semantic_noise, ledger=None,

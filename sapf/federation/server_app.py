@@ -435,8 +435,8 @@ def _embedding_warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, 
     warmed up on its samples (``warmup_samples.png``)."""
     from sapf.engine.central_images import warm_up
     from sapf.engine.data import load_dataset
-    from sapf.engine.mepf import BOUND, feature_dim, generator_images, public_feature_net, train_generator
-    from sapf.engine.run import write_warmup_samples
+    from sapf.engine.mepf import BOUND, feature_dim, public_feature_net
+    from sapf.engine.run import warmup_generator_samples, write_warmup_samples
 
     net = public_feature_net(load_dataset(cfg.public_data, gen.image_size, gen.channels), seed=cfg.seed)
     k, d = gen.num_classes, feature_dim(net, gen.channels, gen.image_size)
@@ -449,11 +449,8 @@ def _embedding_warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, 
     if noise > 1:
         say(f"warning: each site's mean embeddings carry noise of norm ~{noise:.1f} against a signal of at most 1; "
             "the warm-up will learn mostly noise (raise --warmup-budget, or use --warmup central-images)")
-    means = combine_mean_embeddings([v for v, _, _ in valid], k)
-    generator, _ = train_generator(net, means, image_size=gen.image_size, channels=gen.channels,
-                                   steps=cfg.warmup_generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
-                                   show_progress=False)
-    images, labels = generator_images(generator, cfg.warmup_samples, seed=cfg.seed)
+    images, labels = warmup_generator_samples(cfg, net, combine_mean_embeddings([v for v, _, _ in valid], k), gen,
+                                              show_progress=False)
     write_warmup_samples(out / "warmup_samples.png", images, labels)
     warmed = warm_up(gen, images, labels=labels, steps=cfg.warmup_steps, lr=cfg.warmup_lr,
                      label_dropout=cfg.label_dropout, seed=cfg.seed, show_progress=False)
