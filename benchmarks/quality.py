@@ -37,7 +37,7 @@ its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean
 
     python benchmarks/quality.py            # full profile (3 seeds): several hours on 2 CPU cores;
                                             #   it may run in parts with --resume
-    python benchmarks/quality.py --quick    # one seed, 20 steps, 200 samples, capped fixed costs (~130 min on 2 cores)
+    python benchmarks/quality.py --quick    # one seed, 20 steps of batch 128, 200 samples, capped fixed costs
     python benchmarks/quality.py --resume   # keep the finished (method, ε, seed) rows made with the same settings
     python benchmarks/quality.py --report   # only rewrite the doc and plots from the results JSON
     python benchmarks/quality.py --device cuda --seeds 0 --methods saliency full --out-dir part0   # a part, on a GPU
@@ -82,14 +82,17 @@ PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
     "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
-    # Cut towards 45 minutes on 2 CPU cores for every method at ε ∈ {1, 10} (measured: 108 min for 22 rows, and
-    # 24 min more for the two mepf-saliency rows): fewer DP-SGD steps,
+    # Cut towards 45 minutes on 2 CPU cores for every method at ε ∈ {1, 10} (measured for 24 rows: 130 min before
+    # these caps, 73 min with them and every warm-up capped at 100 steps): half the DP batch and fewer DP-SGD steps,
     # fewer samples and DDIM steps, and each method's fixed cost cut by `caps` (the fields of TrainConfig they
-    # override). The saliency query keeps its full pass over the data: it is DP-SAPF's own cost. One seed: the
-    # ranking of the methods, not their spread (the full profile gives that). The capped DP-FETA (random init) and
-    # PrivImage rows draw no digits yet: there they check the pipeline and its privacy record only.
-    "quick": dict(steps=20, batch_size=TRAIN_BATCH_SIZE, samples=200, ddim_steps=25, ddim_eta=DEFAULT_ETA,
-                  caps=dict(pretrain_steps=300, generator_steps=400, mask_steps=8, warmup_steps=300)),
+    # override): shorter generators and pretraining, the saliency query on a Poisson quarter of the data (its σ
+    # recomputed for that rate, so each row still spends its ε), and warm-ups no longer than sapf's default (100 steps
+    # took the warm-up rows' benefit away: docs/experiments.md#quick-73min). One seed: the ranking of the methods, not
+    # their spread (the full profile gives that). The capped DP-FETA (random init) and PrivImage rows draw no digits
+    # yet: there they check the pipeline and its privacy record only.
+    "quick": dict(steps=20, batch_size=TRAIN_BATCH_SIZE // 2, samples=200, ddim_steps=20, ddim_eta=DEFAULT_ETA,
+                  caps=dict(pretrain_steps=150, generator_steps=200, warmup_generator_steps=200, warmup_samples=1000,
+                            mask_steps=4, warmup_steps=MethodConfig.warmup_steps, selection_sample_rate=0.25)),
 }
 PROFILE_SEEDS = {"full": [0, 1, 2], "quick": [0]}  # not part of the profile: --resume keeps rows per seed
 
@@ -198,6 +201,8 @@ def capped(settings: dict, prof: dict) -> dict:
                 s[key] = cap
         elif key == "pretrain_steps" and s.get("public_selection") == "semantic" or \
                 key == "generator_steps" and s.get("method") == "dp-mepf" or \
+                key in ("warmup_generator_steps", "warmup_samples") and s.get("warmup") == "mean-embeddings" or \
+                key == "selection_sample_rate" and s.get("selection") == "saliency" or \
                 key == "mask_steps" and s.get("selection") == "sparta":
             s[key] = cap
     return s
@@ -407,10 +412,15 @@ def _describe(method: str, s: dict) -> str:
         txt += f", {s.get('mask_steps', MethodConfig.mask_steps)} mask-finding steps"
     if s.get("public_selection") == "semantic":
         txt += f", pretrained {s.get('pretrain_steps', MethodConfig.pretrain_steps)} steps on the chosen classes"
+    if s.get("selection") == "saliency" and s.get("selection_sample_rate", 1.0) < 1.0:
+        txt += f", saliency query on a Poisson {s['selection_sample_rate']:g} of the data"
     if s.get("init") == "random":
         txt += ", random init"
     if s.get("warmup", "none") != "none":
         txt += f", warm-up {s['warmup_steps']} steps at lr {s['warmup_lr']:g}"
+    if s.get("warmup") == "mean-embeddings":
+        txt += (f" on {s.get('warmup_samples', MethodConfig.warmup_samples)} samples of a generator trained "
+                f"{s.get('warmup_generator_steps', MethodConfig.warmup_generator_steps)} steps")
     return txt
 
 
@@ -485,11 +495,11 @@ and warms the model up on them (post-processing, free) before DP-SGD.
 `dp-feta` is DP-FETA as the paper runs it: the model has seen **no public data** (a randomly initialised UNet of the
 shipped model's architecture, seeded), so the warm-up is long ({feta_s['warmup_steps']} steps at lr \
 {feta_s['warmup_lr']:g}),
-and DP **full** fine-tuning follows. `feta-saliency` combines DP-FETA with DP-SAPF: the shipped model, sapf's default
-warm-up ({fs_s['warmup_steps']} steps at lr {fs_s['warmup_lr']:g}), then the saliency row's noisy selection (10% of ε)
-and DP-LoRA on the rest. `mepf-saliency` warms the shipped model up on samples of a generator matched to DP-MEPF's
-noisy mean embeddings instead (`--warmup mean-embeddings`, 10% of ε), then runs DP-SAPF the same way. All spend the
-same total ε as every other row.
+and DP **full** fine-tuning follows. `feta-saliency` combines DP-FETA with DP-SAPF: the shipped model, sapf's
+warm-up ({fs_s['warmup_steps']} steps at lr {fs_s['warmup_lr']:g}; the default is {MethodConfig.warmup_steps} steps),
+then the saliency row's noisy selection (10% of ε) and DP-LoRA on the rest. `mepf-saliency` warms the shipped model
+up on samples of a generator matched to DP-MEPF's noisy mean embeddings instead (`--warmup mean-embeddings`, 10% of
+ε), then runs DP-SAPF the same way. All spend the same total ε as every other row.
 
 **Metrics are on sapf's own feature network** (a small CNN trained on the real training split, no download):
 they compare these runs with each other, not with Inception-FID numbers in papers. `class_fidelity` is the share

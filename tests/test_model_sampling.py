@@ -59,6 +59,10 @@ def test_sampling_shape_range_and_seed(tiny_model_dir):
     assert a.shape == (5, 16, 16) and a.dtype == np.uint8
     assert la.tolist() == [0, 1, 2, 3, 4]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    d, _ = sample(gen, 5, steps=4, seed=1, batch_size=2, show_progress=False)  # each image keeps its own noise
+    assert np.abs(a.astype(int) - d.astype(int)).max() <= 1  # up to rounding: the batch size is not a parameter
+    with pytest.raises(SapfError, match="batch-size"):
+        sample(gen, 5, steps=2, batch_size=0, show_progress=False)
     _, l7 = sample(gen, 3, class_label=7, steps=2, show_progress=False)
     assert l7.tolist() == [7, 7, 7]
     with pytest.raises(SapfError, match="outside"):

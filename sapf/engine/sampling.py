@@ -26,7 +26,7 @@ def sample(
     class_label: int | None = None,
     steps: int = 50,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     show_progress: bool = True,
     eta: float = inputs.DEFAULT_ETA,
     guidance: float | None = None,
@@ -35,7 +35,9 @@ def sample(
     """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic); guidance:
     classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise;
     None: the model's default, :func:`sapf.sampling_inputs.resolve_guidance`); device: where the UNet runs
-    (the inputs are drawn on the CPU, so the images match the CPU's up to floating-point rounding)."""
+    (the inputs are drawn on the CPU, so the images match the CPU's up to floating-point rounding); batch_size:
+    images a batch (None: :data:`sapf.sampling_inputs.TORCH_CPU_BATCH_SIZE` on the CPU, ``BATCH_SIZE`` elsewhere;
+    the images do not depend on it)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
     inputs.check_eta(eta)
@@ -45,6 +47,10 @@ def sample(
     ddim = ddim_from(gen.scheduler)
     ddim.set_timesteps(steps)
     dev = compute_device(device)
+    if batch_size is None:
+        batch_size = inputs.TORCH_CPU_BATCH_SIZE if dev.type == "cpu" else inputs.BATCH_SIZE
+    if batch_size < 1:
+        raise SapfError("--batch-size must be at least 1")
     unet = gen.unet.eval() if dev.type == "cpu" else copy.deepcopy(gen.unet).eval().to(dev)
     out = []
     n_batches = (num + batch_size - 1) // batch_size

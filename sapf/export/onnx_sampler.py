@@ -27,6 +27,7 @@ import numpy as np
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
 from sapf.sampling_inputs import (
+    BATCH_SIZE,
     DEFAULT_ETA,
     check_eta,
     generator_latents,
@@ -326,9 +327,10 @@ class OnnxSampler:
         return np.asarray(self.session.run([self._output], feed)[0], np.float32)
 
     def sample(self, num: int, class_label: int | None = None, steps: int = 50, seed: int = 0,
-               batch_size: int = 256, show_progress: bool = True, eta: float = DEFAULT_ETA,
+               batch_size: int | None = None, show_progress: bool = True, eta: float = DEFAULT_ETA,
                guidance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler."""
+        batch_size = BATCH_SIZE if batch_size is None else batch_size
         if batch_size < 1:
             raise SapfError("--batch-size must be at least 1")
         check_eta(eta)
