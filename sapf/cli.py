@@ -17,7 +17,7 @@ import typer
 from sapf.config import ConfigError, FederationConfig, MethodConfig, PretrainConfig, TrainConfig
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
-from sapf.sampling_inputs import BATCH_SIZE, DEFAULT_ETA, GUIDANCE_WITH_NULL_CLASS
+from sapf.sampling_inputs import DEFAULT_ETA, GUIDANCE_WITH_NULL_CLASS
 
 app = typer.Typer(
     name="sapf",
@@ -145,8 +145,6 @@ def sample(
 
     if num < 1:
         raise SapfError("--num must be at least 1")
-    if batch_size is not None and batch_size < 1:
-        raise SapfError("--batch-size must be at least 1")
     if model is not None and onnx is not None:
         raise SapfError("give --model or --onnx, not both")
     if device not in ("cpu", "cuda"):
@@ -170,8 +168,7 @@ def sample(
         device = _torch_device(device, allow_cpu_fallback)
         if model is not None and is_generator_dir(model):  # DP-MEPF: one pass, no steps or guidance
             guidance = resolve_guidance(guidance, None)
-            images, labels = sample_generator(load_mean_embedding_generator(model), num, class_label, seed,
-                                              batch_size or BATCH_SIZE)
+            images, labels = sample_generator(load_mean_embedding_generator(model), num, class_label, seed, batch_size)
             meta.update(model=str(model))
         else:
             gen = load_generator(model)

@@ -41,6 +41,15 @@ DEFAULT_ETA = 1.0
 BATCH_SIZE, TORCH_CPU_BATCH_SIZE = 256, 32
 
 
+def resolve_batch_size(batch_size: int | None, default: int = BATCH_SIZE) -> int:
+    """The batch to sample in: `batch_size` checked, or (None) the sampler's `default`."""
+    if batch_size is None:
+        return default
+    if batch_size < 1:
+        raise SapfError("--batch-size must be at least 1")
+    return batch_size
+
+
 def check_eta(eta: float) -> None:
     if not 0.0 <= eta <= 1.0:
         raise SapfError(f"--eta must lie in [0, 1], got {eta}")

@@ -264,10 +264,12 @@ def load_mean_embedding_generator(path) -> MeanEmbeddingGenerator:
 
 @torch.no_grad()
 def sample_generator(gen: MeanEmbeddingGenerator, num: int, class_label: int | None = None, seed: int = 0,
-                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, labels), with the latents and labels the ONNX sampler draws for the same seed."""
     from sapf.outputs import to_uint8
-    from sapf.sampling_inputs import generator_latents, sample_labels
+    from sapf.sampling_inputs import generator_latents, resolve_batch_size, sample_labels
+
+    batch_size = resolve_batch_size(batch_size)
 
     labels = sample_labels(num, gen.config.num_classes, class_label)
     z = generator_latents(num, gen.config.latent_dim, seed)

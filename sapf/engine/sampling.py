@@ -47,10 +47,8 @@ def sample(
     ddim = ddim_from(gen.scheduler)
     ddim.set_timesteps(steps)
     dev = compute_device(device)
-    if batch_size is None:
-        batch_size = inputs.TORCH_CPU_BATCH_SIZE if dev.type == "cpu" else inputs.BATCH_SIZE
-    if batch_size < 1:
-        raise SapfError("--batch-size must be at least 1")
+    batch_size = inputs.resolve_batch_size(
+        batch_size, inputs.TORCH_CPU_BATCH_SIZE if dev.type == "cpu" else inputs.BATCH_SIZE)
     unet = gen.unet.eval() if dev.type == "cpu" else copy.deepcopy(gen.unet).eval().to(dev)
     out = []
     n_batches = (num + batch_size - 1) // batch_size

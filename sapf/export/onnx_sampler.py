@@ -27,12 +27,12 @@ import numpy as np
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
 from sapf.sampling_inputs import (
-    BATCH_SIZE,
     DEFAULT_ETA,
     check_eta,
     generator_latents,
     guided,
     initial_noise,
+    resolve_batch_size,
     resolve_guidance,
     sample_labels,
     step_noise,
@@ -330,9 +330,7 @@ class OnnxSampler:
                batch_size: int | None = None, show_progress: bool = True, eta: float = DEFAULT_ETA,
                guidance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler."""
-        batch_size = BATCH_SIZE if batch_size is None else batch_size
-        if batch_size < 1:
-            raise SapfError("--batch-size must be at least 1")
+        batch_size = resolve_batch_size(batch_size)
         check_eta(eta)
         guidance = self._guidance = resolve_guidance(guidance, self.null_class)
         labels = sample_labels(num, self.num_classes, class_label)
