@@ -65,7 +65,7 @@ def run_variant(name: str, epsilon: float, seed: int, guidance: list[float], sam
         run_dir = work / f"{name}-{seed}"
         cfg = TrainConfig(epsilon=epsilon, seed=seed, steps=steps, **{**PLAIN, **VARIANTS[name]})
         s = train(cfg, run_dir, force=True, sample_grid=False, device=device)
-        base.update(train_time_s=round(s["wall_time_s"], 1), trainable_parameters=s["trainable_parameters"])
+        base.update(train_time_s=round(s["private"]["wall_time_s"], 1), trainable_parameters=s["trainable_parameters"])
         gen = load_generator(str(run_dir / "model"))
     rows = []
     for w in guidance:

@@ -76,7 +76,7 @@ def pretrain(
     from sapf.engine.data import load_dataset
     from sapf.engine.model import save_generator
     from sapf.engine.pretrain import pretrain as run_pretrain
-    from sapf.engine.sampling import sample
+    from sapf.engine.sampling import GRID_DDIM_STEPS, GRID_SAMPLES, sample
     from sapf.outputs import atomic_output_dir, check_output_dir, write_json, write_samples
     from sapf.plots import plot_curve
 
@@ -103,7 +103,7 @@ def pretrain(
         write_json(tmp / "config.json", {"command": "pretrain", **cfg.to_dict(), "parameters": hist["parameters"],
                                          "wall_time_s": round(hist["wall_time_s"], 1)})
         plot_curve(tmp / "loss.png", {"loss": hist["loss"]}, "step", "noise-prediction MSE", "pretraining", smooth=25)
-        images, labels = sample(gen, 100, steps=50, seed=seed)
+        images, labels = sample(gen, GRID_SAMPLES, steps=GRID_DDIM_STEPS, seed=seed)
         write_samples(tmp / "samples", images, labels)
     _say(f"wrote {out} ({hist['parameters']:,} parameters, {hist['wall_time_s']:.0f} s); grid: {out}/samples/grid.png")
 

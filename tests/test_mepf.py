@@ -70,7 +70,9 @@ def test_dp_mepf_trains_exports_and_samples_alike_in_torch_and_onnx(tmp_path, ti
     for f in ("model/config.json", "feature_net.safetensors", "mean_embeddings.npz", "grid.png", "README.md",
               "config.json", "metrics.json"):
         assert (run / f).exists(), f
-    assert not (run / "private").exists()  # everything written is the release or computed from it
+    # Everything shared is the release or computed from it; the run's time (a pass over the private data) is not.
+    assert json.loads((run / "private" / "training.json").read_text()).keys() == {"wall_time_s"}
+    assert "wall_time_s" not in json.loads((run / "metrics.json").read_text())
     priv = json.loads((run / "privacy.json").read_text())
     [m] = priv["mechanisms"]
     assert (m["name"], m["sample_rate"], m["steps"]) == ("mean-embeddings", 1.0, 1) and m["noise_multiplier"] > 0

@@ -71,6 +71,30 @@ def test_sampling_shape_range_and_seed(tiny_model_dir):
         sample(gen, 0, steps=2, show_progress=False)
 
 
+def test_public_sample_is_cached_per_weights_and_settings(tiny_model_dir, tmp_path, monkeypatch):
+    """The public half of a federated comparison grid is drawn once per (weights, settings): a second call reads the
+    cache, and other weights or another seed never read an earlier entry."""
+    import torch
+
+    from sapf.engine.sampling import public_sample
+
+    monkeypatch.setenv("SAPF_CACHE", str(tmp_path))
+    gen = load_generator(tiny_model_dir)
+    a, la = public_sample(gen, 5, steps=3, seed=1)
+    fresh, _ = sample(gen, 5, steps=3, seed=1, show_progress=False)
+    assert np.array_equal(a, fresh) and la.tolist() == [0, 1, 2, 3, 4]
+    entries = list((tmp_path / "samples").glob("*.npz"))
+    assert len(entries) == 1
+    np.savez(entries[0], images=np.zeros_like(a), labels=la)  # marks the entry: a hit returns what the file holds
+    assert not public_sample(gen, 5, steps=3, seed=1)[0].any()
+    assert np.array_equal(public_sample(gen, 5, steps=3, seed=2)[0], sample(gen, 5, steps=3, seed=2,
+                                                                               show_progress=False)[0])
+    with torch.no_grad():
+        next(gen.unet.parameters()).add_(0.1)  # other weights: another entry, never the marked one
+    assert public_sample(gen, 5, steps=3, seed=1)[0].any()
+    assert len(list((tmp_path / "samples").glob("*.npz"))) == 3
+
+
 def test_default_public_model_is_shipped():
     gen = load_generator(None)
     assert default_model_dir().is_dir()

@@ -47,6 +47,21 @@ def test_the_noise_has_std_sigma_times_bound_is_fresh_and_recorded_before_return
     assert ledger.mechanisms == [Mechanism("semantic-query", 2.0, 0.3, 2)]
 
 
+def test_what_contributions_draw_from_the_global_generator_is_fresh():
+    """A network's own randomness inside a release (a user's model with dropout) does not follow --seed; outside the
+    release the global generator continues as the seed set it."""
+    draws = lambda idx: torch.rand(len(idx), 4)  # noqa: E731  (torch's global generator)
+    release = NoisySum("test", bound=10.0, noise_multiplier=0.0)
+    torch.manual_seed(0)
+    a, _ = noisy_sum(release=release, num_records=3, dim=4, contributions=draws, ledger=None)
+    after_a = torch.rand(1)
+    torch.manual_seed(0)
+    b, _ = noisy_sum(release=release, num_records=3, dim=4, contributions=draws, ledger=None)
+    assert not np.allclose(a, b)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after_a)  # public randomness after the release is still the seed's
+
+
 def test_bad_releases_are_refused():
     for kw in (dict(bound=0.0), dict(bound=math.inf), dict(noise_multiplier=-1.0), dict(noise_multiplier=math.nan),
                dict(sample_rate=0.0), dict(sample_rate=1.5)):

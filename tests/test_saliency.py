@@ -29,8 +29,7 @@ def test_one_example_moves_the_scores_by_at_most_the_sensitivity(small_data, sco
     clip = 1e-4  # far below the gradient norm, so the clip binds
     one = small_data.subset([3])
     q = SaliencyQuery(clip=clip, score=score)
-    _, scores, used = noisy_saliency_scores(gen, one, q, 0.0, None, show_progress=False)
-    assert used == 1
+    _, scores = noisy_saliency_scores(gen, one, q, 0.0, None, show_progress=False)
     assert np.linalg.norm(scores) <= bound(clip) * (1 + 1e-5)
     if score == "sqnorm":  # the whole-vector clip makes the block scores sum to exactly C²
         assert scores.sum() == pytest.approx(clip**2, rel=1e-4)
@@ -42,7 +41,7 @@ ATTENTION_QUERY = SaliencyQuery(clip=1.0, candidates="attention")  # the planted
 def test_planted_salient_matrix_ranks_first(small_data):
     gen = tiny_generator()
     planted = "mid_block.attentions.0.to_out.0"
-    base_names, base_scores, _ = noisy_saliency_scores(gen, small_data, ATTENTION_QUERY, 0.0, None, False)
+    base_names, base_scores = noisy_saliency_scores(gen, small_data, ATTENTION_QUERY, 0.0, None, False)
     assert base_names[int(np.argmax(base_scores))] != planted  # not first on its own
     attn = gen.unet.mid_block.attentions[0]
     x = torch.randn(2, 1, 16, 16)
@@ -56,7 +55,7 @@ def test_planted_salient_matrix_ranks_first(small_data):
         after = gen.unet(x, torch.tensor([3, 700]), torch.tensor([1, 2])).sample
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
     ledger = PrivacyLedger(10.0, 1e-4)
-    names, scores, _ = noisy_saliency_scores(gen, small_data, ATTENTION_QUERY, 0.5, ledger, False)
+    names, scores = noisy_saliency_scores(gen, small_data, ATTENTION_QUERY, 0.5, ledger, False)
     assert names[int(np.argmax(scores))] == planted
     assert planted in select_top(names, scores, 0.1)
     assert ledger.mechanisms[0].name == "saliency-query" and ledger.mechanisms[0].noise_multiplier == 0.5
@@ -73,4 +72,8 @@ def test_selection_noise_is_fresh_and_the_seed_drives_only_public_choices(small_
     r2 = choose_matrices("random", gen, None, q, 0.3, 0, None, seed=5)
     assert r1.selected == r2.selected and len(r1.selected) == len(a.selected)
     d = a.to_dict()
-    assert d["sensitivity"] == pytest.approx(1e-4) and d["noise_multiplier"] == 2.0 and d["examples_used"] == 40
+    assert d["sensitivity"] == pytest.approx(1e-4) and d["noise_multiplier"] == 2.0 and d["expected_examples"] == 40
+    # A Poisson sample's real size is private: the selection records only the public q·N, whatever was drawn.
+    half = choose_matrices("saliency", gen, small_data, SaliencyQuery(clip=1e-2, sample_rate=0.5), 0.3, 2.0, None,
+                           seed=5, show_progress=False).to_dict()
+    assert half["expected_examples"] == 20 and "examples_used" not in half

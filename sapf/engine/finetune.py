@@ -19,7 +19,7 @@ from sapf.engine.data import ImageDataset
 from sapf.engine.device import compute_device
 from sapf.engine.diffusion import add_noise, drop_labels, per_example_loss
 from sapf.engine.model import DiffusionModel
-from sapf.engine.noise import fresh_torch_generator
+from sapf.engine.noise import fresh_global_rng, fresh_torch_generator
 from sapf.engine.persample import (
     average_replicas,
     replicate,
@@ -221,7 +221,8 @@ def dp_finetune(
         ema = EMAModel(params, decay=cfg.ema_decay)
     x_all, y_all = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     hist, t0 = TrainHistory(), time.time()
-    with progress_bar(label, cfg.steps, show_progress) as bar:
+    # fresh_global_rng: a network's own draws (a user's base model with dropout) are fresh, not what --seed set.
+    with fresh_global_rng(), progress_bar(label, cfg.steps, show_progress) as bar:
         for step in range(cfg.steps):
             t_step = time.perf_counter()
             idx = torch.as_tensor(next(batches), dtype=torch.long)

@@ -16,6 +16,7 @@ low-order bits of floating-point noise can leak; sapf does not defend against th
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -30,3 +31,13 @@ def fresh_torch_generator(device: str | torch.device = "cpu") -> torch.Generator
 def fresh_numpy_generator() -> np.random.Generator:
     """A numpy Generator seeded with 128 bits of OS entropy."""
     return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+
+
+@contextlib.contextmanager
+def fresh_global_rng():
+    """Inside a private computation, torch's global generator — what a network draws its own randomness from (the
+    dropout of a user's base model, say) — is seeded from OS entropy, not left at what ``--seed`` set; outside it
+    the global generator continues as before, so public randomness stays reproducible."""
+    with torch.random.fork_rng(devices=[]):  # the CPU generator is restored; an accelerator's is seeded fresh too
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        yield

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sapf.engine.noise import fresh_numpy_generator
+from sapf.engine.noise import fresh_global_rng, fresh_numpy_generator
 from sapf.engine.privacy import PrivacyLedger
 from sapf.errors import SapfError
 
@@ -55,6 +55,7 @@ def noisy_sum(*, release: NoisySum, num_records: int, dim: int, contributions: C
               ledger: PrivacyLedger | None, chunk: int = 128, progress: Callable[[], None] | None = None
               ) -> tuple[np.ndarray, int]:
     """Release Σ clip(c_i, Δ) + N(0, (σΔ)²) over a Poisson sample of the records: (noisy sum, records used).
+    The count of records used is private (the sample's size; the accountant assumes it hidden): never release it.
 
     Args:
         release: name, bound Δ, noise multiplier σ (0: no noise, recorded as such) and sample rate q.
@@ -71,13 +72,14 @@ def noisy_sum(*, release: NoisySum, num_records: int, dim: int, contributions: C
     member = rng.random(num_records) < release.sample_rate if release.sample_rate < 1 else np.ones(num_records, bool)
     idx_all = np.flatnonzero(member)
     total = torch.zeros(dim, dtype=torch.float64)  # an empty sample still releases (noise only)
-    for b in range(0, len(idx_all), chunk):
-        rows = clip_rows(contributions(idx_all[b : b + chunk]), release.bound)
-        if rows.shape[1] != dim:
-            raise SapfError(f"{release.name}: a contribution has {rows.shape[1]} entries, expected {dim}")
-        total += rows.sum(dim=0)
-        if progress is not None:
-            progress()
+    with fresh_global_rng():  # whatever the contributions draw from torch's global generator is fresh too
+        for b in range(0, len(idx_all), chunk):
+            rows = clip_rows(contributions(idx_all[b : b + chunk]), release.bound)
+            if rows.shape[1] != dim:
+                raise SapfError(f"{release.name}: a contribution has {rows.shape[1]} entries, expected {dim}")
+            total += rows.sum(dim=0)
+            if progress is not None:
+                progress()
     summed = total.numpy()
     noisy = summed + rng.normal(0.0, release.noise_multiplier * release.bound, size=summed.shape) \
         if release.noise_multiplier > 0 else summed

@@ -28,8 +28,10 @@ RDP_ORDERS = tuple(sorted({1 + x / 10.0 for x in range(1, 100)} | set(range(12, 
 NEIGHBOURING = "add/remove one record"
 # What the accounting takes as known to everyone: each sample rate is (expected batch) / N and the
 # default δ is 1/(N ln N), so N itself is revealed; federated sites also report it with each reply.
-TREATED_AS_PUBLIC = ("the number of records N; the plan (every noise multiplier, sample rate and step count); "
-                     "the public model and public data")
+# Hence the guarantee covers what a record is, not whether N counts it: with N known exactly, someone who knows every
+# other record learns whether one more is there (the convention of DP-SGD libraries that take q = B/N).
+TREATED_AS_PUBLIC = ("the number of records N (so membership shown by N alone is not hidden); the plan (every noise "
+                     "multiplier, sample rate and step count); the public model and public data")
 
 
 @dataclass

@@ -153,7 +153,8 @@ def train(cfg: TrainConfig, out: Path, *, force: bool = False, show_progress: bo
         _write_pictures(tmp, merged, cfg.seed, sample_grid, device)
         write_model_card(tmp, config=config, privacy=[("this run", ledger.to_dict())], stages=stages,
                          examples=f"{n} training records")
-    return {**summary, **{k: curves[k] for k in ("wall_time_s", "final_loss")}}
+    # The caller gets the private statistics apart, named so: they must not go where the public summary goes.
+    return {**summary, "private": {k: curves[k] for k in ("wall_time_s", "final_loss")}}
 
 
 def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data: ImageDataset, out: Path, *,
@@ -170,6 +171,7 @@ def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data:
         sample_generator,
         train_generator,
     )
+    from sapf.engine.sampling import GRID_SAMPLES
     from sapf.outputs import class_grid, save_png
 
     n = len(data)
@@ -189,10 +191,13 @@ def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data:
                                   steps=cfg.generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
                                   show_progress=show_progress)
     # Everything below is a function of the release and public data: no private/ folder is needed.
+    # Everything in the summary is a function of the release and public data; the time is not (the release's pass
+    # over the private data is in it): private/, like a diffusion run's.
     summary = {"examples": n, "trainable_parameters": count_parameters(gen, trainable_only=True),
                "feature_dim": int(means.shape[1]), "noise_multipliers": {"mean-embeddings": pp.noise_of(
                    "mean-embeddings")}, "epsilon_spent": ledger.epsilon() if ledger.private else math.inf,
-               "wall_time_s": round(time.time() - t0, 2), "final_loss": float(np.mean(losses[-50:]))}
+               "final_loss": float(np.mean(losses[-50:]))}
+    timing = {"wall_time_s": round(time.time() - t0, 2)}
     config = {"command": "train", **asdict(cfg), "base_model_resolved": base.source, "resolved_delta": pp.delta,
               "stages": [s.to_dict() for s in stages]}
     with atomic_output_dir(out, force) as tmp:
@@ -202,12 +207,13 @@ def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data:
         write_json(tmp / "privacy.json", ledger.to_dict())
         write_json(tmp / "config.json", config)
         write_json(tmp / "metrics.json", {**summary, "generator_loss": [round(v, 6) for v in losses]})
+        write_private_curves(tmp, timing, "DP-MEPF")
         if sample_grid:
-            images, labels = sample_generator(gen, 100, seed=cfg.seed)
+            images, labels = sample_generator(gen, GRID_SAMPLES, seed=cfg.seed)
             save_png(tmp / "grid.png", class_grid(images, labels))
         write_model_card(tmp, config=config, privacy=[("this run", ledger.to_dict())], stages=stages,
                          examples=f"{n} training records")
-    return summary
+    return {**summary, "private": {**timing, "final_loss": summary["final_loss"]}}
 
 
 def semantic_pretrain(cfg, base: DiffusionModel, data: ImageDataset, noise_multiplier: float,
@@ -309,9 +315,10 @@ def write_private_curves(run_dir: Path, curves: dict, title: str) -> None:
 
 
 def _write_pictures(out: Path, gen: DiffusionModel, seed: int, sample_grid: bool, device: str = "cpu") -> None:
-    from sapf.engine.sampling import sample
+    from sapf.engine.sampling import GRID_DDIM_STEPS, GRID_SAMPLES, sample
     from sapf.outputs import class_grid, save_png
 
     if sample_grid:
-        images, labels = sample(gen, 100, steps=50, seed=seed, show_progress=False, device=device)
+        images, labels = sample(gen, GRID_SAMPLES, steps=GRID_DDIM_STEPS, seed=seed, show_progress=False,
+                                device=device)
         save_png(out / "grid.png", class_grid(images, labels))

@@ -148,9 +148,9 @@ def _block_score_contributions(gen: DiffusionModel, data: ImageDataset, q: Salie
 
 def noisy_saliency_scores(gen: DiffusionModel, data: ImageDataset, q: SaliencyQuery, noise_multiplier: float,
                           ledger: PrivacyLedger | None, show_progress: bool = True, device: str = "cpu"
-                          ) -> tuple[list[str], np.ndarray, int]:
+                          ) -> tuple[list[str], np.ndarray]:
     """Run the DP saliency query, a noisy sum (:mod:`sapf.engine.noisy_sum`) of the per-record block
-    scores: (candidate names, noisy scores, examples used).
+    scores: (candidate names, noisy scores).
 
     Recorded in `ledger` (whatever σ, 0 included: the ledger then says ε = ∞) before it returns.
     The Poisson sample, the diffusion noise and timesteps, and the Gaussian noise come from fresh
@@ -166,12 +166,13 @@ def noisy_saliency_scores(gen: DiffusionModel, data: ImageDataset, q: SaliencyQu
     expected_chunks = math.ceil(len(data) * q.sample_rate / q.batch_size)
     try:
         with progress_bar("saliency query", expected_chunks, show_progress) as bar:
-            noisy, used = noisy_sum(release=release, num_records=len(data), dim=len(names),
-                                    contributions=contributions, ledger=ledger, chunk=q.batch_size,
-                                    progress=bar.advance)
+            # The Poisson sample's size is private (the accountant assumes it hidden): dropped here.
+            noisy, _ = noisy_sum(release=release, num_records=len(data), dim=len(names),
+                                 contributions=contributions, ledger=ledger, chunk=q.batch_size,
+                                 progress=bar.advance)
     finally:
         close()
-    return names, noisy, used
+    return names, noisy
 
 
 def select_top(names: list[str], scores: np.ndarray, top_fraction: float) -> list[str]:
@@ -191,7 +192,7 @@ class Selection:
     noise_multiplier: float = 0.0
     clip: float | None = None
     sample_rate: float | None = None
-    examples_used: int = 0
+    expected_examples: float = 0.0  # q·N: public (the plan and N); the Poisson sample's real size is not
     score: str | None = None
     multiplicity: int | None = None
     top_fraction: float | None = None
@@ -213,9 +214,10 @@ def choose_matrices(strategy: str, gen: DiffusionModel, data: ImageDataset | Non
         raise SapfError(f"unknown selection '{strategy}' ({', '.join(STRATEGIES)})")
     names = candidate_modules(gen.unet, q.candidates)
     if strategy == "saliency":
-        names, scores, used = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, show_progress, device)
+        names, scores = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, show_progress, device)
         return Selection(strategy, names, select_top(names, scores, top_fraction), [float(s) for s in scores],
-                         noise_multiplier, q.clip, q.sample_rate, used, q.score, q.multiplicity, top_fraction)
+                         noise_multiplier, q.clip, q.sample_rate, q.sample_rate * len(data), q.score, q.multiplicity,
+                         top_fraction)
     if strategy == "attention":
         return Selection(strategy, names, candidate_modules(gen.unet, "attention"))
     if strategy == "random":

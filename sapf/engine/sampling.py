@@ -18,6 +18,9 @@ from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
 
+# The sample grid of every run (RUN/grid.png, and the public half of a federated run's comparison.png): 10 a class.
+GRID_SAMPLES, GRID_DDIM_STEPS = 100, 50
+
 
 @torch.no_grad()
 def sample(
@@ -71,3 +74,30 @@ def sample(
                 bar.advance()
             out.append(x.cpu().numpy())
     return to_uint8(np.concatenate(out)), labels
+
+
+def public_sample(gen: DiffusionModel, num: int, *, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sample` of a public model (the model's default guidance and eta), from ``$SAPF_CACHE/samples/`` when
+    drawn before with the same weights and settings: every federated run from the shipped model draws the same public
+    half of its comparison grid. Only for public models and the public seed: nothing private is cached."""
+    import hashlib
+    import json
+
+    from sapf.engine.evaluate import cache_dir
+    from sapf.outputs import atomic_path
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(gen.unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps({k: v for k, v in gen.scheduler.config.items()}, sort_keys=True, default=str).encode())
+    guidance = inputs.resolve_guidance(None, gen.null_class)
+    h.update(f"{gen.null_class}|{num}|{steps}|{seed}|{inputs.DEFAULT_ETA}|{guidance}|{torch.__version__}".encode())
+    path = cache_dir() / "samples" / f"{h.hexdigest()[:24]}.npz"
+    if path.exists():
+        with np.load(path) as cached:
+            return cached["images"], cached["labels"]
+    images, labels = sample(gen, num, steps=steps, seed=seed, show_progress=False)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, images=images, labels=labels)
+    return images, labels

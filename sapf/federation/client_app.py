@@ -243,8 +243,8 @@ def saliency(msg: Message, context: Context) -> Message:
     # Refuse up front a run whose whole plan (query + every round) would pass the site's limit.
     whole = [query, site.whole_training()]
     ledger = site.spend([query], budget_check=whole)
-    _, scores, _ = noisy_saliency_scores(site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None,
-                                         show_progress=False)
+    _, scores = noisy_saliency_scores(site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None,
+                                      show_progress=False)
     return _noisy_sum_reply(msg, site, ledger, "scores", scores, site.plan.selection_noise)
 
 
