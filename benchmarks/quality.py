@@ -82,7 +82,8 @@ PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
     "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
-    # Cut towards 45 minutes on 2 CPU cores (measured: 130 min before these cuts, 73 min with the caps for 24 rows):
+    # Cut towards 45 minutes on 2 CPU cores (measured: 130 min before these cuts, 73 min with the caps for 24 rows,
+    # 58 min for 19 with the staged methods at the largest ε only; docs/experiments.md#quick-58min):
     # half the DP batch and fewer DP-SGD steps, fewer samples and DDIM steps, and each method's fixed cost cut by
     # `caps` (the fields of TrainConfig they override): shorter generators and pretraining, the saliency query on a
     # Poisson quarter of the data (its σ recomputed for that rate, so each row still spends its ε), and warm-ups no

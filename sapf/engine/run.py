@@ -190,7 +190,6 @@ def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data:
     gen, losses = train_generator(net, means, image_size=base.image_size, channels=base.channels,
                                   steps=cfg.generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
                                   show_progress=show_progress)
-    # Everything below is a function of the release and public data: no private/ folder is needed.
     # Everything in the summary is a function of the release and public data; the time is not (the release's pass
     # over the private data is in it): private/, like a diffusion run's.
     summary = {"examples": n, "trainable_parameters": count_parameters(gen, trainable_only=True),
