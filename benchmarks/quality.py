@@ -44,7 +44,7 @@ its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean
     python benchmarks/quality.py --merge part0 part1 ...   # the parts' rows (same settings) → one JSON and doc
 
 The full profile writes benchmarks/results/quality.json, docs/benchmarks.md and PNGs under docs/img/
-(what the README quotes); --quick writes quality_quick.json, docs/benchmarks_quick.md and docs/img/quick/,
+(its earlier run in the README); --quick writes quality_quick.json, docs/benchmarks_quick.md and docs/img/quick/,
 so a quick run never overwrites the full profile's results. --out-dir DIR puts all of them under DIR instead
 (DIR/quality*.json, DIR/benchmarks*.md, DIR/img/...), e.g. for a smoke test.
 """
@@ -69,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, pld_epsilon, table  # noqa: E402
 
 from sapf.config import MethodConfig  # noqa: E402  (torch-free; its defaults, not copies)
-from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE  # noqa: E402  (sapf's defaults, not copies)
+from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE, WARMUP_MIN_EPSILON  # noqa: E402  (sapf's defaults, not copies)
 from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ PROFILES = {
     # `caps` (the fields of TrainConfig they override): shorter generators and pretraining, the saliency query on a
     # Poisson quarter of the data (its σ recomputed for that rate, so each row still spends its ε), and warm-ups no
     # longer than sapf's default (100 steps took the warm-up rows' benefit away: docs/experiments.md#quick-73min).
-    # The staged methods run at the largest ε only (`largest_epsilon_only`): sapf warms up only from ε = 5
+    # The staged methods run at the largest ε only (`largest_epsilon_only`): sapf warms up only from WARMUP_MIN_EPSILON
     # (`--warmup auto`), and the capped DP-FETA (random init) and PrivImage rows draw no digits at all, so there they
     # check the pipeline and its privacy record; the full profile runs every method at every ε. One seed: the ranking
     # of the methods, not their spread (the full profile gives that).
@@ -441,8 +441,8 @@ def _describe(method: str, s: dict) -> str:
 def _largest_only(prof: dict) -> str:
     only = prof.get("largest_epsilon_only")
     return ("" if not only else f"\nThis profile runs {', '.join(f'`{m}`' for m in only)} at the largest ε only "
-            "(sapf warms up only from ε = 5; the capped DP-FETA and PrivImage rows check the pipeline and its privacy "
-            "record, not quality).")
+            f"(sapf warms up only from ε = {WARMUP_MIN_EPSILON:g}; the capped DP-FETA and PrivImage rows check the "
+            "pipeline and its privacy record, not quality).")
 
 
 def _gpu(result: dict) -> str:
@@ -487,7 +487,7 @@ def write_doc(result: dict, out: Outputs) -> None:
     feta_s = settings.get("dp-feta", SETTINGS["dp-feta"])
     fs_s = settings.get("feta-saliency", SETTINGS["feta-saliency"])
     other = ("The quick profile's numbers: [benchmarks_quick.md](benchmarks_quick.md)." if prof["name"] == "full"
-             else "The full profile (what the README quotes): [benchmarks.md](benchmarks.md).")
+             else "The full profile's results: [benchmarks.md](benchmarks.md).")
     json_link = Path(os.path.relpath(out.json, out.doc.parent)).as_posix()
     json_name = out.json.relative_to(ROOT).as_posix() if out.json.is_relative_to(ROOT) else out.json.name
     ns = sorted({s["n"] for s in summary})
@@ -533,8 +533,9 @@ holdout accuracy of a small CNN trained only on the synthetic images (DPImageBen
 Each cell is the **mean ± sample standard deviation** over the row's n seeds (n = {n_text}; one seed: the value
 alone); cost columns are means. The seed is public randomness (initialisation, random selection, warm-up batches,
 sampling, the evaluation's networks); the DP noise is fresh at every run, so the spread includes it. Min and max
-of every metric are in the JSON's `summary`. `train_time_s` is the DP fine-tuning loop alone; `row_time_s` the whole
-row (private queries, warm-up or pretraining, training, sampling and evaluation), on the machine above.
+of every metric are in the JSON's `summary`. `train_time_s` is the DP fine-tuning loop alone (DP-MEPF: its whole
+run); `row_time_s` the whole row (private queries, warm-up or pretraining, training, sampling and evaluation), on the
+machine above.
 
 {summary_table(summary)}
 

@@ -110,6 +110,28 @@ def test_a_non_finite_per_example_gradient_never_reaches_the_release(digits16, m
     assert not torch.isfinite(train_once()).all()
 
 
+def test_a_networks_own_randomness_inside_dp_sgd_is_fresh_and_the_seed_continues_after(digits16):
+    # A base model that draws from torch's global generator in its forward pass (a user's model with dropout) gets
+    # fresh draws inside DP-SGD, not the ones --seed fixed; after training the global generator is the seed's again.
+    seen = []
+
+    def train_once():
+        gen = tiny_generator()
+        model = make_trainable(gen, "saliency", candidate_modules(gen.unet, "all")[:6])
+        model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_rng_state()))
+        cfg = DPSGDConfig(steps=1, batch_size=len(digits16), multiplicity=1, clip=1e-2, lr=1e-2, optimizer="sgd")
+        torch.manual_seed(0)
+        seeded = torch.get_rng_state()
+        dp_finetune(gen, model, digits16, cfg, 1.0, None, show_progress=False)
+        return seeded, torch.rand(1)
+
+    seeded, after = train_once()
+    _, again = train_once()
+    assert len(seen) == 2 and not torch.equal(seen[0], seeded) and not torch.equal(seen[0], seen[1])
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after) and torch.equal(after, again)
+
+
 def test_saliency_query_noise_has_the_planned_std_and_records_its_sample_rate(digits16):
     C, sigma = 1e-2, 3.0
     q = SaliencyQuery(clip=C, sample_rate=0.5, candidates="all")

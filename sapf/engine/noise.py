@@ -38,6 +38,8 @@ def fresh_global_rng():
     """Inside a private computation, torch's global generator — what a network draws its own randomness from (the
     dropout of a user's base model, say) — is seeded from OS entropy, not left at what ``--seed`` set; outside it
     the global generator continues as before, so public randomness stays reproducible."""
-    with torch.random.fork_rng(devices=[]):  # the CPU generator is restored; an accelerator's is seeded fresh too
+    # Every initialised CUDA device's generator is restored too (torch.manual_seed reseeds them all).
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
         yield

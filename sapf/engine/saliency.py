@@ -192,7 +192,7 @@ class Selection:
     noise_multiplier: float = 0.0
     clip: float | None = None
     sample_rate: float | None = None
-    expected_examples: float = 0.0  # q·N: public (the plan and N); the Poisson sample's real size is not
+    expected_examples: float | None = None  # a query's q·N: public (the plan and N); its sample's real size is not
     score: str | None = None
     multiplicity: int | None = None
     top_fraction: float | None = None
@@ -216,8 +216,8 @@ def choose_matrices(strategy: str, gen: DiffusionModel, data: ImageDataset | Non
     if strategy == "saliency":
         names, scores = noisy_saliency_scores(gen, data, q, noise_multiplier, ledger, show_progress, device)
         return Selection(strategy, names, select_top(names, scores, top_fraction), [float(s) for s in scores],
-                         noise_multiplier, q.clip, q.sample_rate, q.sample_rate * len(data), q.score, q.multiplicity,
-                         top_fraction)
+                         noise_multiplier, q.clip, q.sample_rate, round(q.sample_rate * len(data), 6), q.score,
+                         q.multiplicity, top_fraction)
     if strategy == "attention":
         return Selection(strategy, names, candidate_modules(gen.unet, "attention"))
     if strategy == "random":

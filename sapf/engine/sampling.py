@@ -83,21 +83,33 @@ def public_sample(gen: DiffusionModel, num: int, *, steps: int, seed: int) -> tu
     import hashlib
     import json
 
+    import diffusers
+
+    import sapf
     from sapf.engine.evaluate import cache_dir
     from sapf.outputs import atomic_path
 
+    # Everything the images depend on: the weights (names, shapes, dtypes, values), the UNet's and the scheduler's
+    # configs, the sampler's settings, and the versions of the code that draws them (sapf's sampler and inputs,
+    # diffusers' DDIM step, numpy's and torch's generators and kernels).
     h = hashlib.sha256()
     for name, tensor in sorted(gen.unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps({k: v for k, v in gen.scheduler.config.items()}, sort_keys=True, default=str).encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.float().numpy().tobytes())  # exact for every float dtype (bfloat16 has no numpy type)
+    for config in (gen.unet.config, gen.scheduler.config):
+        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
     guidance = inputs.resolve_guidance(None, gen.null_class)
-    h.update(f"{gen.null_class}|{num}|{steps}|{seed}|{inputs.DEFAULT_ETA}|{guidance}|{torch.__version__}".encode())
+    h.update(f"{gen.null_class}|{num}|{steps}|{seed}|{inputs.DEFAULT_ETA}|{guidance}|{sapf.__version__}|"
+             f"{diffusers.__version__}|{np.__version__}|{torch.__version__}".encode())
     path = cache_dir() / "samples" / f"{h.hexdigest()[:24]}.npz"
     if path.exists():
         with np.load(path) as cached:
             return cached["images"], cached["labels"]
     images, labels = sample(gen, num, steps=steps, seed=seed, show_progress=False)
-    with atomic_path(path) as tmp:
-        np.savez(tmp, images=images, labels=labels)
+    try:
+        with atomic_path(path) as tmp:
+            np.savez(tmp, images=images, labels=labels)
+    except OSError:  # a cache that cannot be written costs time next run, never this run's output
+        pass
     return images, labels

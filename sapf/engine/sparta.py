@@ -123,7 +123,8 @@ def sparta_selection(gen: DiffusionModel, data: ImageDataset, q: MaskQuery, nois
     scores = noisy_row_scores(gen, data, q, noise_multiplier, ledger, show_progress=show_progress, device=device)
     rows = top_rows(scores, q.row_fraction)
     return Selection("sparta", list(scores), list(scores), noise_multiplier=noise_multiplier, clip=q.clip,
-                     sample_rate=q.sample_rate, top_fraction=q.row_fraction,
+                     sample_rate=q.sample_rate, expected_examples=round(q.sample_rate * len(data), 6),
+                     top_fraction=q.row_fraction,
                      extra={"rows": rows, "row_scores": {n: [float(v) for v in s] for n, s in scores.items()},
                             "mask_steps": q.steps, "sensitivity": q.clip})
 

@@ -241,7 +241,9 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
     resumed = ck.exists()
     if resumed:
         st = read_json(ck)
-        selection, start, history = st["selection"], st["round"] + 1, st["history"]
+        # A checkpoint of an older sapf may carry round times: they are not shared any more.
+        selection, start = st["selection"], st["round"] + 1
+        history = [{k: v for k, v in h.items() if k != "wall_time_s"} for h in st["history"]]
         say(f"resuming after round {st['round']}")
     for stage in stages_of(cfg):
         if stage.name == "pretrain":
@@ -291,6 +293,7 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     kept in ``checkpoint/``, so a resumed run asks the sites nothing again."""
     from sapf.engine.data import load_dataset
     from sapf.engine.mepf import feature_dim, public_feature_net, sample_generator, train_generator
+    from sapf.engine.sampling import GRID_SAMPLES
     from sapf.model_card import write_model_card
     from sapf.outputs import class_grid, save_png
 
@@ -316,7 +319,7 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     save_tensors(out / "feature_net.safetensors", net.state_dict())
     write_json(out / "metrics.json", {"trainable_parameters": count_parameters(gen, True), "feature_dim": d,
                                       "generator_loss": [round(v, 6) for v in losses]})
-    images, labels = sample_generator(gen, 100, seed=cfg.seed)
+    images, labels = sample_generator(gen, GRID_SAMPLES, seed=cfg.seed)
     save_png(out / "grid.png", class_grid(images, labels))
     _export(out)
     eps, ledgers = _site_ledgers(out)
