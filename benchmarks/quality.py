@@ -43,6 +43,10 @@ its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean
     python benchmarks/quality.py --device cuda --seeds 0 --methods saliency full --out-dir part0   # a part, on a GPU
     python benchmarks/quality.py --merge part0 part1 ...   # the parts' rows (same settings) → one JSON and doc
 
+On a CPU the rows run two at a time (--jobs), each in its own process with half the cores: this UNet's small
+convolutions use a second thread poorly, so two one-thread rows side by side finish sooner than one after the other
+on two threads. Row times are then one row's share of the machine. On a GPU the rows run one after another.
+
 The full profile writes benchmarks/results/quality.json, docs/benchmarks.md and PNGs under docs/img/
 (its earlier run in the README); --quick writes quality_quick.json, docs/benchmarks_quick.md and docs/img/quick/,
 so a quick run never overwrites the full profile's results. --out-dir DIR puts all of them under DIR instead
@@ -96,9 +100,19 @@ PROFILES = {
                   caps=dict(pretrain_steps=150, generator_steps=200, warmup_generator_steps=200, warmup_samples=1000,
                             mask_steps=4, warmup_steps=MethodConfig.warmup_steps, selection_sample_rate=0.25),
                   largest_epsilon_only=["dp-feta", "feta-saliency", "mepf-saliency", "privimage-full",
-                                        "privimage-saliency"]),
+                                        "privimage-saliency"],
+                  # The rows whose non-private stage is far too short here to draw digits (the random UNet's warm-up,
+                  # PrivImage's pretraining): blobs at 200 and 150 steps as at 50, so they run each stage briefly,
+                  # to check the pipeline and its privacy record (docs/experiments.md#quick-side-by-side).
+                  pipeline_only=dict.fromkeys(["dp-feta"], dict(warmup_steps=50))
+                  | dict.fromkeys(["privimage-full", "privimage-saliency"], dict(pretrain_steps=50))),
 }
 PROFILE_SEEDS = {"full": [0, 1, 2], "quick": [0]}  # not part of the profile: --resume keeps rows per seed
+# Rows side by side on a CPU (--jobs), each its own process with cores // jobs threads. Measured on the 2-core CPU, the
+# shipped UNet on 64 images: a forward pass takes 0.59 s on one thread and 0.41 s on two, forward and backward
+# 1.66 s / 0.93 s, and two one-thread processes side by side run each at its one-thread speed; so two rows at once
+# finish ~1.1-1.4x sooner than the same rows one after the other on both threads.
+CPU_JOBS = 2
 
 # DP-FETA as the paper starts from a model that has seen no public data, so its warm-up on the central images is
 # where it first learns what a digit looks like: it gets a longer, faster warm-up than sapf's default (200 steps at
@@ -191,13 +205,21 @@ def random_init_model(seed: int, work: Path) -> str:
     if arch.get("parameters") not in (None, count_parameters(unet)):
         raise RuntimeError(f"the random UNet has {count_parameters(unet)} parameters, the shipped model "
                            f"{arch['parameters']}: build_unet no longer rebuilds its architecture")
-    save_generator(DiffusionModel(unet.eval(), build_scheduler(), f"random init (seed {seed})", null_class), out)
+    # Rows run side by side may build it at once: each saves to its own folder and the first rename wins (the
+    # weights are the same, from the seed).
+    tmp = work / f".random-init-seed{seed}-{os.getpid()}"
+    save_generator(DiffusionModel(unet.eval(), build_scheduler(), f"random init (seed {seed})", null_class), tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another row's copy is already in place
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 
-def capped(settings: dict, prof: dict) -> dict:
+def capped(settings: dict, prof: dict, method: str | None = None) -> dict:
     """A method's TrainConfig fields (its SETTINGS entry), with the profile's caps on fixed costs applied where the
-    method has that cost (a warm-up is only capped where the method warms up for longer than the cap)."""
+    method has that cost (a warm-up is only capped where the method warms up for longer than the cap), and the
+    profile's shorter stages for `method` if it only checks the pipeline there."""
     s = dict(settings)
     for key, cap in prof.get("caps", {}).items():
         if key == "warmup_steps":
@@ -209,7 +231,7 @@ def capped(settings: dict, prof: dict) -> dict:
                 key == "selection_sample_rate" and s.get("selection") == "saliency" or \
                 key == "mask_steps" and s.get("selection") == "sparta":
             s[key] = cap
-    return s
+    return s | prof.get("pipeline_only", {}).get(method, {})
 
 
 def method_epsilons(method: str, epsilons: list[float], prof: dict) -> list[float]:
@@ -220,8 +242,8 @@ def method_epsilons(method: str, epsilons: list[float], prof: dict) -> list[floa
     return [max(epsilons)] if method in prof.get("largest_epsilon_only", ()) else list(epsilons)
 
 
-def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, device: str = "cpu"
-            ) -> tuple[dict, np.ndarray, np.ndarray]:
+def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, device: str = "cpu",
+            show_progress: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
     from sapf.config import TrainConfig
     from sapf.engine.evaluate import evaluate
     from sapf.engine.mepf import load_mean_embedding_generator, sample_generator
@@ -238,12 +260,12 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
         row.update(train_time_s=0.0, trainable_parameters=0, epsilon_spent=0.0,
                    total_parameters=count_parameters(gen.unet))
     else:
-        s = capped(SETTINGS[method], prof)
+        s = capped(SETTINGS[method], prof, method)
         base = random_init_model(seed, work) if s.pop("init", "shipped") == "random" else None
         cfg = TrainConfig(epsilon=epsilon, delta=DELTA, top_fraction=TOP_FRACTION, steps=prof["steps"],
                           batch_size=prof["batch_size"], multiplicity=MULTIPLICITY, clip=CLIP, seed=seed,
                           base_model=base, **s)
-        summary = train(cfg, run_dir, force=True, show_progress=True, sample_grid=False, device=device)
+        summary = train(cfg, run_dir, force=True, show_progress=show_progress, sample_grid=False, device=device)
         gen = (load_mean_embedding_generator(run_dir) if cfg.method == "dp-mepf" else
                load_generator(str(run_dir / "model")))
         # The loop's time and loss are statistics of the private data (here MNIST, standing in for it): published
@@ -256,7 +278,7 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
     if method == "dp-mepf":  # one pass of its generator; the same class-balanced labels
         images, labels = sample_generator(gen, prof["samples"], seed=seed)
     else:
-        images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=True,
+        images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=show_progress,
                                 eta=prof["ddim_eta"], device=device)
     row["sample_time_s"] = round(time.time() - t0, 1)
     sdir = work / f"samples-{tag}"
@@ -266,6 +288,51 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
     for d in (run_dir, sdir):  # many jobs a run: keep the work dir small
         shutil.rmtree(d, ignore_errors=True)
     return row, images, labels
+
+
+def timed_row(job: tuple[str, float, int], prof: dict, work: Path, device: str, show_progress: bool
+              ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """:func:`run_one` for a (method, ε, seed) job, with the whole row's time."""
+    method, eps, seed = job
+    print(f"started: {method} ε={eps:g} seed {seed}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    row, images, labels = run_one(method, eps, prof, seed, work, device, show_progress)
+    row["row_time_s"] = round(time.time() - t0, 1)
+    return row, images, labels
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: list[tuple[str, float, int]], n_jobs: int, threads: int, prof: dict, work: Path, device: str):
+    """Yield (job, (row, images, labels)) as the jobs finish: one after another in this process, or `n_jobs` at a
+    time in worker processes of `threads` threads each. A failed row stops the run (the rows still running are
+    cancelled); the rows written before it stay in the results JSON for --resume."""
+    if n_jobs == 1:
+        for job in jobs:
+            yield job, timed_row(job, prof, work, device, True)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn"), initializer=_worker_threads,
+                               initargs=(threads,))
+    try:
+        futures = {pool.submit(timed_row, job, prof, work, device, False): job for job in jobs}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def longest_first(jobs: list[tuple[str, float, int]], previous: list[dict]) -> list[tuple[str, float, int]]:
+    """Seed by seed, each seed's rows longest first (their times in the profile's previous results; rows never timed
+    first), so that rows run side by side finish close together."""
+    times = {(r["method"], r["epsilon"]): r.get("row_time_s", math.inf) for r in previous}
+    return sorted(jobs, key=lambda j: (j[2], -times.get((j[0], j[1]), math.inf)))
 
 
 def _order(method: str) -> int:
@@ -445,6 +512,14 @@ def _largest_only(prof: dict) -> str:
             "pipeline and its privacy record, not quality).")
 
 
+def _threads(result: dict) -> str:
+    jobs = result.get("jobs", 1)
+    if jobs == 1:
+        return f"with {result['machine']['threads']} threads"
+    per = result["threads_per_job"]
+    return f"with {jobs} rows side by side, {per} thread{'s' if per > 1 else ''} each (`--jobs {jobs}`)"
+
+
 def _gpu(result: dict) -> str:
     gpu = result["machine"].get("gpu")
     procs = len(result.get("machines", []))
@@ -482,7 +557,7 @@ def write_doc(result: dict, out: Outputs) -> None:
     plots_md = "\n".join(f"![{Path(p).name}]({p})" for p in result["plots"])
     reused = (f" ({result['reused_rows']} rows kept from an earlier run with the same profile and settings, `--resume`)"
               if result.get("reused_rows") else "")
-    settings = {m: capped(s, prof) for m, s in result.get("settings", SETTINGS).items()}
+    settings = {m: capped(s, prof, m) for m, s in result.get("settings", SETTINGS).items()}
     lrs = "; ".join(_describe(m, s) for m, s in settings.items())
     feta_s = settings.get("dp-feta", SETTINGS["dp-feta"])
     fs_s = settings.get("feta-saliency", SETTINGS["feta-saliency"])
@@ -496,7 +571,7 @@ def write_doc(result: dict, out: Outputs) -> None:
 
 Produced by `python benchmarks/quality.py{' --quick' if prof['name'] == 'quick' else ''}` ({prof['name']} profile,
 seeds {', '.join(map(str, seeds))})
-on {result['machine']['platform']} with {result['machine']['threads']} threads{_gpu(result)}, \
+on {result['machine']['platform']} {_threads(result)}{_gpu(result)}, \
 {result['machine']['date']}{reused};
 raw numbers (every seed's row, and the summary below) in [`{json_name}`]({json_link}). {other}
 
@@ -592,12 +667,17 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                     help="Merge the results of parts run elsewhere (each DIR an --out-dir of this profile): keep their "
                          "rows made with this run's settings, copy their sample grids, and rewrite the doc.")
+    ap.add_argument("--jobs", type=int,
+                    help=f"Rows run side by side, each in its own process with the cores shared out (default: "
+                         f"{CPU_JOBS} on a CPU of at least {CPU_JOBS} cores, else 1; 1 with --device cuda).")
     ap.add_argument("--resume", action="store_true",
                     help="Keep the (method, ε, seed) rows of the profile's results JSON made with the same settings; "
                          "run only the rest.")
     a = ap.parse_args()
     if a.seed is not None and a.seeds is not None:
         ap.error("give --seeds or --seed, not both")
+    if a.jobs is not None and a.jobs < 1:
+        ap.error("--jobs must be at least 1")
 
     import torch
 
@@ -619,15 +699,20 @@ def main() -> None:
         result["plots"] = plots(result["summary"], _plot_epsilons(result["rows"], a.epsilons), out)
         write_doc(result, out)
         return
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cores = os.cpu_count() or 1
+    n_jobs = a.jobs if a.jobs is not None else CPU_JOBS if a.device == "cpu" and cores >= CPU_JOBS else 1
+    threads = max(1, cores // n_jobs) if n_jobs > 1 else max(1, torch.get_num_threads())
+    torch.set_num_threads(threads)
     seeds = list(dict.fromkeys(a.seeds if a.seeds is not None else [a.seed] if a.seed is not None
                                else PROFILE_SEEDS[name]))
     # Seed by seed: after the first seed's pass the doc already holds a complete single-seed table.
     jobs = [(m, e, s) for s in seeds for m in a.methods for e in method_epsilons(m, a.epsilons, prof)]
     rows, grids = [], {}
     reused = 0
-    if a.resume and out.json.exists():
-        old = read_json(out.json)
+    old = read_json(out.json) if out.json.exists() else None
+    if old is not None and old.get("profile", {}).get("name") == name:
+        jobs = longest_first(jobs, [_from_jsonable(r) for r in old["rows"]])
+    if a.resume and old is not None:
         # Rows from before the seed was recorded (or without class fidelity) are not kept: rerun them.
         rows = [r for r in map(_from_jsonable, old["rows"])
                 if "seed" in r and all(r.get(k) is not None for k in METRICS) and _same_setup(old, prof, r["method"])]
@@ -640,12 +725,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sapf-quality-"))
     t_all = time.time()
     total, first = len(rows) + len(jobs), len(rows)
+    parallel = {"jobs": n_jobs, "threads_per_job": threads}
     try:
-        for i, (method, eps, seed) in enumerate(jobs, first + 1):
-            print(f"[{i}/{total}] {method} ε={eps:g} seed {seed}", file=sys.stderr, flush=True)
-            t_row = time.time()
-            row, images, labels = run_one(method, eps, prof, seed, work, a.device)
-            row["row_time_s"] = round(time.time() - t_row, 1)
+        for i, ((method, eps, seed), (row, images, labels)) in enumerate(
+                run_jobs(jobs, n_jobs, threads, prof, work, a.device), first + 1):
+            print(f"[{i}/{total}] {method} ε={eps:g} seed {seed} done in {row['row_time_s']:.0f} s",
+                  file=sys.stderr, flush=True)
             rows.append(row)
             key = (method, _eps_label(method, eps))
             if key not in grids or seed < grids[key].get("seed", math.inf):  # one grid: the lowest seed's
@@ -657,7 +742,7 @@ def main() -> None:
             grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
             print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
             # Partial results are written as they come: a long run interrupted late still reports.
-            write_result(out, {"profile": prof, "seeds": seeds, "machine": machine(), "rows": rows,
+            write_result(out, {"profile": prof, "seeds": seeds, "machine": machine(), **parallel, "rows": rows,
                                "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
                                "reused_rows": reused, "complete": i == total}, a.epsilons)
     finally:

@@ -8,10 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist (pyproject's addopts) runs one worker a core: each worker, and the CLIs and sites it starts
+# (OMP_NUM_THREADS), gets its share of the cores instead of every worker fighting over all of them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 TINY = dict(image_size=16, channels=1, num_classes=10, block_out_channels=(8, 16), layers_per_block=1,
             attention_head_dim=8, norm_num_groups=4)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """The tests that start Ray or a SuperLink and SuperNodes (marked slow) run on one worker, one after another:
+    two Flower runs at once would share ports and both cores."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("flower"))
 
 
 def tiny_generator(seed: int = 0):
