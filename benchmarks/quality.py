@@ -86,8 +86,9 @@ PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
     "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
-    # Cut towards 45 minutes on 2 CPU cores (measured: 130 min before these cuts, 73 min with the caps for 24 rows,
-    # 58 min for 19 with the staged methods at the largest ε only; docs/experiments.md#quick-58min):
+    # Cut to 45 minutes on 2 CPU cores (measured: 130 min before these cuts, 73 min with the caps for 24 rows,
+    # 58 min for 19 with the staged methods at the largest ε only, 43 min with two rows at a time (CPU_JOBS) and the
+    # pipeline-only rows' stages at 50 steps; docs/experiments.md#quick-side-by-side):
     # half the DP batch and fewer DP-SGD steps, fewer samples and DDIM steps, and each method's fixed cost cut by
     # `caps` (the fields of TrainConfig they override): shorter generators and pretraining, the saliency query on a
     # Poisson quarter of the data (its σ recomputed for that rate, so each row still spends its ε), and warm-ups no
@@ -111,7 +112,8 @@ PROFILE_SEEDS = {"full": [0, 1, 2], "quick": [0]}  # not part of the profile: --
 # Rows side by side on a CPU (--jobs), each its own process with cores // jobs threads. Measured on the 2-core CPU, the
 # shipped UNet on 64 images: a forward pass takes 0.59 s on one thread and 0.41 s on two, forward and backward
 # 1.66 s / 0.93 s, and two one-thread processes side by side run each at its one-thread speed; so two rows at once
-# finish ~1.1-1.4x sooner than the same rows one after the other on both threads.
+# finish sooner than the same rows one after the other on both threads (the quick profile: a row on one thread takes
+# ~1.6x its time on two, so the profile ran ~1.25x faster; docs/experiments.md#quick-side-by-side).
 CPU_JOBS = 2
 
 # DP-FETA as the paper starts from a model that has seen no public data, so its warm-up on the central images is
