@@ -63,6 +63,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,8 +312,8 @@ def _worker_threads(threads: int) -> None:
 
 def run_jobs(jobs: list[tuple[str, float, int]], n_jobs: int, threads: int, prof: dict, work: Path, device: str):
     """Yield (job, (row, images, labels)) as the jobs finish: one after another in this process, or `n_jobs` at a
-    time in worker processes of `threads` threads each. A failed row stops the run (the rows still running are
-    cancelled); the rows written before it stay in the results JSON for --resume."""
+    time in worker processes of `threads` threads each. A failed row stops the run: the rows not yet started are
+    cancelled and those running finish first; the rows written before stay in the results JSON for --resume."""
     if n_jobs == 1:
         for job in jobs:
             yield job, timed_row(job, prof, work, device, True)
@@ -729,24 +730,25 @@ def main() -> None:
     total, first = len(rows) + len(jobs), len(rows)
     parallel = {"jobs": n_jobs, "threads_per_job": threads}
     try:
-        for i, ((method, eps, seed), (row, images, labels)) in enumerate(
-                run_jobs(jobs, n_jobs, threads, prof, work, a.device), first + 1):
-            print(f"[{i}/{total}] {method} ε={eps:g} seed {seed} done in {row['row_time_s']:.0f} s",
-                  file=sys.stderr, flush=True)
-            rows.append(row)
-            key = (method, _eps_label(method, eps))
-            if key not in grids or seed < grids[key].get("seed", math.inf):  # one grid: the lowest seed's
-                keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
-                png = f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
-                save_png(out.doc.parent / png, class_grid(images[keep], labels[keep]))
-                grids[key] = {"method": method, "epsilon": key[1], "seed": seed, "png": png}
-            rows.sort(key=lambda r: (_order(r["method"]), r["epsilon"], r["seed"]))
-            grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
-            print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
-            # Partial results are written as they come: a long run interrupted late still reports.
-            write_result(out, {"profile": prof, "seeds": seeds, "machine": machine(), **parallel, "rows": rows,
-                               "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
-                               "reused_rows": reused, "complete": i == total}, a.epsilons)
+        # closing(): the workers are done before the work dir goes, however the loop ends.
+        with closing(run_jobs(jobs, n_jobs, threads, prof, work, a.device)) as finished:
+            for i, ((method, eps, seed), (row, images, labels)) in enumerate(finished, first + 1):
+                print(f"[{i}/{total}] {method} ε={eps:g} seed {seed} done in {row['row_time_s']:.0f} s",
+                      file=sys.stderr, flush=True)
+                rows.append(row)
+                key = (method, _eps_label(method, eps))
+                if key not in grids or seed < grids[key].get("seed", math.inf):  # one grid: the lowest seed's
+                    keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
+                    png = f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
+                    save_png(out.doc.parent / png, class_grid(images[keep], labels[keep]))
+                    grids[key] = {"method": method, "epsilon": key[1], "seed": seed, "png": png}
+                rows.sort(key=lambda r: (_order(r["method"]), r["epsilon"], r["seed"]))
+                grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
+                print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
+                # Partial results are written as they come: a long run interrupted late still reports.
+                write_result(out, {"profile": prof, "seeds": seeds, "machine": machine(), **parallel, "rows": rows,
+                                   "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
+                                   "reused_rows": reused, "complete": i == total}, a.epsilons)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(summary_table(summarise(rows)))
