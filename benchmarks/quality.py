@@ -219,7 +219,7 @@ def random_init_model(seed: int, work: Path) -> str:
     return str(out)
 
 
-def capped(settings: dict, prof: dict, method: str | None = None) -> dict:
+def capped(settings: dict, prof: dict, method: str) -> dict:
     """A method's TrainConfig fields (its SETTINGS entry), with the profile's caps on fixed costs applied where the
     method has that cost (a warm-up is only capped where the method warms up for longer than the cap), and the
     profile's shorter stages for `method` if it only checks the pipeline there."""
