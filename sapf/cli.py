@@ -235,6 +235,10 @@ _PUBLIC_SELECTION = typer.Option(_M.public_selection, help="none | semantic (Pri
                                                             "classes of --public-pool to pretrain on first).")
 _SEMANTIC_BUDGET = typer.Option(_M.semantic_budget, help="Share of ε spent by the semantic query.")
 _PRETRAIN_STEPS = typer.Option(_M.pretrain_steps, help="Pretraining steps on the chosen public classes (cached).")
+_ONNX = typer.Option(FederationConfig.onnx, "--onnx/--no-onnx",
+                     help="Export model.onnx at the end of the run (--no-onnx: later, with `sapf export RUN`).")
+_CLASSIFIER_STEPS = typer.Option(_M.semantic_classifier_steps,
+                                 help="Training steps of the public-pool classifier that votes (public data; cached).")
 _ROW_FRACTION = typer.Option(_M.row_fraction, help="SPARTA: share of each matrix's rows fine-tuned.")
 _MASK_STEPS = typer.Option(_M.mask_steps, help="SPARTA: noisy gradient steps (lr 0) that score the rows.")
 _CANDIDATES = typer.Option(_M.candidates, help="Candidate matrices: all Linear/Conv2d, or attention projections.")
@@ -274,7 +278,7 @@ def train(
     candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET,
     row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
-    pretrain_steps: int = _PRETRAIN_STEPS,
+    pretrain_steps: int = _PRETRAIN_STEPS, semantic_classifier_steps: int = _CLASSIFIER_STEPS,
     warmup: str = _WARMUP, warmup_budget: float = _WARMUP_BUDGET, warmup_steps: int = _WARMUP_STEPS,
     warmup_generator_steps: int = _WARMUP_GENERATOR_STEPS,
     steps: Optional[int] = typer.Option(None, help=f"DP-SGD steps (default {TRAIN_STEPS})."),
@@ -288,10 +292,10 @@ def train(
     device: str = typer.Option("cpu", help="Where the networks compute: cpu or cuda (the privacy is the same)."),
 ):
     """Fine-tune the public generator on private data under (ε, δ)-DP."""
-    from sapf.engine.run import train as run_train
-
-    device = _torch_device(device)
     cfg = _config(TrainConfig, locals())
+    cfg.validate()  # a bad flag is answered at once, before torch and diffusers load (seconds)
+    device = _torch_device(device)
+    from sapf.engine.run import train as run_train
     if not math.isfinite(cfg.epsilon):
         _say("ε = inf: training WITHOUT differential privacy (the non-private upper bound)")
     s = run_train(cfg, out, force=force, device=device)
@@ -357,16 +361,19 @@ def federate(
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
     row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
-    pretrain_steps: int = _PRETRAIN_STEPS,
+    pretrain_steps: int = _PRETRAIN_STEPS, semantic_classifier_steps: int = _CLASSIFIER_STEPS,
     candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
     keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: int = typer.Option(_F.min_clients, help="Fewest valid replies a round may go on with."),
-    base_model: Optional[Path] = _BASE, seed: int = _SEED, resume: bool = _RESUME, force: bool = _FORCE,
+    base_model: Optional[Path] = _BASE, seed: int = _SEED, onnx: bool = _ONNX, resume: bool = _RESUME,
+    force: bool = _FORCE,
 ):
     """Fine-tune the public generator across simulated sites with Flower (DP-SAPF by default)."""
+    cfg = _federation_config(locals(), min_clients=min(min_clients, clients))
+    if not resume:
+        cfg.validate()  # a bad flag is answered at once, before Flower, torch and diffusers load (seconds)
     from sapf.federation.simulation import federate as run_federate
 
-    cfg = _federation_config(locals(), min_clients=min(min_clients, clients))
     _done(out, run_federate(cfg, force=force, resume=resume))
 
 
@@ -378,7 +385,8 @@ def _done(out: Path, status: dict) -> None:
     listed = ", ".join(f"{name}{'/' if (out / name).is_dir() else ''}{f' ({what})' if what else ''}"
                        for name, what in parts if (out / name).exists())
     _say(f"done. outputs in {out}/: {listed}, privacy/ ({eps})")
-    _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
+    if (out / "model.onnx").exists():
+        _say(f"sample from the ONNX file: sapf sample --onnx {out}/model.onnx --num 64 --out samples")
 
 
 def _exit_on_sigterm() -> None:
@@ -410,19 +418,19 @@ def serve(
     batch_size: int = _BATCH, multiplicity: int = _MULTIPLICITY, top_fraction: float = _TOP,
     row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
-    pretrain_steps: int = _PRETRAIN_STEPS,
+    pretrain_steps: int = _PRETRAIN_STEPS, semantic_classifier_steps: int = _CLASSIFIER_STEPS,
     candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
     keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: Optional[int] = typer.Option(None,
                                               help="Fewest valid replies a round may go on with (default: all sites)."),
-    base_model: Optional[Path] = _BASE, seed: int = _SEED, resume: bool = _RESUME, force: bool = _FORCE,
+    base_model: Optional[Path] = _BASE, seed: int = _SEED, onnx: bool = _ONNX, resume: bool = _RESUME,
+    force: bool = _FORCE,
 ):
     """Start a SuperLink, run DP-SAPF across the sites that `sapf join` it, and write the run dir."""
     import shutil
 
     from sapf.federation.deployment import Tls
     from sapf.federation.deployment import serve as run_serve
-    from sapf.federation.simulation import prepare_run_dir
 
     if insecure and supernode_key:
         raise SapfError("--supernode-key needs TLS (Flower authenticates SuperNodes only over TLS); drop --insecure")
@@ -433,6 +441,8 @@ def serve(
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
     cfg = _federation_config(locals(), min_clients=min_clients or clients)
+    from sapf.federation.simulation import prepare_run_dir
+
     cfg = prepare_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
                                                              "supernode_auth": bool(supernode_key)})
     shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)

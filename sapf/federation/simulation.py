@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sapf.config import FederationConfig
 from sapf.errors import SapfError
-from sapf.federation.task import FederationConfig, plan_site
 from sapf.outputs import check_output_dir, read_json, write_json
 
 
@@ -91,6 +91,7 @@ def _precheck(cfg: FederationConfig) -> None:
     from sapf.engine.data import partition
     from sapf.engine.model import load_generator
     from sapf.engine.run import load_private_data
+    from sapf.federation.task import plan_site
 
     gen = load_generator(cfg.base_model)
     cfg = cfg.for_model(conditional=gen.num_classes > 0)
