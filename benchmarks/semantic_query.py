@@ -48,7 +48,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         t0 = time.time()
-        net = train_pool_classifier(pool, seed=seed)
+        net = train_pool_classifier(pool, seed=seed, steps=TrainConfig.semantic_classifier_steps)
         train_s = time.time() - t0
         for eps in args.epsilons:
             cfg = TrainConfig(epsilon=eps, delta=1e-5, public_selection="semantic", semantic_top_k=q.top_k,

@@ -105,6 +105,7 @@ class MethodConfig:
     semantic_budget: float = 0.05  # share of ε spent by the semantic query
     semantic_top_k: int = 1  # public classes each private record votes for (sensitivity √k)
     semantic_per_label: int = 1  # public classes chosen per private label
+    semantic_classifier_steps: int = 1500  # Adam steps of the public-pool classifier that votes (public data; cached)
     pretrain_steps: int = 3000  # steps of pretraining on the chosen classes (the shipped model's: 3000)
     generator_steps: int = 2000  # DP-MEPF: Adam steps of the generator on the noisy mean embeddings (post-processing)
     generator_lr: float = 1e-3  # DP-MEPF: the generator's Adam learning rate
@@ -191,6 +192,7 @@ class MethodConfig:
             _check(0 < self.semantic_budget < 1, "semantic_budget", f"must lie in (0, 1), got {self.semantic_budget!r}")
             _check(self.semantic_top_k >= 1, "semantic_top_k", "must be at least 1")
             _check(self.semantic_per_label >= 1, "semantic_per_label", "must be at least 1")
+            _check(self.semantic_classifier_steps >= 1, "semantic_classifier_steps", "must be at least 1")
             _check(self.pretrain_steps >= 1, "pretrain_steps", "must be at least 1")
             spent = semantic + (self.selection_budget if self.selection in ("saliency", "sparta") else 0.0)
             _check(spent < 1, "semantic_budget", "and --selection-budget together must stay below 1")
@@ -278,6 +280,7 @@ class FederationConfig(MethodConfig):
     freeze_lora_a: bool = False  # FFA-LoRA: every A stays at the server's random start; sites train B only
     min_clients: int = 2  # fewest valid replies a round may go on with
     out: str | None = None  # the run dir on the server's machine (sites never write there when deployed)
+    onnx: bool = True  # the server exports model.onnx at the end (False: `sapf export RUN` does it later)
 
     def local_steps_for(self, n: int) -> int:
         """DP-SGD steps per round at a site holding n records."""

@@ -78,7 +78,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, while_up=None, rounds=2):
+def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, while_up=None, rounds=1):
     port = _free_port()
     before = _flower_processes()
     out = tmp_path / "run"
@@ -110,8 +110,7 @@ def _federation(tmp_path, tiny_model_dir, site_files, server_flags, site_flags, 
     return out
 
 
-def _check_run(out: Path, tmp_path: Path, default_plan: bool = True) -> None:
-    rounds = 2 if default_plan else 1
+def _check_run(out: Path, tmp_path: Path, default_plan: bool = True, rounds: int = 1) -> None:
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "completed" and status["rounds"] == rounds
     # The default plan at ε = 10 warms up on DP-FETA's central images: their round and the warmed base's weights in
@@ -122,8 +121,8 @@ def _check_run(out: Path, tmp_path: Path, default_plan: bool = True) -> None:
     assert (out / "adapter").exists() != default_plan
     reports = sorted((out / "privacy").glob("site-*.json"))
     assert len(reports) == 2
-    expected = ([("central-images", 1), ("saliency-query", 1), ("dp-sgd", 4)] if default_plan
-                else [("dp-sgd", 2)])
+    expected = ([("central-images", 1), ("saliency-query", 1), ("dp-sgd", 2 * rounds)] if default_plan
+                else [("dp-sgd", 2 * rounds)])
     for i in range(2):  # each site's ledger on its own disk, matching what the server received
         ledger = json.loads((tmp_path / f"ledger{i}" / "ledger.json").read_text())
         assert [(m["name"], m["steps"]) for m in ledger["mechanisms"]] == expected
@@ -155,7 +154,7 @@ def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
     # One message exchange (no central images, no saliency round): the default plan goes over TLS below.
     out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure", "--warmup", "none", "--selection",
                                                              "attention"],
-                      lambda i: ["--insecure"], while_up=_only_the_fleet_api_faces_the_sites, rounds=1)
+                      lambda i: ["--insecure"], while_up=_only_the_fleet_api_faces_the_sites)
     _check_run(out, tmp_path, default_plan=False)
     assert "http://127.0.0.1" in (out / "superlink" / "superlink.log").read_text()
 

@@ -21,6 +21,8 @@ from sapf.engine.semantic import (
     train_pool_classifier,
 )
 
+CLASSIFIER_STEPS = 30  # the pool classifier in tests: it only has to vote (its default 1,500 steps take a minute)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_cache(tmp_path_factory):
@@ -39,7 +41,7 @@ def shared_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool_and_net():
     pool = load_dataset("public-pool", 16, 1)
-    return pool, train_pool_classifier(pool, seed=0, steps=30)
+    return pool, train_pool_classifier(pool, seed=0, steps=CLASSIFIER_STEPS)
 
 
 def test_the_pool_has_dozens_of_named_classes_from_installed_files(pool_and_net):
@@ -53,6 +55,14 @@ def test_the_pool_has_dozens_of_named_classes_from_installed_files(pool_and_net)
     first = build_pool(1, 3)
     build_pool.cache_clear()
     assert all(np.array_equal(a, b) for a, b in zip(first, build_pool(1, 3), strict=True))  # seeded: public
+
+
+def test_the_pool_read_back_from_the_cache_is_the_pool_built_afresh(pool_and_net, shared_cache):
+    pool, _ = pool_and_net  # the module's first load: built afresh (its cache dir was empty) and written to it
+    assert len(list((shared_cache / "pools").glob("public-pool-*-16px-1ch.npz"))) == 1
+    again = load_dataset("public-pool", 16, 1)  # read from disk
+    assert np.array_equal(again.images, pool.images) and np.array_equal(again.labels, pool.labels)
+    assert again.images.dtype == pool.images.dtype and again.class_names == pool.class_names
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
@@ -104,8 +114,8 @@ def test_semantic_pretraining_stage_is_recorded_first_and_cached(tmp_path, tiny_
                                                                  shared_cache):
     out = tmp_path / "run"
     args = ["train", "--base-model", tiny_model_dir, "--data", mnist_small_npz, "--epsilon", 10,
-            "--public-selection", "semantic", "--pretrain-steps", 2, "--steps", 2, "--batch-size", 16,
-            "--warmup", "none", "--out", out]
+            "--public-selection", "semantic", "--pretrain-steps", 2, "--semantic-classifier-steps", CLASSIFIER_STEPS,
+            "--steps", 2, "--batch-size", 16, "--warmup", "none", "--out", out]
     r = CliRunner().invoke(app, [str(a) for a in args])
     assert r.exit_code == 0, r.output
     priv = json.loads((out / "privacy.json").read_text())
@@ -139,7 +149,8 @@ def test_federated_semantic_query_pretrains_on_the_sites_noisy_histograms(tmp_pa
     out = tmp_path / "fed"
     cfg = FederationConfig(data=str(mnist_small_npz), num_sites=2, base_model=str(tiny_model_dir), rounds=1,
                            local_steps=1, batch_size=16, min_clients=2, out=str(out), warmup="none",
-                           selection="attention", public_selection="semantic", pretrain_steps=2)
+                           selection="attention", public_selection="semantic", pretrain_steps=2,
+                           semantic_classifier_steps=CLASSIFIER_STEPS, onnx=False)
     assert federate(cfg)["status"] == "completed"
     record = json.loads((out / "semantic_query.json").read_text())
     assert record["sites"] == 2 and record["chosen"]

@@ -56,11 +56,10 @@ def load_dataset(spec: str, image_size: int = 28, channels: int = 1) -> ImageDat
         x = mnist_layout(strokes, image_size)  # a new array: the cached strokes are never written
         ds = ImageDataset(_prepare(x, image_size, channels), labels.copy(), 10, "digits", [str(i) for i in range(10)])
     elif spec == "public-pool":  # digits, letters, textures and faces with semantic classes (sapf.engine.public_pool)
-        from sapf.engine.public_pool import build_pool, class_names
+        from sapf.engine.public_pool import class_names, pool_images
 
-        x, y = build_pool()
-        ds = ImageDataset(_prepare(x, image_size, channels), y.copy(), len(class_names()), "public-pool",
-                          class_names())
+        x, y = pool_images(image_size, channels)
+        ds = ImageDataset(x, y, len(class_names()), "public-pool", class_names())
     else:
         path = Path(spec)
         if not path.exists():

@@ -36,6 +36,7 @@ FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "Dej
 TEXTURES = ("brick", "grass", "gravel", "coins", "moon", "camera", "text", "page", "cell", "hubble_deep_field",
             "retina", "chelsea", "coffee", "astronaut", "horse", "clock_motion")
 CANVAS = 64  # glyphs are drawn on this canvas, then laid out as MNIST digits are
+POOL_VERSION = 1  # of build_pool's recipe: part of the on-disk cache key, so a changed recipe never reads an old pool
 
 
 def class_names() -> list[str]:
@@ -101,6 +102,28 @@ def _faces(n: int, rng: np.random.Generator) -> np.ndarray:
     faces = np.load(os.path.join(_image_dir(), "lfw_subset.npy"))  # (200, 25, 25) grey in [0, 1]
     idx = rng.choice(len(faces), n, replace=n > len(faces))
     return np.stack([resize(faces[i], (CANVAS, CANVAS), anti_aliasing=False) for i in idx]).astype(np.float32)
+
+
+def pool_images(image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pool in model space at this size: exactly ``_prepare(build_pool())``, read from ``$SAPF_CACHE/pools/``
+    when it was built before with the same recipe and the same installed fonts, images and digits (public data
+    only). Building it renders ~9,000 glyphs: half a minute, in every process that needs the pool."""
+    from importlib.metadata import version
+
+    from sapf.engine.data import _prepare
+    from sapf.engine.evaluate import cache_dir
+    from sapf.outputs import atomic_path
+
+    sources = "-".join(f"{p}{version(p)}" for p in ("matplotlib", "scikit-image", "scikit-learn", "torch"))
+    path = cache_dir() / "pools" / f"{NAME}-v{POOL_VERSION}-{PER_CLASS}-{sources}-{image_size}px-{channels}ch.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["images"], f["labels"]
+    x, y = build_pool()
+    x = _prepare(x, image_size, channels)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, images=x, labels=y)
+    return x, y.copy()
 
 
 @functools.lru_cache(maxsize=2)

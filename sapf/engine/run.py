@@ -230,7 +230,7 @@ def semantic_pretrain(cfg, base: DiffusionModel, data: ImageDataset, noise_multi
     if not data.num_classes or not base.num_classes:
         raise SapfError("--public-selection semantic needs labelled private data and a class-conditional model")
     pool = load_dataset(cfg.public_pool, base.image_size, base.channels)
-    net = train_pool_classifier(pool, seed=cfg.seed)
+    net = train_pool_classifier(pool, seed=cfg.seed, steps=cfg.semantic_classifier_steps)
     q = cfg.semantic_query()
     # One histogram row, and one pretrained class, per class of the base model (as a federated server has them).
     hist = release_semantic_histogram(net=net, data=data, num_public=pool.num_classes, query=q,

@@ -36,7 +36,6 @@ from sapf.engine.privacy import PrivacyLedger
 from sapf.errors import SapfError
 
 RELEASE = "semantic-query"
-CLASSIFIER_STEPS = 1500  # Adam steps of the pool classifier (public data)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,8 +47,9 @@ class SemanticQuery:
     sample_rate: float = 1.0
 
 
-def train_pool_classifier(pool: ImageDataset, seed: int = 0, steps: int = CLASSIFIER_STEPS):
-    """The pool classifier: a public feature network trained on the pool's semantic labels (cached)."""
+def train_pool_classifier(pool: ImageDataset, *, seed: int, steps: int):
+    """The pool classifier: a public feature network trained on the pool's semantic labels for `steps` Adam steps
+    (:class:`sapf.config.MethodConfig`'s ``semantic_classifier_steps``; cached)."""
     from sapf.engine.mepf import public_feature_net
 
     return public_feature_net(pool, seed=seed, steps=steps)

@@ -321,7 +321,7 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
                                       "generator_loss": [round(v, 6) for v in losses]})
     images, labels = sample_generator(gen, GRID_SAMPLES, seed=cfg.seed)
     save_png(out / "grid.png", class_grid(images, labels))
-    _export(out)
+    _export(out, cfg)
     eps, ledgers = _site_ledgers(out)
     write_model_card(out, config={"command": _command(out), **cfg.to_record()}, privacy=ledgers,
                      stages=stages_of(cfg), examples=f"{len(ledgers)} sites")
@@ -341,7 +341,10 @@ def combine_mean_embeddings(site_sums: list[np.ndarray], num_classes: int) -> np
     return np.mean(means, axis=0)
 
 
-def _export(out: Path) -> None:
+def _export(out: Path, cfg: FederationConfig) -> None:
+    if not cfg.onnx:
+        say(f"model.onnx not exported (--no-onnx); for onnxruntime: sapf export {out} --out {out}/model.onnx")
+        return
     try:
         from sapf.export.onnx_export import export_onnx
 
@@ -388,7 +391,7 @@ def _pretrain(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Pat
     if resumed and (saved / "unet" / "config.json").exists():
         return load_generator(saved)
     pool = load_dataset(cfg.public_pool, gen.image_size, gen.channels)
-    net = train_pool_classifier(pool, seed=cfg.seed)
+    net = train_pool_classifier(pool, seed=cfg.seed, steps=cfg.semantic_classifier_steps)
     k, p = gen.num_classes, pool.num_classes
     valid, replies = query_round(grid, cfg, nodes, "semantic", k * p,
                                  _content(cfg, None, classifier=base_to_wire(net)))
@@ -483,7 +486,7 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     pub, plabels = public_sample(public, GRID_SAMPLES, steps=GRID_DDIM_STEPS, seed=cfg.seed)
     gap = np.full((grid.shape[0], 8), 255, np.uint8)
     save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, grid], axis=1))
-    _export(out)
+    _export(out, cfg)
     eps, ledgers = _site_ledgers(out)
     config = {"command": _command(out), **cfg.to_record()}
     write_model_card(out, config=config, privacy=ledgers, stages=stages_of(cfg),
