@@ -25,6 +25,9 @@ At each ε (δ = 1e-5), with the same batch size, steps and multiplicity for eve
                  label, the shipped architecture is pretrained on them (3,000 steps, as the shipped model on the UCI
                  digits; cached by the choice), then DP full fine-tuning
 - privimage-saliency  the same pretraining, then DP-SAPF
+- pool-saliency  the same query and pretraining compute on the whole pool (every class, each relabelled as the private
+                 label whose noisy count for it is highest), then DP-SAPF: what choosing the subset adds (not in the
+                 quick profile, whose pretraining is too short to tell)
 - non-private    the saliency configuration at ε = ∞ (the upper bound)
 
 then sample class-balanced images and evaluate them with `sapf evaluate`'s metrics (class fidelity first).
@@ -75,14 +78,15 @@ from common import RESULTS, machine, pld_epsilon, table  # noqa: E402
 
 from sapf.config import MethodConfig  # noqa: E402  (torch-free; its defaults, not copies)
 from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE, WARMUP_MIN_EPSILON  # noqa: E402  (sapf's defaults, not copies)
+from sapf.engine import public_pool  # noqa: E402  (numpy only until the pool is built)
 from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 METHODS = ["public", "full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency",
-           "mepf-saliency", "privimage-full", "privimage-saliency", "non-private"]
+           "mepf-saliency", "privimage-full", "privimage-saliency", "pool-saliency", "non-private"]
 CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency", "mepf-saliency",
-          "privimage-full", "privimage-saliency")  # plotted against ε
+          "privimage-full", "privimage-saliency", "pool-saliency")  # plotted against ε
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
@@ -110,6 +114,10 @@ PROFILES = {
                   | dict.fromkeys(["privimage-full", "privimage-saliency"], dict(pretrain_steps=50))),
 }
 PROFILE_SEEDS = {"full": [0, 1, 2], "quick": [0]}  # not part of the profile: --resume keeps rows per seed
+# The rows a profile runs unless --methods names others (not part of the profile either). The whole-pool row
+# compares pretraining data at equal compute; at the quick profile's 50 pretraining steps every pretrained row draws
+# blobs, so there it would cost minutes and tell nothing.
+PROFILE_METHODS = {"full": METHODS, "quick": [m for m in METHODS if m != "pool-saliency"]}
 # Rows side by side on a CPU (--jobs), each its own process with cores // jobs threads. Measured on the 2-core CPU, the
 # shipped UNet on 64 images: a forward pass takes 0.59 s on one thread and 0.41 s on two, forward and backward
 # 1.66 s / 0.93 s, and two one-thread processes side by side run each at its one-thread speed; so two rows at once
@@ -148,6 +156,11 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
     "privimage-full": dict(selection="full", lr=FULL_LR, warmup="none", public_selection="semantic"),
     "privimage-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none",
                                public_selection="semantic"),
+    # The same query, but every pool class is pretrained on: a label may take as many classes as the pool has, so
+    # each class goes to the label with its highest noisy count (sapf.engine.semantic.choose_public_classes). Only
+    # the pretraining data differs from privimage-saliency: same ε, same pretraining steps.
+    "pool-saliency": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none",
+                          public_selection="semantic", semantic_per_label=len(public_pool.class_names())),
     "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
 }
 CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
@@ -495,7 +508,9 @@ def _describe(method: str, s: dict) -> str:
     if s.get("selection") == "sparta":
         txt += f", {s.get('mask_steps', MethodConfig.mask_steps)} mask-finding steps"
     if s.get("public_selection") == "semantic":
-        txt += f", pretrained {s.get('pretrain_steps', MethodConfig.pretrain_steps)} steps on the chosen classes"
+        chosen = ("the whole pool" if s.get("semantic_per_label", 1) >= len(public_pool.class_names())
+                  else "the chosen classes")
+        txt += f", pretrained {s.get('pretrain_steps', MethodConfig.pretrain_steps)} steps on {chosen}"
     if s.get("selection") == "saliency" and s.get("selection_sample_rate", 1.0) < 1.0:
         txt += f", saliency query on a Poisson {s['selection_sample_rate']:g} of the data"
     if s.get("init") == "random":
@@ -654,7 +669,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="The short profile (one seed, fewer steps and samples).")
     ap.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 10.0])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", choices=METHODS,
+                    help="Rows to run (default: every method; --quick: all but pool-saliency).")
     ap.add_argument("--steps", type=int, help="Override the profile's DP-SGD steps.")
     ap.add_argument("--samples", type=int, help="Override the profile's number of samples.")
     ap.add_argument("--seeds", type=int, nargs="+",
@@ -709,7 +725,8 @@ def main() -> None:
     seeds = list(dict.fromkeys(a.seeds if a.seeds is not None else [a.seed] if a.seed is not None
                                else PROFILE_SEEDS[name]))
     # Seed by seed: after the first seed's pass the doc already holds a complete single-seed table.
-    jobs = [(m, e, s) for s in seeds for m in a.methods for e in method_epsilons(m, a.epsilons, prof)]
+    methods = a.methods if a.methods is not None else PROFILE_METHODS[name]
+    jobs = [(m, e, s) for s in seeds for m in methods for e in method_epsilons(m, a.epsilons, prof)]
     rows, grids = [], {}
     reused = 0
     old = read_json(out.json) if out.json.exists() else None
