@@ -232,11 +232,12 @@ _METHOD = typer.Option(_M.method, help="diffusion: DP fine-tuning of the public 
                                         "how) | dp-mepf: a generator trained on noisy mean embeddings (one release).")
 _GENERATOR_STEPS = typer.Option(_M.generator_steps, help="dp-mepf: generator steps on the noisy mean embeddings.")
 _PUBLIC_SELECTION = typer.Option(_M.public_selection, help="none | semantic (PrivImage: a noisy query picks the "
-                                                            "classes of --public-pool to pretrain on first).")
+                                                            "classes of the public-pool data to pretrain on first).")
 _SEMANTIC_BUDGET = typer.Option(_M.semantic_budget, help="Share of ε spent by the semantic query.")
 _PRETRAIN_STEPS = typer.Option(_M.pretrain_steps, help="Pretraining steps on the chosen public classes (cached).")
 _ONNX = typer.Option(FederationConfig.onnx, "--onnx/--no-onnx",
-                     help="Export model.onnx at the end of the run (--no-onnx: later, with `sapf export RUN`).")
+                     help="Export model.onnx at the end of the run (--no-onnx: later, with "
+                          "`sapf export RUN --out RUN/model.onnx`).")
 _CLASSIFIER_STEPS = typer.Option(_M.semantic_classifier_steps,
                                  help="Training steps of the public-pool classifier that votes (public data; cached).")
 _ROW_FRACTION = typer.Option(_M.row_fraction, help="SPARTA: share of each matrix's rows fine-tuned.")
@@ -362,8 +363,9 @@ def federate(
     row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
     pretrain_steps: int = _PRETRAIN_STEPS, semantic_classifier_steps: int = _CLASSIFIER_STEPS,
-    candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
-    keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
+    candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET, clip: float = _CLIP,
+    optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
+    freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: int = typer.Option(_F.min_clients, help="Fewest valid replies a round may go on with."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED, onnx: bool = _ONNX, resume: bool = _RESUME,
     force: bool = _FORCE,
@@ -419,8 +421,9 @@ def serve(
     row_fraction: float = _ROW_FRACTION, mask_steps: int = _MASK_STEPS, generator_steps: int = _GENERATOR_STEPS,
     public_selection: str = _PUBLIC_SELECTION, semantic_budget: float = _SEMANTIC_BUDGET,
     pretrain_steps: int = _PRETRAIN_STEPS, semantic_classifier_steps: int = _CLASSIFIER_STEPS,
-    candidates: str = _CANDIDATES, clip: float = _CLIP, optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR,
-    keep_optimizer_state: bool = _KEEP_OPT, freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
+    candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET, clip: float = _CLIP,
+    optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
+    freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: Optional[int] = typer.Option(None,
                                               help="Fewest valid replies a round may go on with (default: all sites)."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED, onnx: bool = _ONNX, resume: bool = _RESUME,

@@ -151,11 +151,12 @@ def _only_the_fleet_api_faces_the_sites(port: int) -> None:
 
 @pytest.mark.slow
 def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
-    # One message exchange (no central images, no saliency round): the default plan goes over TLS below.
+    # Two training rounds and no query rounds: a site keeps its plan and optimizer state from one SuperLink message to
+    # the next (the default plan's query rounds go over TLS below, with one training round).
     out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure", "--warmup", "none", "--selection",
                                                              "attention"],
-                      lambda i: ["--insecure"], while_up=_only_the_fleet_api_faces_the_sites)
-    _check_run(out, tmp_path, default_plan=False)
+                      lambda i: ["--insecure"], while_up=_only_the_fleet_api_faces_the_sites, rounds=2)
+    _check_run(out, tmp_path, default_plan=False, rounds=2)
     assert "http://127.0.0.1" in (out / "superlink" / "superlink.log").read_text()
 
 
