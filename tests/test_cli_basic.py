@@ -59,6 +59,7 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("federate", "--clients", 2, "--selection", "sparta", "--row-fraction", 0, "--out", tmp_path / "m"),
         ("train", "--method", "dp-mepf", "--warmup", "central-images", "--out", tmp_path / "n"),  # no diffusion model
         ("train", "--method", "dp-mepf", "--generator-steps", 0, "--out", tmp_path / "o"),
+        ("federate", "--clients", 2, "--selection-budget", 1.5, "--out", tmp_path / "p"),  # reaches the plan's check
     ]
     if not torch.cuda.is_available():  # where CUDA is missing, asking for it fails before any work
         cases += [("train", "--device", "cuda", "--out", tmp_path / "k"),
@@ -69,4 +70,4 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("sapf: error:"), r.output
         assert "Traceback" not in r.output
-    assert not any((tmp_path / x).exists() for x in "abcdefghijklmno")
+    assert not any((tmp_path / x).exists() for x in "abcdefghijklmnop")
