@@ -151,8 +151,8 @@ def _only_the_fleet_api_faces_the_sites(port: int) -> None:
 
 @pytest.mark.slow
 def test_serve_and_join_insecure(tmp_path, tiny_model_dir, site_files):
-    # Two training rounds and no query rounds: a site keeps its plan and optimizer state from one SuperLink message to
-    # the next (the default plan's query rounds go over TLS below, with one training round).
+    # Two training rounds and no query rounds: each site's ledger continues its kept plan from one SuperLink message to
+    # the next (one dp-sgd entry of 2 × 2 steps); the default plan's query rounds go over TLS below, with one round.
     out = _federation(tmp_path, tiny_model_dir, site_files, ["--insecure", "--warmup", "none", "--selection",
                                                              "attention"],
                       lambda i: ["--insecure"], while_up=_only_the_fleet_api_faces_the_sites, rounds=2)
