@@ -104,6 +104,9 @@ def _in(name: str, value, lo, hi, lo_open: bool = False) -> None:
                       f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
 
 
+SITE_PUBLIC_SETS = ("digits", "public-pool")  # built-in public data; never a path, never the sensitive mnist5k
+
+
 def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     """Refuse a plan any of whose fields lies outside what this site runs (before data is read): the
     method's own ranges (:meth:`FederationConfig.validate`), then this site's caps and allowed models."""
@@ -132,6 +135,11 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     allowed = {str(Path(p).resolve()) for p in settings.base_models if p}
     if cfg.base_model and str(Path(cfg.base_model).resolve()) not in allowed:
         raise Refusal("refused: the plan names a base model this site does not allow (sapf join --base-model)")
+    # The public set fixes the central images' bound. A path would be read on this site's disk: pointed at the
+    # site's own records, it would make the bound (and the noise) a statistic of private data.
+    if cfg.public_data not in SITE_PUBLIC_SETS:
+        raise Refusal(f"refused: plan field public_data must be a public set every site ships "
+                      f"({', '.join(SITE_PUBLIC_SETS)}), got {cfg.public_data!r}")
 
 
 def site_delta(cfg: FederationConfig, settings: SiteSettings, n: int, deployed: bool) -> float:
