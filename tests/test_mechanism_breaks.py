@@ -86,8 +86,23 @@ def test_dp_sgd_noise_has_the_planned_standard_deviation(digits16):
 def test_dp_sgd_noise_is_fresh_for_every_run(digits16):
     a, _ = _one_sgd_step(digits16.subset([3, 9]), clip=1e-3, sigma=0.8)
     b, _ = _one_sgd_step(digits16.subset([3, 9]), clip=1e-3, sigma=0.8)
-    # Shared noise would make the difference at most the two clipped sums (‖·‖ ≤ 4C); fresh noise: ≈ √2·σC·√d.
+    # Shared noise would make the difference at most the two clipped sums (‖·‖ ≤ 4C = 0.004); fresh noise gives
+    # √2·σC·√d ≈ 0.24 (d ≈ 45k coordinates, so within a fraction of a percent): the threshold sits 50× above the first.
     assert float((a - b).norm()) > 50 * 4 * 1e-3
+
+
+def test_dp_sgd_batches_are_poisson_samples(digits16):
+    # The accountant assumes each record joins each step's batch independently with rate q = B/N: the batch size
+    # is then Binomial(N, q), here std √(40·0.1·0.9) ≈ 1.9. Fixed-size batches (a shuffled loader) would not vary.
+    gen = tiny_generator()
+    model = make_trainable(gen, "saliency", candidate_modules(gen.unet, "all")[:2])
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    steps = 60
+    cfg = DPSGDConfig(steps=steps, batch_size=4, multiplicity=1, clip=1e-2, lr=1e-3, optimizer="sgd")
+    dp_finetune(gen, model, digits16, cfg, 1.0, None, show_progress=False)
+    sizes += [0] * (steps - len(sizes))  # an empty batch runs no forward pass
+    assert 3.0 < np.mean(sizes) < 5.0 and 1.1 < np.std(sizes) < 2.8
 
 
 def test_a_non_finite_per_example_gradient_never_reaches_the_release(digits16, monkeypatch):
@@ -247,11 +262,15 @@ def test_a_site_repeating_a_query_with_a_field_changed_gives_independent_noise(t
     ({"score": "max"}, {}, "score"),
     ({"selection_multiplicity": 10**4}, {}, "selection_multiplicity"),
     ({"top_fraction": math.nan}, {}, "top_fraction"),
+    # a path (here the site's own records) would make the central images' bound a statistic of private data
+    ({"public_data": "SITE_DATA", "warmup": "central-images"}, {}, "public_data"),
+    ({"public_data": "mnist5k", "warmup": "central-images"}, {}, "public_data"),
 ])
 def test_a_site_refuses_a_plan_outside_its_own_limits_and_spends_nothing(tmp_path, tiny_model_dir, site_npz,
                                                                          flower_identity, change, node_change,
                                                                          expected):
     node = {k: v for k, v in {**_node(tmp_path, site_npz, tiny_model_dir), **node_change}.items() if v is not None}
+    change = {k: str(site_npz) if v == "SITE_DATA" else v for k, v in change.items()}
     reply = _ask(_query({**_plan(tiny_model_dir).to_record(), **change}), node)
     assert reply.has_error() and reply.error.code == site_app.ERROR_REFUSED
     assert expected in reply.error.reason, reply.error.reason
@@ -312,6 +331,46 @@ def test_a_site_refuses_crafted_training_requests(tmp_path, tiny_model_dir, site
     back = reply.content["adapter"].to_torch_state_dict()
     assert all(torch.isfinite(v).all() for k, v in back.items() if k != emb_key)
     assert torch.isfinite(back[emb_key][[0, 1, 2, 4, 5, 6, 7, 8, 9]]).all()  # row 3 is the server's own (inf in fp16)
+
+
+def test_a_sites_training_step_carries_the_noise_its_ledger_records(tmp_path, tiny_model_dir, site_npz,
+                                                                    flower_identity):
+    """The site records a Mechanism from its plan and hands σ to DP-SGD separately: the adapter it sends must carry
+    exactly the recorded noise. One SGD step at lr 1 moves every trainable coordinate by −(S + N(0, σ²C²))/B, with
+    the clipped sum S of a few records spread thin over thousands of coordinates."""
+    cfg = _plan(tiny_model_dir, optimizer="sgd", lr=1.0, local_steps=1, batch_size=4, clip=0.05)
+    gen = load_generator(tiny_model_dir)
+    selected = candidate_modules(gen.unet, cfg.candidates)[:8]
+    state = trainable_state(make_trainable(gen, "saliency", selected))
+    reply = _ask(_train_msg(cfg, selected, state), _node(tmp_path, site_npz, tiny_model_dir))
+    assert not reply.has_error(), reply.error.reason
+    back = reply.content["adapter"].to_torch_state_dict()
+    moved = torch.cat([(back[k].double() - state[k].double()).flatten() for k in state]) * cfg.batch_size
+    (recorded,) = _ledger(tmp_path).mechanisms
+    assert recorded.name == "dp-sgd" and moved.numel() > 2000
+    assert float(moved.std()) == pytest.approx(recorded.noise_multiplier * cfg.clip, rel=0.08)
+
+
+def test_a_sites_central_image_release_carries_the_noise_its_ledger_records(tmp_path, tiny_model_dir, site_npz,
+                                                                            flower_identity):
+    """The released sums minus the noiseless sums of the site's own records are the noise alone: std σΔ with the σ
+    of the site's ledger (Δ = √(B² + 1), B from the public images)."""
+    from sapf.engine.central_images import contribution_bound, image_bound, release_central_images
+    from sapf.engine.run import load_private_data
+
+    cfg = _plan(tiny_model_dir, warmup="central-images", selection="attention")
+    msg = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1,
+                  message_type="query.central_images")
+    reply = _ask(msg, _node(tmp_path, site_npz, tiny_model_dir))
+    assert not reply.has_error(), reply.error.reason
+    gen = load_generator(tiny_model_dir)
+    bound = image_bound(load_dataset(cfg.public_data, gen.image_size, gen.channels))
+    noiseless = release_central_images(data=load_private_data(str(site_npz), gen, 0.0), num_classes=gen.num_classes,
+                                       bound=bound, noise_multiplier=0.0, sample_rate=1.0, queries=1, ledger=None)
+    noise = reply.content["sums"]["sums"].numpy() - noiseless
+    (recorded,) = _ledger(tmp_path).mechanisms
+    assert recorded.name == "central-images" and noise.size > 500
+    assert float(np.std(noise)) == pytest.approx(recorded.noise_multiplier * contribution_bound(bound), rel=0.12)
 
 
 def test_error_replies_carry_no_paths_or_data_facts(tmp_path, tiny_model_dir, flower_identity):
@@ -475,3 +534,32 @@ def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir
     assert not reply.has_error(), reply.error.reason
     assert seen and all(s == [name] for s in seen)  # every step of the release (SPARTA's: mask_steps of them)
     assert len(seen) == plan.get("mask_steps", 1)
+
+
+def test_a_site_records_its_training_before_computing_it(tmp_path, tiny_model_dir, site_npz, flower_identity,
+                                                         monkeypatch):
+    """A round's DP-SGD steps are in the site's ledger on disk before it trains (a reply cached unrecorded would be
+    sent again for free), and a refused round leaves no reply behind."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append([(m.name, m.steps) for m in _ledger(tmp_path).mechanisms])
+        return dp_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(site_app, "dp_finetune", spy)
+    cfg = _plan(tiny_model_dir, local_steps=3)
+    gen = load_generator(tiny_model_dir)
+    selected = candidate_modules(gen.unet, cfg.candidates)[:2]
+    state = trainable_state(make_trainable(gen, "saliency", selected))
+    node = _node(tmp_path, site_npz, tiny_model_dir)
+    reply = _ask(_train_msg(cfg, selected, state), node)
+    assert not reply.has_error(), reply.error.reason
+    assert seen == [[("dp-sgd", 3)]]
+    replies = tmp_path / "state" / "replies"
+    cached = sorted(replies.iterdir())
+    node["max-epsilon"] = _ledger(tmp_path).epsilon() * 1.01  # the next round would pass the site's limit
+    moved = {k: v + 0.01 for k, v in state.items()}
+    refused = _ask(_train_msg(cfg, selected, moved, rnd=2), node)
+    assert refused.has_error() and "past" in refused.error.reason
+    assert len(seen) == 1 and sorted(replies.iterdir()) == cached
+

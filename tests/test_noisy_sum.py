@@ -47,6 +47,24 @@ def test_the_noise_has_std_sigma_times_bound_is_fresh_and_recorded_before_return
     assert ledger.mechanisms == [Mechanism("semantic-query", 2.0, 0.3, 2)]
 
 
+def test_the_sample_is_poisson():
+    """Each record joins independently with probability q, so the sample's size varies as Binomial(N, q) (std
+    √(Nq(1−q)) ≈ 14.5 here); a fixed-size sample, which the accountant does not cover, would not vary at all."""
+    release = NoisySum("test", bound=1.0, noise_multiplier=1.0, sample_rate=0.3)
+    ones = lambda idx: torch.ones(len(idx), 1)  # noqa: E731
+    used = [noisy_sum(release=release, num_records=1000, dim=1, contributions=ones, ledger=None)[1]
+            for _ in range(40)]
+    assert 270 < np.mean(used) < 330 and 7 < np.std(used) < 25
+
+
+def test_a_record_gets_one_contribution_row():
+    """A method that returned several rows for one record (its replicas, unaveraged) would give that record
+    several times the bound: refused."""
+    replicas = lambda idx: torch.ones(2 * len(idx), 3)  # noqa: E731
+    with pytest.raises(SapfError, match="contributions for"):
+        noisy_sum(release=NoisySum("test", 1.0, 1.0), num_records=4, dim=3, contributions=replicas, ledger=None)
+
+
 def test_what_contributions_draw_from_the_global_generator_is_fresh():
     """A network's own randomness inside a release (a user's model with dropout) does not follow --seed; outside the
     release the global generator continues as the seed set it."""

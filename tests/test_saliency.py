@@ -23,12 +23,13 @@ def test_candidates_are_the_attention_projections():
     assert len(candidate_modules(gen.unet, "all")) > len(names)
 
 
+@pytest.mark.parametrize("multiplicity", [1, 4])  # K replicas of the record: averaged before the clip
 @pytest.mark.parametrize("score,bound", [("sqnorm", lambda c: c**2), ("norm", lambda c: c)])
-def test_one_example_moves_the_scores_by_at_most_the_sensitivity(small_data, score, bound):
+def test_one_example_moves_the_scores_by_at_most_the_sensitivity(small_data, score, bound, multiplicity):
     gen = tiny_generator()
     clip = 1e-4  # far below the gradient norm, so the clip binds
     one = small_data.subset([3])
-    q = SaliencyQuery(clip=clip, score=score)
+    q = SaliencyQuery(clip=clip, score=score, multiplicity=multiplicity)
     _, scores = noisy_saliency_scores(gen, one, q, 0.0, None, show_progress=False)
     assert np.linalg.norm(scores) <= bound(clip) * (1 + 1e-5)
     if score == "sqnorm":  # the whole-vector clip makes the block scores sum to exactly C²

@@ -74,9 +74,13 @@ def noisy_sum(*, release: NoisySum, num_records: int, dim: int, contributions: C
     total = torch.zeros(dim, dtype=torch.float64)  # an empty sample still releases (noise only)
     with fresh_global_rng():  # whatever the contributions draw from torch's global generator is fresh too
         for b in range(0, len(idx_all), chunk):
-            rows = clip_rows(contributions(idx_all[b : b + chunk]), release.bound)
+            idx = idx_all[b : b + chunk]
+            rows = clip_rows(contributions(idx), release.bound)
             if rows.shape[1] != dim:
                 raise SapfError(f"{release.name}: a contribution has {rows.shape[1]} entries, expected {dim}")
+            # One row a record: more rows (a record's replicas left unaveraged, say) would each get the bound Δ.
+            if rows.shape[0] != len(idx):
+                raise SapfError(f"{release.name}: {rows.shape[0]} contributions for {len(idx)} records")
             total += rows.sum(dim=0)
             if progress is not None:
                 progress()
