@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -82,6 +83,10 @@ def pretrain(
 
     if steps < 1 or batch_size < 1:
         raise SapfError("--steps and --batch-size must be at least 1")
+    if image_size < 8:
+        raise SapfError(f"--image-size must be at least 8, got {image_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise SapfError(f"--lr must be finite and > 0, got {lr}")
     if not 0 <= label_dropout < 1:
         raise SapfError(f"--label-dropout must lie in [0, 1), got {label_dropout}")
     try:
@@ -322,6 +327,8 @@ def select(
     """Run the noisy saliency query alone and write selection.json."""
     from sapf.engine.run import select_only
 
+    if not (math.isfinite(clip) and clip > 0):  # checked here: the config's field is selection_clip, the flag --clip
+        raise SapfError(f"--clip must be finite and > 0, got {clip}")
     cfg = _config(TrainConfig, locals(), clip=_M.clip, selection_clip=clip, selection_sample_rate=sample_rate)
     sel = select_only(cfg, out, force=force)
     _say(f"selected {len(sel.selected)} of {len(sel.candidates)} matrices; wrote {out}/selection.json")
@@ -435,6 +442,8 @@ def serve(
     from sapf.federation.deployment import Tls
     from sapf.federation.deployment import serve as run_serve
 
+    if not 1 <= port <= 65535:
+        raise SapfError(f"--port must lie in 1..65535, got {port}")
     if insecure and supernode_key:
         raise SapfError("--supernode-key needs TLS (Flower authenticates SuperNodes only over TLS); drop --insecure")
     if not insecure and not supernode_key and not open_enrollment:
@@ -489,6 +498,13 @@ def join(
     from sapf.federation.deployment import SiteConfig, Tls, check_site
     from sapf.federation.deployment import join as run_join
 
+    host, _, dial_port = superlink.rpartition(":")
+    if not host or not dial_port.isdigit() or not 1 <= int(dial_port) <= 65535:
+        raise SapfError(f"--superlink must be HOST:PORT with a port in 1..65535, got {superlink!r}")
+    if port is not None and not 1 <= port <= 65535:
+        raise SapfError(f"--port must lie in 1..65535, got {port}")
+    if not (math.isfinite(wait) and wait >= 0):
+        raise SapfError(f"--wait must be a number of seconds >= 0, got {wait}")
     tls = Tls.for_site(ca, insecure)
     if not data.exists():
         raise SapfError(f"--data {data} not found")
@@ -515,9 +531,19 @@ def certs(
 
     A site makes its own key pair (`sapf certs --out DIR --site NAME`) and sends only NAME.pub to the operator."""
     from sapf.federation.credentials import make_certificates, make_supernode_keys
+    from sapf.outputs import check_writable_path
 
     if not host and not sites:
         raise SapfError("give --host NAME (the SuperLink's certificate) and/or --site NAME (a site's key pair)")
+    if out.exists() and not out.is_dir():
+        raise SapfError(f"--out {out} exists and is not a directory")
+    check_writable_path(out)
+    for name in sites:  # a site name is a file name inside --out: never a path out of it
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+            raise SapfError(f"--site {name!r}: use letters, digits, '.', '_' and '-' (a file name in --out)")
+    for name in host:
+        if not re.fullmatch(r"[A-Za-z0-9.:*-]{1,253}", name):
+            raise SapfError(f"--host {name!r} is not a host name or IP address")
     if host:
         paths = make_certificates(out, host, days, force)
         _say(f"wrote {paths['ca']} (give to every site), {paths['cert']} and {paths['key']} (SuperLink only), and the "
@@ -542,6 +568,9 @@ def export(
 
     if fp16 and int8:
         raise SapfError("--fp16 and --int8 are exclusive: fp16 is for GPUs, int8 for CPUs")
+    from sapf.outputs import check_writable_path
+
+    check_writable_path(out)
     if out.is_dir():
         raise SapfError(f"--out {out} is a directory; give a file name such as model.onnx")
     if out.exists() and not force:
@@ -568,8 +597,10 @@ def evaluate(
     These read the real data: they are for the data curator, outside the run's (ε, δ) guarantee."""
     from sapf.engine.evaluate import evaluate as run_evaluate
     from sapf.engine.evaluate import plot_confusion
-    from sapf.outputs import write_json
+    from sapf.outputs import check_writable_path, write_json
 
+    if out is not None:
+        check_writable_path(out)
     metrics = run_evaluate(samples, data, split, seed)
     if out is not None:
         write_json(out, {**metrics, "samples": str(samples), "seed": seed})

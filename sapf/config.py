@@ -55,6 +55,10 @@ def _check(ok: bool, field: str, problem: str) -> None:
         raise ConfigError(field, problem)
 
 
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _one_of(cfg, field: str, allowed: tuple[str, ...]) -> None:
     _check(getattr(cfg, field) in allowed, field, f"must be one of {', '.join(allowed)}, got {getattr(cfg, field)!r}")
 
@@ -170,7 +174,8 @@ class MethodConfig:
             _one_of(self, name, allowed)
         _check(0 < self.top_fraction <= 1, "top_fraction", f"must lie in (0, 1], got {self.top_fraction!r}")
         _check(0 < self.selection_budget < 1, "selection_budget", f"must lie in (0, 1), got {self.selection_budget!r}")
-        _check(self.selection_clip > 0, "selection_clip", f"must be > 0, got {self.selection_clip!r}")
+        _check(_finite_positive(self.selection_clip), "selection_clip",
+               f"must be finite and > 0, got {self.selection_clip!r}")
         _check(0 < self.selection_sample_rate <= 1, "selection_sample_rate",
                f"must lie in (0, 1], got {self.selection_sample_rate!r}")
         _check(self.selection_multiplicity >= 1, "selection_multiplicity", "must be at least 1")
@@ -178,11 +183,11 @@ class MethodConfig:
         _check(self.mask_steps >= 1, "mask_steps", "must be at least 1")
         _check(0 < self.mask_sample_rate <= 1, "mask_sample_rate", f"must lie in (0, 1], got {self.mask_sample_rate!r}")
         _check(self.multiplicity >= 1, "multiplicity", "must be at least 1")
-        _check(self.clip > 0, "clip", f"must be > 0, got {self.clip!r}")
-        _check(self.learning_rate() > 0, "lr", f"must be > 0, got {self.lr!r}")
+        _check(_finite_positive(self.clip), "clip", f"must be finite and > 0, got {self.clip!r}")
+        _check(_finite_positive(self.learning_rate()), "lr", f"must be finite and > 0, got {self.lr!r}")
         _check(0 <= self.label_dropout < 1, "label_dropout", f"must lie in [0, 1), got {self.label_dropout!r}")
         _check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank!r}")
-        _check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
+        _check(_finite_positive(self.lora_alpha), "lora_alpha", f"must be finite and > 0, got {self.lora_alpha!r}")
         _one_of(self, "warmup", WARMUPS)
         _one_of(self, "public_selection", PUBLIC_SELECTIONS)
         semantic = self.semantic_budget if self.public_selection == "semantic" else 0.0
@@ -200,7 +205,8 @@ class MethodConfig:
             _check(self.warmup in ("auto", "none"), "warmup", "must be auto or none for dp-mepf (it trains no "
                    "diffusion model)")
             _check(self.generator_steps >= 1, "generator_steps", "must be at least 1")
-            _check(self.generator_lr > 0, "generator_lr", f"must be > 0, got {self.generator_lr!r}")
+            _check(_finite_positive(self.generator_lr), "generator_lr",
+                   f"must be finite and > 0, got {self.generator_lr!r}")
             return
         if self.warmup != "none":
             _check(0 < self.warmup_budget < 1, "warmup_budget", f"must lie in (0, 1), got {self.warmup_budget!r}")
@@ -213,7 +219,7 @@ class MethodConfig:
             _check(self.warmup_steps >= 0, "warmup_steps", "must be at least 0")
             _check(self.warmup_generator_steps >= 1, "warmup_generator_steps", "must be at least 1")
             _check(self.warmup_samples >= 1, "warmup_samples", "must be at least 1")
-            _check(self.warmup_lr > 0, "warmup_lr", f"must be > 0, got {self.warmup_lr!r}")
+            _check(_finite_positive(self.warmup_lr), "warmup_lr", f"must be finite and > 0, got {self.warmup_lr!r}")
 
     def dpsgd(self, steps: int, batch_size: int, ema_decay: float = 0.0):
         from sapf.engine.finetune import DPSGDConfig
@@ -242,7 +248,7 @@ class TrainConfig(MethodConfig):
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("steps", "and --epochs are exclusive: give one")
         if self.epochs is not None:
-            _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs!r}")
+            _check(_finite_positive(self.epochs), "epochs", f"must be finite and > 0, got {self.epochs!r}")
             return max(1, math.ceil(self.epochs * n / self.resolved(n).batch_size))
         steps = TRAIN_STEPS if self.steps is None else self.steps
         _check(steps >= 1, "steps", "must be at least 1")
@@ -292,12 +298,13 @@ class FederationConfig(MethodConfig):
         super().validate()
         _check(math.isfinite(self.epsilon), "epsilon", "must be finite for a federation (sites train only under DP)")
         _one_of(self, "partition", PARTITIONS)
-        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha!r}")
+        _check(_finite_positive(self.alpha), "alpha", f"must be finite and > 0, got {self.alpha!r}")
         _check(self.num_sites >= 1, "num_sites", "must be at least 1")
         _check(1 <= self.min_clients <= self.num_sites, "min_clients", f"must lie between 1 and {self.num_sites}")
         _check(self.rounds >= 1, "rounds", "must be at least 1")
         _check(self.local_steps >= 1, "local_steps", "must be at least 1")
-        _check(self.local_epochs is None or self.local_epochs > 0, "local_epochs", "must be > 0")
+        _check(self.local_epochs is None or _finite_positive(self.local_epochs), "local_epochs",
+               "must be finite and > 0")
         _check(self.batch_size >= 1, "batch_size", "must be at least 1")
 
     # --- the Flower boundary: flat records of str/int/float/bool, no None -------------------------------

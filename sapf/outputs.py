@@ -69,9 +69,24 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def check_writable_path(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, a path whose folder cannot be made: the nearest existing ancestor must be a folder
+    this process may write in."""
+    path = Path(path)
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SapfError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SapfError(f"{flag} {path}: cannot write in {ancestor}")
+    return path
+
+
 def check_output_dir(out: str | Path, force: bool) -> Path:
-    """Refuse an --out that already holds something, unless --force (checked before any work)."""
-    out = Path(out)
+    """Refuse an --out that already holds something, unless --force, or that cannot be made (checked before any
+    work)."""
+    out = check_writable_path(out)
     if out.exists() and not out.is_dir():
         raise SapfError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:

@@ -60,7 +60,25 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("train", "--method", "dp-mepf", "--warmup", "central-images", "--out", tmp_path / "n"),  # no diffusion model
         ("train", "--method", "dp-mepf", "--generator-steps", 0, "--out", tmp_path / "o"),
         ("federate", "--clients", 2, "--selection-budget", 1.5, "--out", tmp_path / "p"),  # reaches the plan's check
+        # refused before any work: an --out under a file, sizes and rates that no run can use
+        ("sample", "--model", tiny_model_dir, "--num", 1, "--out", tmp_path / "afile" / "q"),
+        ("pretrain", "--data", "digits", "--out", tmp_path / "afile" / "r"),
+        ("pretrain", "--data", "digits", "--image-size", 0, "--out", tmp_path / "s"),
+        ("train", "--epochs", "inf", "--out", tmp_path / "t"),
+        ("train", "--clip", "inf", "--out", tmp_path / "u"),
+        ("select", "--clip", "inf", "--out", tmp_path / "v"),
+        ("federate", "--clients", 2, "--local-epochs", "inf", "--out", tmp_path / "w"),
+        ("federate", "--clients", 2, "--partition", "dirichlet", "--alpha", "inf", "--out", tmp_path / "x"),
+        ("export", tiny_model_dir, "--out", tmp_path / "afile" / "y.onnx"),
+        ("evaluate", "--samples", tmp_path / "junk.npz"),
+        ("evaluate", "--samples", tmp_path / "nan.npz"),
+        ("certs", "--out", tmp_path / "z", "--site", "../evil"),
+        ("certs", "--out", tmp_path / "afile", "--site", "a"),
+        ("certs", "--out", tmp_path / "z", "--host", "127.0.0.1", "--site", ""),
     ]
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "junk.npz").write_bytes(b"not an npz at all")
+    np.savez(tmp_path / "nan.npz", images=np.full((3, 28, 28), np.nan), labels=np.arange(3))
     if not torch.cuda.is_available():  # where CUDA is missing, asking for it fails before any work
         cases += [("train", "--device", "cuda", "--out", tmp_path / "k"),
                   ("sample", "--model", tiny_model_dir, "--device", "cuda", "--out", tmp_path / "l")]
@@ -70,4 +88,5 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("sapf: error:"), r.output
         assert "Traceback" not in r.output
-    assert not any((tmp_path / x).exists() for x in "abcdefghijklmnop")
+    assert not any((tmp_path / x).exists() for x in "abcdefghijklmnopqrstuvwxyz" if x != "z")
+    assert not (tmp_path / "z").exists() and not (tmp_path / "evil").exists()  # nothing half-made, nothing outside

@@ -211,6 +211,11 @@ def test_join_and_serve_refuse_bad_input_in_one_line(tmp_path, site_files):
         (["serve", "--clients", "2", "--insecure", "--optimizer", "lbfgs", "--out", str(tmp_path / "r")],
          "--optimizer"),
         (["federate", "--clients", "2", "--optimizer", "lbfgs", "--out", str(tmp_path / "f")], "--optimizer"),
+        (["serve", "--clients", "1", "--insecure", "--port", "70000", "--out", str(tmp_path / "r")], "--port"),
+        (["join", "--superlink", "nohostport", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "5"],
+         "HOST:PORT"),
+        (["join", "--superlink", "127.0.0.1:1", "--data", str(site_files[0]), "--insecure", "--max-epsilon", "5",
+          "--wait", "-5"], "--wait"),
     ]
     from concurrent.futures import ThreadPoolExecutor
 

@@ -204,9 +204,16 @@ def load_samples(path: str | Path, image_size: int, channels: int) -> tuple[np.n
 
     try:
         with np.load(f) as z:
-            images, labels = z["images"], z["labels"].astype(np.int64)
-    except (OSError, ValueError, KeyError) as e:
-        raise SapfError(f"cannot read samples from {f}: {e}") from None
+            images, labels = np.asarray(z["images"]), np.asarray(z["labels"])
+    except KeyError as e:
+        raise SapfError(f"cannot read samples from {f}: no array {e}") from None
+    except (OSError, ValueError, EOFError):  # numpy's own message would suggest unpickling a file we do not trust
+        raise SapfError(f"cannot read samples from {f}: not an .npz of arrays 'images' and 'labels'") from None
+    if images.dtype.kind not in "uif" or images.ndim not in (3, 4) or not np.isfinite(images).all():
+        raise SapfError(f"samples in {f}: 'images' must be finite pixel values of shape (N, H, W) or (N, H, W, C)")
+    if labels.dtype.kind not in "ui" or labels.shape != (len(images),) or (labels < 0).any():
+        raise SapfError(f"samples in {f}: 'labels' must be one non-negative integer per image")
+    labels = labels.astype(np.int64)
     x = images.astype(np.float32) / 255.0
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     return _prepare(x, image_size, channels), labels

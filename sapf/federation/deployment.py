@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,12 @@ def check_site(site: SiteConfig) -> int:
     return n
 
 
+def _echo_to_stdout(stream) -> None:
+    for line in iter(stream.readline, b""):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+
+
 def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = None, port: int | None = None,
          wait: float = 600.0, say=print) -> int:
     """Run this site's SuperNode until the federation ends; return its exit code.
@@ -374,11 +381,16 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
         # Flower's SuperNode retries an unreachable SuperLink for ever by default; let it try only as
         # long as we would wait, so `sapf join` always returns.
         cmd += ["--max-wait-time", str(max(1.0, wait - (time.time() - t0)))]
-        proc = subprocess.Popen(cmd, env=env)
+        # The SuperNode's log, and its app processes', goes to stdout: stderr carries sapf's own lines only, so an
+        # app process that the SuperNode stops mid-start (a KeyboardInterrupt traceback) cannot read as our error.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        echo = threading.Thread(target=_echo_to_stdout, args=(proc.stdout,), daemon=True)
+        echo.start()
         try:
             code = proc.wait()
         finally:
             stop_process(proc)
+        echo.join(timeout=5)  # a child that outlives the SuperNode keeps the pipe open: do not wait on it
         if code == 0 or time.time() - started > QUICK_EXIT_S:
             return code
         if time.time() - t0 > wait:
