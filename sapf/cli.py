@@ -453,17 +453,17 @@ def serve(
     if base_model is not None and not base_model.exists():
         raise SapfError(f"--base-model {base_model} not found")
     cfg = _federation_config(locals(), min_clients=min_clients or clients)
-    from sapf.federation.simulation import prepare_run_dir
+    from sapf.federation.simulation import prepared_run_dir
 
-    cfg = prepare_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
-                                                             "supernode_auth": bool(supernode_key)})
-    shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)
-    ready = (f"SuperLink up on {host}:{port} ({'insecure' if insecure else 'TLS'}); waiting for {cfg.num_sites} sites: "
-             f"sapf join --superlink HOST:{port} --data PATH --max-epsilon EPS"
-             + (" --insecure" if insecure else " --ca ca.crt") + (" --auth-key KEY" if supernode_key else ""))
-    _exit_on_sigterm()
-    status = run_serve(cfg, host, port, tls, list(supernode_key), on_ready=lambda: _say(ready),
-                       on_round=lambda r: _say(f"round {r}/{cfg.rounds} done"))
+    with prepared_run_dir(cfg, "serve", force, resume, extra={"host": host, "port": port, "tls": not insecure,
+                                                             "supernode_auth": bool(supernode_key)}) as cfg:
+        shutil.rmtree(out / "superlink", ignore_errors=True)  # a resumed run gets a fresh SuperLink (and database)
+        ready = (f"SuperLink up on {host}:{port} ({'insecure' if insecure else 'TLS'}); waiting for {cfg.num_sites} "
+                 f"sites: sapf join --superlink HOST:{port} --data PATH --max-epsilon EPS"
+                 + (" --insecure" if insecure else " --ca ca.crt") + (" --auth-key KEY" if supernode_key else ""))
+        _exit_on_sigterm()
+        status = run_serve(cfg, host, port, tls, list(supernode_key), on_ready=lambda: _say(ready),
+                           on_round=lambda r: _say(f"round {r}/{cfg.rounds} done"))
     _done(out, status)
 
 

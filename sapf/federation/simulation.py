@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sapf.config import FederationConfig
@@ -10,33 +14,46 @@ from sapf.errors import SapfError
 from sapf.outputs import check_output_dir, read_json, write_json
 
 
-def prepare_run_dir(cfg: FederationConfig, command: str, force: bool, resume: bool, extra: dict | None = None,
-                    precheck=None) -> FederationConfig:
-    """The run dir of `sapf federate` and `sapf serve`. Resuming, the saved plan wins (the sites
-    calibrated their noise for it) and the ServerApp continues from checkpoint/; otherwise the dir
-    is made afresh (``precheck(cfg)`` first, if given) with the plan in config.json."""
-    import shutil
-
+@contextlib.contextmanager
+def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: bool, extra: dict | None = None,
+                     precheck=None) -> Iterator[FederationConfig]:
+    """The run dir of `sapf federate` and `sapf serve`, for the block that runs the federation. Resuming, the saved
+    plan wins (the sites calibrated their noise for it) and the ServerApp continues from checkpoint/; otherwise the
+    dir is made afresh (``precheck(cfg)`` first, if given) with the plan in config.json. An earlier run that --force
+    replaces is set aside, and removed only when the block completes: a new run that fails loses nothing."""
     out = Path(cfg.out)
     if resume:
         if not (out / "checkpoint" / "state.json").exists():
             raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run")
         cfg = FederationConfig.from_record({**read_json(out / "config.json"), "out": str(out)})
     cfg.validate()  # the CLI shows a ConfigError as the flag to change
+    earlier = None
     if not resume:
         check_output_dir(out, force)
         if precheck is not None:
-            precheck(cfg)  # before the old run is replaced: a plan no site can run loses nothing
+            precheck(cfg)  # before the old run is touched: a plan no site can run loses nothing
         if out.exists():  # check_output_dir let it through: empty, or --force
-            shutil.rmtree(out)
+            earlier = Path(tempfile.mkdtemp(prefix=f".{out.name}.earlier-", dir=out.parent))
+            os.replace(out, earlier)  # onto the empty folder just made for it
         out.mkdir(parents=True)
         write_json(out / "config.json", {"command": command, **(extra or {}), **cfg.to_record()})
     (out / "status.json").unlink(missing_ok=True)
-    return cfg
+    try:
+        yield cfg
+    except SapfError as e:
+        if earlier is not None:
+            raise SapfError(f"{e} (the run it was to replace is kept in {earlier})") from None
+        raise
+    if earlier is not None:
+        shutil.rmtree(earlier, ignore_errors=True)
 
 
 def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -> dict:
-    cfg = prepare_run_dir(cfg, "federate", force, resume, precheck=_precheck)
+    with prepared_run_dir(cfg, "federate", force, resume, precheck=_precheck) as cfg:
+        return _simulate(cfg)
+
+
+def _simulate(cfg: FederationConfig) -> dict:
     out = Path(cfg.out)
 
     from flwr.simulation import run_simulation
