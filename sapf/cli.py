@@ -41,7 +41,8 @@ def command(*args, **kwargs):
                 typer.echo(f"sapf: error: {e.as_flag() if isinstance(e, ConfigError) else e}", err=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
-                typer.echo("sapf: interrupted; nothing partial was left in --out", err=True)
+                typer.echo("sapf: interrupted (a federated run continues with --resume; other commands leave nothing "
+                           "partial in --out)", err=True)
                 raise typer.Exit(130) from None
 
         return app.command(*args, **kwargs)(wrapper)
@@ -542,7 +543,7 @@ def certs(
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
             raise SapfError(f"--site {name!r}: use letters, digits, '.', '_' and '-' (a file name in --out)")
     for name in host:
-        if not re.fullmatch(r"[A-Za-z0-9.:*-]{1,253}", name):
+        if not re.fullmatch(r"[A-Za-z0-9_.:*-]{1,253}", name):
             raise SapfError(f"--host {name!r} is not a host name or IP address")
     if host:
         paths = make_certificates(out, host, days, force)

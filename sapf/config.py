@@ -56,7 +56,12 @@ def _check(ok: bool, field: str, problem: str) -> None:
 
 
 def _finite_positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if isinstance(value, (bool, str)):
+        return False
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _one_of(cfg, field: str, allowed: tuple[str, ...]) -> None:

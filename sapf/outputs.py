@@ -69,11 +69,14 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
-def check_writable_path(path: str | Path, flag: str = "--out") -> Path:
-    """Refuse, before any work, a path whose folder cannot be made: the nearest existing ancestor must be a folder
-    this process may write in."""
+def check_writable_path(path: str | Path, flag: str = "--out", beside: bool = False) -> Path:
+    """Refuse, before any work, a path that cannot be written: an existing folder must be writable itself, anything
+    else (or, with `beside`, the path even when it is a folder: its temporary twin is made next to it) needs its
+    nearest existing ancestor to be a folder this process may write in."""
     path = Path(path)
-    ancestor = path.absolute().parent
+    ancestor = path.absolute()
+    if beside or not ancestor.is_dir():
+        ancestor = ancestor.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -86,7 +89,7 @@ def check_writable_path(path: str | Path, flag: str = "--out") -> Path:
 def check_output_dir(out: str | Path, force: bool) -> Path:
     """Refuse an --out that already holds something, unless --force, or that cannot be made (checked before any
     work)."""
-    out = check_writable_path(out)
+    out = check_writable_path(out, beside=True)  # atomic_output_dir makes its temporary folder beside `out`
     if out.exists() and not out.is_dir():
         raise SapfError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:

@@ -407,3 +407,22 @@ def test_site_plan_is_kept_on_the_sites_disk(tmp_path):
     assert longer.train_noise > fresh.train_noise and len(list((tmp_path / "plans").glob("*.json"))) == 2
     saved.write_text(saved.read_text().replace(str(fresh.train_noise), "9.5"))
     assert plan_site(cfg, 200, tmp_path).train_noise == 9.5  # read, not recalibrated
+
+
+def test_a_federated_run_that_fails_keeps_the_run_it_was_to_replace(tmp_path):
+    from sapf.federation.simulation import prepared_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.onnx").write_text("the earlier run's model")
+    cfg = FederationConfig(out=str(out))
+    with pytest.raises(SapfError, match="kept in") as failed:
+        with prepared_run_dir(cfg, "federate", force=True, resume=False):
+            assert not (out / "model.onnx").exists() and (out / "config.json").exists()  # the new run's dir
+            raise SapfError("the federated run failed: a site dropped out")
+    kept = next(tmp_path.glob(".run.earlier-*"))
+    assert str(kept) in str(failed.value) and (kept / "model.onnx").read_text() == "the earlier run's model"
+    # A run that completes removes what it replaced.
+    with prepared_run_dir(cfg, "federate", force=True, resume=False):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", kept.name])  # only what the failure kept

@@ -74,7 +74,7 @@ def _no_average(params):
 
 
 def test_dp_sgd_noise_has_the_planned_standard_deviation(digits16):
-    # Δθ·B = −(S + N(0, σ²C²)) with ‖S‖ ≤ B·C: over ~30k coordinates the spread is σC to a fraction of a percent.
+    # Δθ·B = −(S + N(0, σ²C²)) with ‖S‖ ≤ B·C: over ~45k coordinates the spread is σC to a fraction of a percent.
     C, sigma, B = 1e-3, 0.8, 2
     moved, ledger = _one_sgd_step(digits16.subset([3, 9]), clip=C, sigma=sigma, batch=B)
     d = moved.numel()
@@ -102,7 +102,7 @@ def test_dp_sgd_batches_are_poisson_samples(digits16):
     cfg = DPSGDConfig(steps=steps, batch_size=4, multiplicity=1, clip=1e-2, lr=1e-3, optimizer="sgd")
     dp_finetune(gen, model, digits16, cfg, 1.0, None, show_progress=False)
     sizes += [0] * (steps - len(sizes))  # an empty batch runs no forward pass
-    assert 3.0 < np.mean(sizes) < 5.0 and 1.1 < np.std(sizes) < 2.8
+    assert 2.5 < np.mean(sizes) < 5.5 and 1.1 < np.std(sizes) < 2.8
 
 
 def test_a_non_finite_per_example_gradient_never_reaches_the_release(digits16, monkeypatch):
@@ -370,7 +370,7 @@ def test_a_sites_central_image_release_carries_the_noise_its_ledger_records(tmp_
     noise = reply.content["sums"]["sums"].numpy() - noiseless
     (recorded,) = _ledger(tmp_path).mechanisms
     assert recorded.name == "central-images" and noise.size > 500
-    assert float(np.std(noise)) == pytest.approx(recorded.noise_multiplier * contribution_bound(bound), rel=0.12)
+    assert float(np.std(noise)) == pytest.approx(recorded.noise_multiplier * contribution_bound(bound), rel=0.15)
 
 
 def test_error_replies_carry_no_paths_or_data_facts(tmp_path, tiny_model_dir, flower_identity):
@@ -557,9 +557,11 @@ def test_a_site_records_its_training_before_computing_it(tmp_path, tiny_model_di
     assert seen == [[("dp-sgd", 3)]]
     replies = tmp_path / "state" / "replies"
     cached = sorted(replies.iterdir())
-    node["max-epsilon"] = _ledger(tmp_path).epsilon() * 1.01  # the next round would pass the site's limit
+    ledger = _ledger(tmp_path)  # spent elsewhere since: the next round would pass the site's lifetime limit
+    ledger.record("dp-sgd", 0.5, 1.0, 2000)
+    ledger.save(tmp_path / "state" / "ledger.json")
     moved = {k: v + 0.01 for k, v in state.items()}
     refused = _ask(_train_msg(cfg, selected, moved, rnd=2), node)
-    assert refused.has_error() and "past" in refused.error.reason
+    assert refused.has_error() and "would bring the site" in refused.error.reason, refused.error.reason
     assert len(seen) == 1 and sorted(replies.iterdir()) == cached
 

@@ -30,23 +30,3 @@ def test_modes_and_suffix(tmp_path):
     save_png(tmp_path / "sub" / "g.png", np.zeros((4, 4), np.uint8))  # makes the folder too
     assert stat.S_IMODE((tmp_path / "sub" / "g.png").stat().st_mode) == 0o666 & ~umask
 
-
-def test_a_federated_run_that_fails_keeps_the_run_it_was_to_replace(tmp_path):
-    from sapf.config import FederationConfig
-    from sapf.errors import SapfError
-    from sapf.federation.simulation import prepared_run_dir
-
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "model.onnx").write_text("the earlier run's model")
-    cfg = FederationConfig(out=str(out))
-    with pytest.raises(SapfError, match="kept in") as failed:
-        with prepared_run_dir(cfg, "federate", force=True, resume=False):
-            assert not (out / "model.onnx").exists() and (out / "config.json").exists()  # the new run's dir
-            raise SapfError("the federated run failed: a site dropped out")
-    kept = next(tmp_path.glob(".run.earlier-*"))
-    assert str(kept) in str(failed.value) and (kept / "model.onnx").read_text() == "the earlier run's model"
-    # A run that completes removes what it replaced.
-    with prepared_run_dir(cfg, "federate", force=True, resume=False):
-        pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", kept.name])  # only what the failure kept

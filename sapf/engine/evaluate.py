@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +209,7 @@ def load_samples(path: str | Path, image_size: int, channels: int) -> tuple[np.n
             images, labels = np.asarray(z["images"]), np.asarray(z["labels"])
     except KeyError as e:
         raise SapfError(f"cannot read samples from {f}: no array {e}") from None
-    except (OSError, ValueError, EOFError):  # numpy's own message would suggest unpickling a file we do not trust
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):  # numpy's message would suggest unpickling
         raise SapfError(f"cannot read samples from {f}: not an .npz of arrays 'images' and 'labels'") from None
     if images.dtype.kind not in "uif" or images.ndim not in (3, 4) or not np.isfinite(images).all():
         raise SapfError(f"samples in {f}: 'images' must be finite pixel values of shape (N, H, W) or (N, H, W, C)")
@@ -232,11 +234,11 @@ def evaluate(samples: str | Path, data: str = "mnist5k", split: str = "holdout",
     fake, labels = load_samples(samples, image_size, channels)
     if len(fake) < 10:
         raise SapfError(f"need at least 10 samples to evaluate, got {len(fake)}")
+    if labels.max() >= ds.num_classes:  # checked before the networks train (load_samples refused negatives)
+        raise SapfError(f"sample labels must lie in [0, {ds.num_classes}) for {data}")
     net = feature_network(data, train, seed)
     fr, ff = features(net, real.images), features(net, fake)
     precision, recall = precision_recall(fr[:2000], ff[:2000], k=4)
-    if labels.min() < 0 or labels.max() >= ds.num_classes:
-        raise SapfError(f"sample labels must lie in [0, {ds.num_classes}) for {data}")
     clf = train_classifier(fake, labels, ds.num_classes, epochs=downstream_epochs, seed=seed)
     fidelity = class_fidelity(net, fake, labels, ds.num_classes)
     return {

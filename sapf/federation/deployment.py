@@ -341,9 +341,14 @@ def check_site(site: SiteConfig) -> int:
 
 
 def _echo_to_stdout(stream) -> None:
+    """Forward the SuperNode's output until it closes the pipe. Reading never stops, even when stdout fails (a closed
+    pipe, a full disk): a pipe nobody drains would block the SuperNode."""
     for line in iter(stream.readline, b""):
-        sys.stdout.buffer.write(line)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = None, port: int | None = None,
@@ -391,6 +396,8 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
         finally:
             stop_process(proc)
         echo.join(timeout=5)  # a child that outlives the SuperNode keeps the pipe open: do not wait on it
+        if not echo.is_alive():
+            proc.stdout.close()
         if code == 0 or time.time() - started > QUICK_EXIT_S:
             return code
         if time.time() - t0 > wait:

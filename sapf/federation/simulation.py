@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,10 +33,10 @@ def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: b
         check_output_dir(out, force)
         if precheck is not None:
             precheck(cfg)  # before the old run is touched: a plan no site can run loses nothing
-        if out.exists():  # check_output_dir let it through: empty, or --force
+        if out.exists() and any(out.iterdir()):  # check_output_dir let it through: --force
             earlier = Path(tempfile.mkdtemp(prefix=f".{out.name}.earlier-", dir=out.parent))
             os.replace(out, earlier)  # onto the empty folder just made for it
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {"command": command, **(extra or {}), **cfg.to_record()})
     (out / "status.json").unlink(missing_ok=True)
     try:
@@ -43,6 +44,10 @@ def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: b
     except SapfError as e:
         if earlier is not None:
             raise SapfError(f"{e} (the run it was to replace is kept in {earlier})") from None
+        raise
+    except BaseException:  # interrupted: say where the earlier run is before the CLI's own line
+        if earlier is not None:
+            print(f"sapf: the run --force was to replace is kept in {earlier}", file=sys.stderr)
         raise
     if earlier is not None:
         shutil.rmtree(earlier, ignore_errors=True)
