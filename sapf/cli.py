@@ -496,12 +496,10 @@ def join(
     """Join a federation as one site: start a Flower SuperNode that trains on --data locally."""
     import hashlib
 
-    from sapf.federation.deployment import SiteConfig, Tls, check_site
+    from sapf.federation.deployment import SiteConfig, Tls, check_site, check_superlink_address
     from sapf.federation.deployment import join as run_join
 
-    host, _, dial_port = superlink.rpartition(":")
-    if not host or not dial_port.isdigit() or not 1 <= int(dial_port) <= 65535:
-        raise SapfError(f"--superlink must be HOST:PORT with a port in 1..65535, got {superlink!r}")
+    check_superlink_address(superlink)  # before the line that says whom this site joins
     if port is not None and not 1 <= port <= 65535:
         raise SapfError(f"--port must lie in 1..65535, got {port}")
     if not (math.isfinite(wait) and wait >= 0):

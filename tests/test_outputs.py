@@ -29,4 +29,3 @@ def test_modes_and_suffix(tmp_path):
     assert stat.S_IMODE((tmp_path / "key.pem").stat().st_mode) == 0o600
     save_png(tmp_path / "sub" / "g.png", np.zeros((4, 4), np.uint8))  # makes the folder too
     assert stat.S_IMODE((tmp_path / "sub" / "g.png").stat().st_mode) == 0o666 & ~umask
-

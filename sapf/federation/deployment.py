@@ -340,6 +340,13 @@ def check_site(site: SiteConfig) -> int:
     return n
 
 
+def check_superlink_address(superlink: str) -> None:
+    """Refuse a --superlink that is not HOST:PORT with a port in 1..65535 (an IPv6 host in brackets is fine)."""
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SapfError(f"--superlink must be HOST:PORT with a port in 1..65535, got {superlink!r}")
+
+
 def _echo_to_stdout(stream) -> None:
     """Forward the SuperNode's output until it closes the pipe. Reading never stops, even when stdout fails (a closed
     pipe, a full disk): a pipe nobody drains would block the SuperNode."""
@@ -359,8 +366,7 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
     this site's key, so a quick exit is retried for `wait` seconds: sites need not start after
     the server. A SuperNode that ran for a while and then stopped means the run is over.
     """
-    if ":" not in superlink:
-        raise SapfError(f"--superlink must be HOST:PORT, got {superlink!r}")
+    check_superlink_address(superlink)
     if auth_key is not None and not auth_key.is_file():
         raise SapfError(f"SuperNode private key {auth_key} not found")
     from sapf.federation.app_guard import install_runner, path_with_runner
