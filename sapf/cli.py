@@ -440,11 +440,10 @@ def serve(
     """Start a SuperLink, run DP-SAPF across the sites that `sapf join` it, and write the run dir."""
     import shutil
 
-    from sapf.federation.deployment import Tls
+    from sapf.federation.deployment import Tls, check_port
     from sapf.federation.deployment import serve as run_serve
 
-    if not 1 <= port <= 65535:
-        raise SapfError(f"--port must lie in 1..65535, got {port}")
+    check_port(port)
     if insecure and supernode_key:
         raise SapfError("--supernode-key needs TLS (Flower authenticates SuperNodes only over TLS); drop --insecure")
     if not insecure and not supernode_key and not open_enrollment:
@@ -496,12 +495,12 @@ def join(
     """Join a federation as one site: start a Flower SuperNode that trains on --data locally."""
     import hashlib
 
-    from sapf.federation.deployment import SiteConfig, Tls, check_site, check_superlink_address
+    from sapf.federation.deployment import SiteConfig, Tls, check_port, check_site, check_superlink_address
     from sapf.federation.deployment import join as run_join
 
     check_superlink_address(superlink)  # before the line that says whom this site joins
-    if port is not None and not 1 <= port <= 65535:
-        raise SapfError(f"--port must lie in 1..65535, got {port}")
+    if port is not None:
+        check_port(port)
     if not (math.isfinite(wait) and wait >= 0):
         raise SapfError(f"--wait must be a number of seconds >= 0, got {wait}")
     tls = Tls.for_site(ca, insecure)

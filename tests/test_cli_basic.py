@@ -76,6 +76,8 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("certs", "--out", tmp_path / "afile", "--site", "a"),
         ("certs", "--out", tmp_path / "z", "--host", "127.0.0.1", "--site", ""),
     ]
+    missing_model = run("sample", "--model", tmp_path / "no-such-model", "--num", 1, "--out", tmp_path / "a")
+    assert missing_model.exit_code == 2 and "does not exist" in missing_model.output, missing_model.output
     (tmp_path / "afile").write_text("a file, not a folder")
     (tmp_path / "junk.npz").write_bytes(b"not an npz at all")
     np.savez(tmp_path / "nan.npz", images=np.full((3, 28, 28), np.nan), labels=np.arange(3))

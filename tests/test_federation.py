@@ -426,3 +426,25 @@ def test_a_federated_run_that_fails_keeps_the_run_it_was_to_replace(tmp_path):
     with prepared_run_dir(cfg, "federate", force=True, resume=False):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", kept.name])  # only what the failure kept
+
+
+def test_a_run_dir_without_a_checkpoint_says_what_to_pass(tmp_path):
+    from sapf.federation.simulation import prepared_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # a `sapf serve` stopped before its first round finished
+    cfg = FederationConfig(out=str(out))
+    with pytest.raises(SapfError, match="before its first checkpoint.*--force"):
+        with prepared_run_dir(cfg, "serve", force=False, resume=False):
+            pass
+    with pytest.raises(SapfError, match="no checkpoint.*--force"):
+        with prepared_run_dir(cfg, "serve", force=False, resume=True):
+            pass
+    (out / "status.json").write_text('{"status": "completed"}')  # a finished run: --force, as for any other
+    with pytest.raises(SapfError, match="already holds an earlier run"):
+        with prepared_run_dir(cfg, "serve", force=False, resume=False):
+            pass
+    with prepared_run_dir(cfg, "serve", force=True, resume=False):
+        pass
+    assert (out / "config.json").read_text() != "{}"

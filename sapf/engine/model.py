@@ -128,6 +128,8 @@ def load_generator(path: str | Path | None = None) -> DiffusionModel:
     ``None`` loads the shipped default public model.
     """
     path = Path(path) if path is not None else default_model_dir()
+    if not path.exists():
+        raise SapfError(f"model '{path}' does not exist")
     if not path.is_dir():
         raise SapfError(f"model '{path}' is not a directory")
     if (path / "model" / "unet" / "config.json").exists():

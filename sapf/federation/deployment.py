@@ -334,10 +334,16 @@ def check_site(site: SiteConfig) -> int:
     SiteLimits.parse(site.limits)
     for p in site.base_models:
         if not p.is_dir():
-            raise SapfError(f"--base-model {p} is not a directory")
+            raise SapfError(f"--base-model {p} {'is not a directory' if p.exists() else 'does not exist'}")
     n = len(load_dataset(str(site.data), 28, 1))
     check_privacy_args(site.max_epsilon, site.delta, n)
     return n
+
+
+def check_port(port: int, flag: str = "--port") -> None:
+    """Refuse a TCP port outside 1..65535 (before anything starts listening on it)."""
+    if not 1 <= port <= 65535:
+        raise SapfError(f"{flag} must lie in 1..65535, got {port}")
 
 
 def check_superlink_address(superlink: str) -> None:

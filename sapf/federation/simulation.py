@@ -25,11 +25,16 @@ def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: b
     out = Path(cfg.out)
     if resume:
         if not (out / "checkpoint" / "state.json").exists():
-            raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run")
+            raise SapfError(f"--resume: {out} holds no checkpoint of an earlier run; pass --force instead to start "
+                            "afresh")
         cfg = FederationConfig.from_record({**read_json(out / "config.json"), "out": str(out)})
     cfg.validate()  # the CLI shows a ConfigError as the flag to change
     earlier = None
     if not resume:
+        if not force and out.is_dir() and any(out.iterdir()) and not (out / "checkpoint" / "state.json").exists() \
+                and not _completed(out):
+            raise SapfError(f"--out {out} holds a run that stopped before its first checkpoint (nothing to --resume); "
+                            "pass --force to start afresh")
         check_output_dir(out, force)
         if precheck is not None:
             precheck(cfg)  # before the old run is touched: a plan no site can run loses nothing
@@ -51,6 +56,13 @@ def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: b
         raise
     if earlier is not None:
         shutil.rmtree(earlier, ignore_errors=True)
+
+
+def _completed(out: Path) -> bool:
+    try:
+        return read_json(out / "status.json").get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -> dict:
