@@ -88,7 +88,8 @@ def model_card(*, config: dict, privacy: list[tuple[str, dict]], stages: list, e
         "Every release computed from private data is a Gaussian mechanism recorded in the ledger above before it "
         "was released; noise came from OS entropy, never from the seed. Treated as public: "
         f"{TREATED_AS_PUBLIC}. The guarantee covers everything in this "
-        "directory except `private/` (un-noised training statistics, for the data curator only), `superlink/` "
+        "directory except `private/` (un-noised training statistics and a simulation's site state, for the data "
+        "curator only), `superlink/` "
         "(an on-premise server's logs: when each site's message arrived) and evaluation outputs computed on a real "
         "holdout.",
         "",

@@ -114,7 +114,7 @@ def test_a_site_releases_central_images_and_then_needs_the_warmed_base(tmp_path,
     assert set(reply.content["metrics"]) == {"examples", "epsilon", "noise_multiplier"}
     sums = reply.content["sums"]["sums"].numpy()
     assert sums.shape == (10 * (8 * 8 + 1),) and np.isfinite(sums).all()
-    ledger = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    ledger = PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json")
     assert [m.name for m in ledger.mechanisms] == ["central-images"]
     assert ledger.mechanisms[0].noise_multiplier == reply.content["metrics"]["noise_multiplier"] > 0
 
@@ -136,5 +136,5 @@ def test_a_site_releases_central_images_and_then_needs_the_warmed_base(tmp_path,
     assert refused.has_error() and "norm" in refused.error.reason
     reply = train(base=base_to_wire(warmed.unet))
     assert not reply.has_error(), reply.error.reason
-    ledger = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    ledger = PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json")
     assert [m.name for m in ledger.mechanisms] == ["central-images", "dp-sgd"]

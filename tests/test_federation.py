@@ -62,7 +62,7 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     _check_only_dp_outputs_and_scalars(reply, {"scores"})
     names = candidate_modules(load_generator(tiny_model_dir).unet, cfg.candidates)
     assert reply.content["scores"]["scores"].numpy().shape == (len(names),)
-    ledger = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    ledger = PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json")
     assert ledger.mechanisms[0].name == "saliency-query" and ledger.mechanisms[0].noise_multiplier > 0
     assert reply.content["metrics"]["noise_multiplier"] == ledger.mechanisms[0].noise_multiplier
 
@@ -78,7 +78,7 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     update = from_wire(reply.content["adapter"])
     assert validate_update(update, state) is None
     assert any(not torch.equal(update[k], state[k]) for k in state)
-    after = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    after = PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json")
     assert after.mechanisms[-1].name == "dp-sgd" and after.mechanisms[-1].steps == 2
     assert reply.content["metrics"]["epsilon"] == pytest.approx(after.epsilon())
 
@@ -87,7 +87,7 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     _check_only_dp_outputs_and_scalars(again, set(state))
     assert all(torch.equal(from_wire(again.content["adapter"])[k], update[k]) for k in state)
     def dp_steps():
-        return sum(m.steps for m in PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json").mechanisms
+        return sum(m.steps for m in PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json").mechanisms
                    if m.name == "dp-sgd")
 
     assert dp_steps() == 2
@@ -98,7 +98,7 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     _check_only_dp_outputs_and_scalars(site.app(t2, _ctx(node)), set(state))
     assert dp_steps() == 4
     # The site's optimizer went on from round to round (its Adam moments stay on its disk): 2 + 2 steps.
-    [opt_file] = (tmp_path / "run" / "sites" / "site-0").glob("optimizer-*.pt")
+    [opt_file] = (tmp_path / "run" / "private" / "sites" / "site-0").glob("optimizer-*.pt")
     opt = torch.load(opt_file, weights_only=True)
     assert {int(s["step"]) for s in opt["state"].values()} == {4}
 
@@ -109,9 +109,9 @@ def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_n
     q = Message(RecordDict({"config": ConfigRecord(cfg.to_record())}), dst_node_id=1, message_type="query.saliency")
     reply = site.app(q, _ctx(node))
     assert reply.has_error() and "past this site's limit" in reply.error.reason
-    assert not (tmp_path / "run" / "sites" / "site-1" / "ledger.json").exists()  # nothing was spent
+    assert not (tmp_path / "run" / "private" / "sites" / "site-1" / "ledger.json").exists()  # nothing was spent
     # A site whose ledger is already at its limit refuses a training round and spends nothing more.
-    ledger_path = tmp_path / "run" / "sites" / "site-1" / "ledger.json"
+    ledger_path = tmp_path / "run" / "private" / "sites" / "site-1" / "ledger.json"
     full = PrivacyLedger(10.0, 1e-3)
     full.record("dp-sgd", 0.8, 0.3, 200)
     full.save(ledger_path)
@@ -153,7 +153,7 @@ def test_a_site_makes_a_public_selection_itself(tmp_path, tiny_model_dir, mnist_
     _check_only_dp_outputs_and_scalars(reply, set(state))
     update = from_wire(reply.content["adapter"])
     assert validate_update(update, state) is None and any(not torch.equal(update[k], state[k]) for k in state)
-    ledger = PrivacyLedger.load(tmp_path / "run" / "sites" / "site-0" / "ledger.json")
+    ledger = PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json")
     assert [m.name for m in ledger.mechanisms] == ["dp-sgd"]  # all of ε went to DP-SGD
 
 
@@ -230,6 +230,12 @@ def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz, plan):
         assert [m["name"] for m in report["mechanisms"]] == names
         assert report["mechanisms"][-1]["steps"] == 4
         assert 9.0 <= recompute_epsilon(report) <= 10.0
+    # A site's dataset fingerprint (a hash of its exact records: a guess of one record can be tested against it)
+    # stays with the site's own state, under private/, out of everything the run shares.
+    hashes = [json.loads(p.read_text())["sha256"] for p in out.rglob("dataset.json")]
+    assert len(hashes) == 2
+    shared = [p for p in out.rglob("*") if p.is_file() and "private" not in p.relative_to(out).parts]
+    assert not [p for p in shared for h in hashes if h[:16].encode() in p.read_bytes()]
     sel = json.loads((out / "selection.json").read_text())
     if salient:
         assert sel["sites"] == 2 and len(sel["selected"]) == round(0.3 * len(sel["candidates"]))

@@ -283,7 +283,7 @@ def test_a_simulated_site_without_max_epsilon_refuses_epsilon_inf(tmp_path, tiny
                            batch_size=8, out=str(tmp_path / "run"))
     reply = _ask(_query(cfg.to_record()), {"partition-id": 0, "num-partitions": 2})
     assert reply.has_error() and "finite ε" in reply.error.reason
-    assert not (tmp_path / "run" / "sites").exists() or not list((tmp_path / "run" / "sites").rglob("ledger.json"))
+    assert not (tmp_path / "run" / "private" / "sites").exists() or not list((tmp_path / "run" / "private" / "sites").rglob("ledger.json"))
 
 
 def test_a_site_never_releases_without_noise():

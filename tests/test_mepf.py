@@ -120,7 +120,7 @@ def test_a_site_checks_the_feature_network_and_records_its_one_release(tmp_path,
     _, net = small
     cfg = _mepf_plan(tiny_model_dir, mnist_small_npz, tmp_path / "run")
     node = {"partition-id": 0, "num-partitions": 2}
-    ledger_path = tmp_path / "run" / "sites" / "site-0" / "ledger.json"
+    ledger_path = tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json"
     wrong = {k: v[..., :1] if v.dim() > 1 else v for k, v in net.state_dict().items()}
     huge = {k: v * 1e6 for k, v in net.state_dict().items()}
     for content in ({}, {"features": ArrayRecord(torch_state_dict=wrong)},
@@ -199,7 +199,7 @@ def test_a_site_answers_the_warm_up_query_within_its_whole_plan(tmp_path, tiny_m
     cfg = _mepf_plan(tiny_model_dir, mnist_small_npz, tmp_path / "run", method="diffusion",
                      warmup="mean-embeddings", selection="attention", rounds=2, local_steps=1, batch_size=16)
     node = {"partition-id": 0, "num-partitions": 2}
-    ledger_path = tmp_path / "run" / "sites" / "site-0" / "ledger.json"
+    ledger_path = tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json"
     reply = _site_call("query.mean_embeddings", cfg, node, features=base_to_wire(net))
     assert not reply.has_error(), reply.error.reason
     [m] = PrivacyLedger.load(ledger_path).mechanisms

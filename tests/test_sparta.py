@@ -119,7 +119,7 @@ def test_a_site_releases_recorded_row_scores_and_trains_only_a_valid_mask(tmp_pa
     assert not reply.has_error(), reply.error.reason
     scores = reply.content["scores"]["scores"].numpy()
     assert scores.shape == (sum(counts.values()),) and (scores > 0).all()
-    ledger_path = tmp_path / "run" / "sites" / "site-0" / "ledger.json"
+    ledger_path = tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json"
     [m] = PrivacyLedger.load(ledger_path).mechanisms
     assert (m.name, m.steps, m.sample_rate) == ("sparta-mask", 3, cfg.mask_sample_rate) and m.noise_multiplier > 0
     assert reply.content["metrics"]["noise_multiplier"] == m.noise_multiplier

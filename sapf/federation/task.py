@@ -64,12 +64,17 @@ def fingerprint(*parts) -> str:
 
 def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
     """Where a site keeps its ledger: ``state-dir`` from the node config, else (simulation, where
-    the sites share the server's disk) under the run dir, else ``~/.sapf/sites``. A deployed site
-    never uses the run dir: that path names a folder on the *server's* machine."""
+    the sites share the server's disk) under the run dir's ``private/``, else ``~/.sapf/sites``. A deployed site
+    never uses the run dir: that path names a folder on the *server's* machine.
+
+    A simulated site's state is the site's own, as on its machine: its dataset fingerprint (a hash of the exact
+    records, which someone who knows all records but one could test guesses of the last against) and its kept
+    replies. So it lives under ``private/``, which the guarantee does not cover and the run's shareable outputs
+    exclude; the server's copies of the sites' ledgers are in ``privacy/``."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"]))
     if cfg.out and "data-path" not in node_config:
-        return Path(cfg.out) / "sites" / site
+        return Path(cfg.out) / "private" / "sites" / site
     return Path.home() / ".sapf" / "sites" / site
 
 
