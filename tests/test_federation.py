@@ -454,3 +454,18 @@ def test_a_run_dir_without_a_checkpoint_says_what_to_pass(tmp_path):
     with prepared_run_dir(cfg, "serve", force=True, resume=False):
         pass
     assert (out / "config.json").read_text() != "{}"
+
+
+def test_a_simulated_sites_earlier_state_moves_under_private(tmp_path):
+    """A run begun when simulated sites kept their state in RUN/sites/ resumes with the same ledger (a fresh one
+    would spend the budget twice), moved to where the shared outputs exclude it."""
+    from sapf.federation.task import site_state_dir
+
+    cfg = FederationConfig(out=str(tmp_path / "run"))
+    earlier = tmp_path / "run" / "sites" / "site-0"
+    earlier.mkdir(parents=True)
+    (earlier / "ledger.json").write_text("the ledger so far")
+    state = site_state_dir(cfg, {"partition-id": 0}, "site-0")
+    assert state == tmp_path / "run" / "private" / "sites" / "site-0"
+    assert (state / "ledger.json").read_text() == "the ledger so far" and not earlier.exists()
+    assert site_state_dir(cfg, {"partition-id": 1}, "site-1") == tmp_path / "run" / "private" / "sites" / "site-1"

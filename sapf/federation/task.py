@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,7 +75,12 @@ def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"]))
     if cfg.out and "data-path" not in node_config:
-        return Path(cfg.out) / "private" / "sites" / site
+        state = Path(cfg.out) / "private" / "sites" / site
+        earlier = Path(cfg.out) / "sites" / site  # where earlier versions kept it: a resumed run keeps its ledger
+        if earlier.is_dir() and not state.exists():
+            state.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(earlier, state)
+        return state
     return Path.home() / ".sapf" / "sites" / site
 
 
