@@ -439,7 +439,7 @@ def test_a_run_dir_without_a_checkpoint_says_what_to_pass(tmp_path):
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # a `sapf serve` stopped before its first round finished
+    (out / "config.json").write_text('{"command": "serve"}')  # a `sapf serve` stopped before its first round ended
     cfg = FederationConfig(out=str(out))
     with pytest.raises(SapfError, match="before its first checkpoint.*--force"):
         with prepared_run_dir(cfg, "serve", force=False, resume=False):
@@ -453,7 +453,11 @@ def test_a_run_dir_without_a_checkpoint_says_what_to_pass(tmp_path):
             pass
     with prepared_run_dir(cfg, "serve", force=True, resume=False):
         pass
-    assert (out / "config.json").read_text() != "{}"
+    assert json.loads((out / "config.json").read_text())["command"] == "serve" and not (out / "status.json").exists()
+    (out / "config.json").write_text('{"command": "train"}')  # not a federated run: the general refusal
+    with pytest.raises(SapfError, match="already holds an earlier run"):
+        with prepared_run_dir(cfg, "serve", force=False, resume=False):
+            pass
 
 
 def test_a_simulated_sites_earlier_state_moves_under_private(tmp_path):

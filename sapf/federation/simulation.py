@@ -31,8 +31,7 @@ def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: b
     cfg.validate()  # the CLI shows a ConfigError as the flag to change
     earlier = None
     if not resume:
-        if not force and out.is_dir() and any(out.iterdir()) and not (out / "checkpoint" / "state.json").exists() \
-                and not _completed(out):
+        if not force and _stopped_before_a_checkpoint(out):
             raise SapfError(f"--out {out} holds a run that stopped before its first checkpoint (nothing to --resume); "
                             "pass --force to start afresh")
         check_output_dir(out, force)
@@ -58,11 +57,21 @@ def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: b
         shutil.rmtree(earlier, ignore_errors=True)
 
 
-def _completed(out: Path) -> bool:
+def _stopped_before_a_checkpoint(out: Path) -> bool:
+    """A federated run's dir (its config.json, written first, names the command) with no checkpoint that did not
+    complete: e.g. a `sapf serve` stopped while waiting for its sites."""
+    def command_and_status():
+        config = read_json(out / "config.json")
+        status = read_json(out / "status.json") if (out / "status.json").exists() else {}
+        return config.get("command"), status.get("status")
+
+    if not (out / "config.json").is_file() or (out / "checkpoint" / "state.json").exists():
+        return False
     try:
-        return read_json(out / "status.json").get("status") == "completed"
+        command, status = command_and_status()
     except (OSError, ValueError, AttributeError):
         return False
+    return command in ("federate", "serve") and status != "completed"
 
 
 def federate(cfg: FederationConfig, force: bool = False, resume: bool = False) -> dict:
