@@ -340,16 +340,19 @@ def check_site(site: SiteConfig) -> int:
     return n
 
 
+TCP_PORTS = range(1, 65536)
+
+
 def check_port(port: int, flag: str = "--port") -> None:
     """Refuse a TCP port outside 1..65535 (before anything starts listening on it)."""
-    if not 1 <= port <= 65535:
+    if port not in TCP_PORTS:
         raise SapfError(f"{flag} must lie in 1..65535, got {port}")
 
 
 def check_superlink_address(superlink: str) -> None:
     """Refuse a --superlink that is not HOST:PORT with a port in 1..65535 (an IPv6 host in brackets is fine)."""
     host, _, port = superlink.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not port.isdigit() or int(port) not in TCP_PORTS:
         raise SapfError(f"--superlink must be HOST:PORT with a port in 1..65535, got {superlink!r}")
 
 

@@ -60,15 +60,11 @@ def prepared_run_dir(cfg: FederationConfig, command: str, force: bool, resume: b
 def _stopped_before_a_checkpoint(out: Path) -> bool:
     """A federated run's dir (its config.json, written first, names the command) with no checkpoint that did not
     complete: e.g. a `sapf serve` stopped while waiting for its sites."""
-    def command_and_status():
-        config = read_json(out / "config.json")
-        status = read_json(out / "status.json") if (out / "status.json").exists() else {}
-        return config.get("command"), status.get("status")
-
     if not (out / "config.json").is_file() or (out / "checkpoint" / "state.json").exists():
         return False
     try:
-        command, status = command_and_status()
+        command = read_json(out / "config.json").get("command")
+        status = read_json(out / "status.json").get("status") if (out / "status.json").exists() else None
     except (OSError, ValueError, AttributeError):
         return False
     return command in ("federate", "serve") and status != "completed"
