@@ -536,6 +536,24 @@ def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir
     assert len(seen) == plan.get("mask_steps", 1)
 
 
+@pytest.mark.parametrize("query", [q for q, (*_, network) in RELEASES.items() if network is not None])
+def test_a_site_refuses_a_public_network_wider_than_its_limit_and_spends_nothing(tmp_path, tiny_model_dir, site_npz,
+                                                                                flower_identity, query):
+    """The public network's class count is the server's to choose; the site caps it (its own `--limit`), since the
+    release's width is the site's memory."""
+    from sapf.engine.mepf import FeatureNet
+    from sapf.federation.task import base_to_wire
+
+    _, _, plan, (key, classes) = RELEASES[query]
+    cfg = _plan(tiny_model_dir, **plan)
+    msg = Message(RecordDict({"config": ConfigRecord(cfg.to_record()), key: base_to_wire(FeatureNet(1, classes))}),
+                  dst_node_id=1, message_type=f"query.{query.split('+')[0]}")
+    reply = _ask(msg, _node(tmp_path, site_npz, tiny_model_dir, limits=f"max-public-classes={classes - 1}"))
+    assert reply.has_error() and reply.error.code == site_app.ERROR_REFUSED
+    assert f"between 1 and {classes - 1} classes; it scores {classes}" in reply.error.reason, reply.error.reason
+    assert _ledger(tmp_path) is None
+
+
 def test_a_site_records_its_training_before_computing_it(tmp_path, tiny_model_dir, site_npz, flower_identity,
                                                          monkeypatch):
     """A round's DP-SGD steps are in the site's ledger on disk before it trains (a reply cached unrecorded would be

@@ -65,7 +65,6 @@ from sapf.outputs import save_tensors, save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
-MAX_PUBLIC_CLASSES = 100_000  # classes of a public network a site accepts (a histogram's width: memory, not privacy)
 FAILED_REASON = "the site could not answer this request; its operator sees why in the site's log"
 
 app = ClientApp()
@@ -251,7 +250,8 @@ def saliency(msg: Message, context: Context) -> Message:
 def _public_network(msg: Message, key: str, site: "Site", min_classes: int = 1):
     """The public network a request carries under `key` (DP-MEPF's feature network, PrivImage's pool classifier):
     weights only, loaded into the architecture this site installed, checked like an adapter. Its class count is
-    read from its head (public; no bound depends on it) and capped, as the histogram's width costs memory."""
+    read from its head (public; no bound depends on it) and capped by the site's ``max-public-classes`` limit, as the
+    histogram's width costs memory."""
     from sapf.engine.mepf import FeatureNet
 
     if key not in msg.content:
@@ -259,9 +259,10 @@ def _public_network(msg: Message, key: str, site: "Site", min_classes: int = 1):
     state = from_wire(msg.content[key])
     head = state.get("head.bias")
     classes = int(head.shape[0]) if head is not None and head.dim() == 1 else 0
-    if not min_classes <= classes <= MAX_PUBLIC_CLASSES:
-        raise Refusal(f"refused: the public network must score between {min_classes} and {MAX_PUBLIC_CLASSES} "
-                      "classes")
+    most = site.settings.limits.max_public_classes
+    if not min_classes <= classes <= most:
+        raise Refusal(f"refused: the public network must score between {min_classes} and {most} classes; it "
+                      f"scores {classes}")
     net = FeatureNet(site.gen.channels, classes)
     check_incoming_weights(state, net.state_dict(), site.settings.limits)
     net.load_state_dict(state)

@@ -38,6 +38,7 @@ class SiteLimits:
     max_clip: float = 100.0
     max_lr: float = 100.0
     max_adapter_norm: float = 1_000.0  # L2 norm of incoming weights (shipped model: LoRA start ~42, all weights ~77)
+    max_public_classes: int = 100_000  # classes a public network may score (a histogram's width: memory, not privacy)
 
     @classmethod
     def parse(cls, text: str) -> "SiteLimits":
