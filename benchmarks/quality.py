@@ -290,6 +290,10 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
                    epsilon_spent=summary["epsilon_spent"], final_loss=summary["private"]["final_loss"],
                    selected_matrices=summary.get("selected_matrices"),
                    epsilon_pld=pld_epsilon(read_json(run_dir / "privacy.json")))
+        if (run_dir / "semantic_query.json").exists():  # PrivImage's choice (a release: public), per private label
+            chosen = read_json(run_dir / "semantic_query.json")["chosen"]
+            row["chosen_public_classes"] = {str(y): sorted(c["public_class"] for c in chosen if c["private_label"] == y)
+                                            for y in sorted({c["private_label"] for c in chosen})}
     t0 = time.time()
     if method == "dp-mepf":  # one pass of its generator; the same class-balanced labels
         images, labels = sample_generator(gen, prof["samples"], seed=seed)
