@@ -86,9 +86,10 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     again = site.app(Message(t.content, dst_node_id=1, message_type="train"), _ctx(node))
     _check_only_dp_outputs_and_scalars(again, set(state))
     assert all(torch.equal(from_wire(again.content["adapter"])[k], update[k]) for k in state)
+
     def dp_steps():
-        return sum(m.steps for m in PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json").mechanisms
-                   if m.name == "dp-sgd")
+        ledger = PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json")
+        return sum(m.steps for m in ledger.mechanisms if m.name == "dp-sgd")
 
     assert dp_steps() == 2
     # A different incoming adapter is a new request: it trains and is recorded.

@@ -283,7 +283,8 @@ def test_a_simulated_site_without_max_epsilon_refuses_epsilon_inf(tmp_path, tiny
                            batch_size=8, out=str(tmp_path / "run"))
     reply = _ask(_query(cfg.to_record()), {"partition-id": 0, "num-partitions": 2})
     assert reply.has_error() and "finite ε" in reply.error.reason
-    assert not (tmp_path / "run" / "private" / "sites").exists() or not list((tmp_path / "run" / "private" / "sites").rglob("ledger.json"))
+    sites = tmp_path / "run" / "private" / "sites"
+    assert not sites.exists() or not list(sites.rglob("ledger.json"))
 
 
 def test_a_site_never_releases_without_noise():
@@ -505,6 +506,18 @@ RELEASES = {
 }
 
 
+def _release_request(query: str, tiny_model_dir) -> Message:
+    """The server's request for one of RELEASES: its plan, and the public network it carries, if any."""
+    from sapf.engine.mepf import FeatureNet
+    from sapf.federation.task import base_to_wire
+
+    _, _, plan, network = RELEASES[query]
+    content = {"config": ConfigRecord(_plan(tiny_model_dir, **plan).to_record())}
+    if network is not None:
+        content[network[0]] = base_to_wire(FeatureNet(1, network[1]))
+    return Message(RecordDict(content), dst_node_id=1, message_type=f"query.{query.split('+')[0]}")
+
+
 @pytest.mark.parametrize("query", list(RELEASES))
 def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir, site_npz, flower_identity,
                                                         monkeypatch, query):
@@ -513,10 +526,8 @@ def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir
     import importlib
 
     from sapf.engine import noisy_sum
-    from sapf.engine.mepf import FeatureNet
-    from sapf.federation.task import base_to_wire
 
-    module, name, plan, network = RELEASES[query]
+    module, name, plan, _ = RELEASES[query]
     seen = []
 
     def spy(**kwargs):
@@ -525,12 +536,7 @@ def test_a_site_records_its_release_before_computing_it(tmp_path, tiny_model_dir
         return noisy_sum.noisy_sum(**kwargs)
 
     monkeypatch.setattr(importlib.import_module(f"sapf.engine.{module}"), "noisy_sum", spy)
-    cfg = _plan(tiny_model_dir, **plan)
-    content = {"config": ConfigRecord(cfg.to_record())}
-    if network is not None:
-        content[network[0]] = base_to_wire(FeatureNet(1, network[1]))
-    msg = Message(RecordDict(content), dst_node_id=1, message_type=f"query.{query.split('+')[0]}")
-    reply = _ask(msg, _node(tmp_path, site_npz, tiny_model_dir))
+    reply = _ask(_release_request(query, tiny_model_dir), _node(tmp_path, site_npz, tiny_model_dir))
     assert not reply.has_error(), reply.error.reason
     assert seen and all(s == [name] for s in seen)  # every step of the release (SPARTA's: mask_steps of them)
     assert len(seen) == plan.get("mask_steps", 1)
@@ -541,14 +547,9 @@ def test_a_site_refuses_a_public_network_wider_than_its_limit_and_spends_nothing
                                                                                 flower_identity, query):
     """The public network's class count is the server's to choose; the site caps it (its own `--limit`), since the
     release's width is the site's memory."""
-    from sapf.engine.mepf import FeatureNet
-    from sapf.federation.task import base_to_wire
-
-    _, _, plan, (key, classes) = RELEASES[query]
-    cfg = _plan(tiny_model_dir, **plan)
-    msg = Message(RecordDict({"config": ConfigRecord(cfg.to_record()), key: base_to_wire(FeatureNet(1, classes))}),
-                  dst_node_id=1, message_type=f"query.{query.split('+')[0]}")
-    reply = _ask(msg, _node(tmp_path, site_npz, tiny_model_dir, limits=f"max-public-classes={classes - 1}"))
+    classes = RELEASES[query][3][1]
+    reply = _ask(_release_request(query, tiny_model_dir),
+                 _node(tmp_path, site_npz, tiny_model_dir, limits=f"max-public-classes={classes - 1}"))
     assert reply.has_error() and reply.error.code == site_app.ERROR_REFUSED
     assert f"between 1 and {classes - 1} classes; it scores {classes}" in reply.error.reason, reply.error.reason
     assert _ledger(tmp_path) is None
