@@ -143,10 +143,14 @@ def sample(
     allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda: run on CPU if CUDA is missing."),
     batch_size: Optional[int] = typer.Option(None, help="Images a batch (default: 32 for the torch sampler on the "
                                              "CPU, 256 otherwise; the images do not depend on it)."),
+    best_of: int = typer.Option(1, "--best-of", help="Draw N candidates an image and keep the one a classifier of "
+                                "the public digits finds most like its class (N times the time; no privacy cost; "
+                                "digit models only)."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
 ):
     """Generate images with DDIM from a model directory or an ONNX file."""
     from sapf.outputs import atomic_output_dir, check_output_dir, write_samples
+    from sapf.public_classifier import MAX_BEST_OF
     from sapf.sampling_inputs import check_eta, resolve_guidance
 
     if num < 1:
@@ -156,14 +160,17 @@ def sample(
     if device not in ("cpu", "cuda"):
         raise SapfError(f"--device must be cpu or cuda, not '{device}'")
     check_eta(eta)
+    if not 1 <= best_of <= MAX_BEST_OF:  # the model's kind is checked where it is loaded
+        raise SapfError(f"--best-of must lie in [1, {MAX_BEST_OF}], got {best_of}")
     check_output_dir(out, force)
     meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta, "seed": seed,
-            "device": device}
+            "device": device, "best_of": best_of}
     if onnx is not None:
         from sapf.export.onnx_sampler import OnnxSampler
 
         sampler = OnnxSampler(onnx, device=device, allow_cpu_fallback=allow_cpu_fallback)
-        images, labels = sampler.sample(num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance)
+        images, labels = sampler.sample(num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance,
+                                        best_of=best_of)
         guidance = resolve_guidance(guidance, sampler.null_class)
         meta.update(onnx=str(onnx), provider=sampler.provider)
     else:
@@ -174,12 +181,13 @@ def sample(
         device = _torch_device(device, allow_cpu_fallback)
         if model is not None and is_generator_dir(model):  # DP-MEPF: one pass, no steps or guidance
             guidance = resolve_guidance(guidance, None)
-            images, labels = sample_generator(load_mean_embedding_generator(model), num, class_label, seed, batch_size)
+            images, labels = sample_generator(load_mean_embedding_generator(model), num, class_label, seed, batch_size,
+                                              best_of=best_of)
             meta.update(model=str(model))
         else:
             gen = load_generator(model)
             images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance,
-                                          device=device)
+                                          device=device, best_of=best_of)
             guidance = resolve_guidance(guidance, gen.null_class)
             meta.update(model=gen.source)
     meta["guidance"] = guidance  # as resolved for this model

@@ -264,18 +264,22 @@ def load_mean_embedding_generator(path) -> MeanEmbeddingGenerator:
 
 @torch.no_grad()
 def sample_generator(gen: MeanEmbeddingGenerator, num: int, class_label: int | None = None, seed: int = 0,
-                     batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images, labels), with the latents and labels the ONNX sampler draws for the same seed."""
+                     batch_size: int | None = None, best_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images, labels), with the latents and labels the ONNX sampler draws for the same seed (best_of: as
+    :func:`sapf.engine.sampling.sample`'s)."""
     from sapf.outputs import to_uint8
+    from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
     from sapf.sampling_inputs import generator_latents, resolve_batch_size, sample_labels
 
     batch_size = resolve_batch_size(batch_size)
-
-    labels = sample_labels(num, gen.config.num_classes, class_label)
-    z = generator_latents(num, gen.config.latent_dim, seed)
+    c = gen.config
+    check_best_of(best_of, c.num_classes, c.channels, c.image_size)
+    wanted = sample_labels(num, c.num_classes, class_label)
+    labels = candidate_labels(wanted, best_of)
+    z = generator_latents(len(labels), c.latent_dim, seed)
     out = [gen(torch.from_numpy(z[b : b + batch_size]), torch.from_numpy(labels[b : b + batch_size])).numpy()
-           for b in range(0, num, batch_size)]
-    return to_uint8(np.concatenate(out)), labels
+           for b in range(0, len(labels), batch_size)]
+    return best_of_candidates(to_uint8(np.concatenate(out)), wanted, best_of), wanted
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from sapf.engine.model import DiffusionModel, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
+from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
 
 # The sample grid of every run (RUN/grid.png, and the public half of a federated run's comparison.png): 10 a class.
 GRID_SAMPLES, GRID_DDIM_STEPS = 100, 50
@@ -34,18 +35,23 @@ def sample(
     eta: float = inputs.DEFAULT_ETA,
     guidance: float | None = None,
     device: str = "cpu",
+    best_of: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic); guidance:
     classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise;
     None: the model's default, :func:`sapf.sampling_inputs.resolve_guidance`); device: where the UNet runs
     (the inputs are drawn on the CPU, so the images match the CPU's up to floating-point rounding); batch_size:
     images a batch (None: :data:`sapf.sampling_inputs.TORCH_CPU_BATCH_SIZE` on the CPU, ``BATCH_SIZE`` elsewhere;
-    the images do not depend on it)."""
+    the images do not depend on it); best_of: candidates drawn an image, the one the public digit classifier finds
+    most like its class kept (:mod:`sapf.public_classifier`; 1: none)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
     inputs.check_eta(eta)
     guidance = inputs.resolve_guidance(guidance, gen.null_class)
-    labels = inputs.sample_labels(num, gen.num_classes, class_label)
+    check_best_of(best_of, gen.num_classes, gen.channels, gen.image_size)
+    wanted = inputs.sample_labels(num, gen.num_classes, class_label)
+    labels = candidate_labels(wanted, best_of)  # the labels of what is drawn: `wanted` itself when best_of is 1
+    num = len(labels)
     noise = inputs.initial_noise(num, gen.channels, gen.image_size, seed)
     ddim = ddim_from(gen.scheduler)
     ddim.set_timesteps(steps)
@@ -73,7 +79,7 @@ def sample(
                 x = ddim.step(eps, t, x, eta=eta, variance_noise=noise_k).prev_sample
                 bar.advance()
             out.append(x.cpu().numpy())
-    return to_uint8(np.concatenate(out)), labels
+    return best_of_candidates(to_uint8(np.concatenate(out)), wanted, best_of), wanted
 
 
 def public_sample(gen: DiffusionModel, num: int, *, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

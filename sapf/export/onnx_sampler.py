@@ -26,6 +26,7 @@ import numpy as np
 
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
+from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
 from sapf.sampling_inputs import (
     DEFAULT_ETA,
     check_eta,
@@ -328,23 +329,31 @@ class OnnxSampler:
 
     def sample(self, num: int, class_label: int | None = None, steps: int = 50, seed: int = 0,
                batch_size: int | None = None, show_progress: bool = True, eta: float = DEFAULT_ETA,
-               guidance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler."""
+               guidance: float | None = None, best_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler (best_of too)."""
         batch_size = resolve_batch_size(batch_size)
         check_eta(eta)
         guidance = self._guidance = resolve_guidance(guidance, self.null_class)
-        labels = sample_labels(num, self.num_classes, class_label)
+        wanted = sample_labels(num, self.num_classes, class_label)
+        check_best_of(best_of, self.num_classes, int(self.meta["channels"]), int(self.meta["image_size"]))
+        images = self._draw(candidate_labels(wanted, best_of), steps, seed, batch_size, eta, show_progress)
+        return best_of_candidates(images, wanted, best_of), wanted
+
+    def _draw(self, labels: np.ndarray, steps: int, seed: int, batch_size: int, eta: float,
+              show_progress: bool) -> np.ndarray:
+        """uint8 images of `labels`, image i from the seed's noise i."""
+        num = len(labels)
         if self.kind == "generator":  # one pass, no steps: the same latents as the torch generator
             z = generator_latents(num, int(self.meta["latent_dim"]), seed)
             out = [self.session.run([self._output], {"noise": z[b : b + batch_size],
                                                      "class_labels": labels[b : b + batch_size]})[0]
                    for b in range(0, num, batch_size)]
-            return to_uint8(np.concatenate(out)), labels
+            return to_uint8(np.concatenate(out))
         timesteps = self.ddim.set_timesteps(steps)
         c, size = int(self.meta["channels"]), int(self.meta["image_size"])
         noise = initial_noise(num, c, size, seed)
         # Guidance runs each step's two passes as one batch through the numpy loop (on the GPU too).
-        run = self._batch_iobinding if self.iobinding and guidance == 1.0 else self._batch_numpy
+        run = self._batch_iobinding if self.iobinding and self._guidance == 1.0 else self._batch_numpy
         out = []
         n_batches = (num + batch_size - 1) // batch_size
         with _progress("sample", n_batches * len(timesteps), show_progress) as advance:
@@ -352,7 +361,7 @@ class OnnxSampler:
                 x = noise[b : b + batch_size]
                 z = step_noise(b, len(x), len(timesteps), c, size, seed) if eta > 0 else None  # eta 0 draws none
                 out.append(run(x, labels[b : b + batch_size], timesteps, z, eta, advance))
-        return to_uint8(np.concatenate(out)), labels
+        return to_uint8(np.concatenate(out))
 
     def _batch_numpy(self, x, y, timesteps, z, eta, advance) -> np.ndarray:
         w = getattr(self, "_guidance", 1.0)
