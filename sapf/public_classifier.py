@@ -2,7 +2,7 @@
 digits finds most like its class.
 
 Why: DP fine-tuning moves a model to the private data's style and costs it class identity (docs/experiments.md
-#class-identity-what-erodes-it); some of its samples no longer read as the digit they were drawn for. Choosing among
+#class-identity); some of its samples no longer read as the digit they were drawn for. Choosing among
 candidates by a public classifier's probability of the conditioning class keeps the readable ones.
 
 Privacy: the classifier is trained on the public digits only, with a public seed (DP-MEPF's feature network,
