@@ -150,7 +150,7 @@ def sample(
 ):
     """Generate images with DDIM from a model directory or an ONNX file."""
     from sapf.outputs import atomic_output_dir, check_output_dir, write_samples
-    from sapf.public_classifier import MAX_BEST_OF
+    from sapf.public_classifier import check_best_of_count
     from sapf.sampling_inputs import check_eta, resolve_guidance
 
     if num < 1:
@@ -160,8 +160,7 @@ def sample(
     if device not in ("cpu", "cuda"):
         raise SapfError(f"--device must be cpu or cuda, not '{device}'")
     check_eta(eta)
-    if not 1 <= best_of <= MAX_BEST_OF:  # the model's kind is checked where it is loaded
-        raise SapfError(f"--best-of must lie in [1, {MAX_BEST_OF}], got {best_of}")
+    check_best_of_count(best_of)  # before a model loads; the model's kind is checked where it is loaded
     check_output_dir(out, force)
     meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta, "seed": seed,
             "device": device, "best_of": best_of}

@@ -27,10 +27,14 @@ IMAGE_SIZE, CHANNELS, NUM_CLASSES = 28, 1, 10  # what the shipped classifier rea
 MAX_BEST_OF = 16
 
 
-def check_best_of(best_of: int, num_classes: int, channels: int, image_size: int) -> None:
-    """Refuse a best-of-n the shipped classifier cannot serve (a bad n, or a model that does not draw digits)."""
+def check_best_of_count(best_of: int) -> None:
     if not 1 <= best_of <= MAX_BEST_OF:
         raise SapfError(f"--best-of must lie in [1, {MAX_BEST_OF}], got {best_of}")
+
+
+def check_best_of(best_of: int, num_classes: int, channels: int, image_size: int) -> None:
+    """Refuse a best-of-n the shipped classifier cannot serve (a bad n, or a model that does not draw digits)."""
+    check_best_of_count(best_of)
     if best_of > 1 and (num_classes, channels, image_size) != (NUM_CLASSES, CHANNELS, IMAGE_SIZE):
         raise SapfError(f"--best-of chooses with a classifier of the public digits ({NUM_CLASSES} classes, "
                         f"{IMAGE_SIZE}x{IMAGE_SIZE} grey); this model draws {num_classes} classes of "
