@@ -191,3 +191,9 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     x = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     x = x.transpose(0, 2, 3, 1)
     return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """:func:`to_uint8`'s inverse: uint8 (N,H,W) or (N,H,W,C) → model space [-1, 1] (N,C,H,W), float32."""
+    x = np.asarray(images).astype(np.float32) / 127.5 - 1.0
+    return x[:, None] if x.ndim == 3 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))

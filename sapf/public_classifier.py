@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sapf.errors import SapfError
+from sapf.outputs import from_uint8
 
 SHIPPED = Path(__file__).parent / "assets" / "public-digit-classifier.onnx"
 IMAGE_SIZE, CHANNELS, NUM_CLASSES = 28, 1, 10  # what the shipped classifier reads
@@ -61,8 +62,7 @@ class PublicClassifier:
 
     def class_probability(self, images: np.ndarray, labels: np.ndarray, batch: int = 512) -> np.ndarray:
         """p(label | image) for uint8 images (N, H, W[, C]) and their labels."""
-        x = images.astype(np.float32) / 127.5 - 1.0
-        x = x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)
+        x = from_uint8(images)  # the model space the samplers drew them in
         logits = np.concatenate([self.session.run(None, {"images": np.ascontiguousarray(x[b : b + batch])})[0]
                                  for b in range(0, len(x), batch)])
         logits = logits - logits.max(axis=1, keepdims=True)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from sapf.cli import app
 from sapf.errors import SapfError
+from sapf.outputs import to_uint8
 from sapf.public_classifier import SHIPPED, PublicClassifier, export_public_classifier
 
 runner = CliRunner()
@@ -116,7 +117,7 @@ def test_the_shipped_classifier_is_the_public_recipe(tmp_path):
     remade = tmp_path / "classifier.onnx"
     export_public_classifier(remade)
     public = load_dataset("digits", 28, 1)
-    images = ((public.images[:, 0] + 1) * 127.5).round().astype(np.uint8)
+    images = to_uint8(public.images)
     shipped, again = PublicClassifier(SHIPPED), PublicClassifier(remade)
     agree = np.mean([
         (shipped.class_probability(images, np.full(len(images), k)) > 0.5)
