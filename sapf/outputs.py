@@ -21,12 +21,15 @@ from sapf.errors import SapfError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, private: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, private: bool = False, durable: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary path beside `path` that replaces `path` only when the block succeeds.
 
     A reader never sees a half-written file, and a failure leaves the earlier file as it was.
     The temporary name keeps `path`'s suffix (writers that infer the format from it work).
     ``private`` creates the file 0600 (keys, a site's secret); otherwise the umask decides, as for any file.
+    ``durable`` returns only once the new bytes and the rename are on disk (fsync of the file, then of its folder):
+    a site's ledger is written before a release leaves, and a power cut after the release must not bring back
+    the ledger without it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,21 +37,33 @@ def atomic_path(path: str | Path, private: bool = False) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666))
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable and os.name == "posix":  # the rename lives in the folder's entry (no folder fsync on Windows)
+            _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
+def write_json(path: str | Path, obj: Any, durable: bool = False) -> None:
+    """Write JSON atomically (``durable``: see :func:`atomic_path`)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", durable=durable)
+
+
+def write_text(path: str | Path, text: str, durable: bool = False) -> None:
+    """Write a text file atomically (``durable``: see :func:`atomic_path`)."""
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_text(text)
 
 

@@ -17,6 +17,26 @@ from sapf.engine.privacy import (
 from sapf.errors import SapfError
 
 
+def test_ledger_is_on_disk_when_save_returns(tmp_path, monkeypatch):
+    """A site saves its ledger before a release leaves: save returns only after the new file's bytes and the rename
+    are fsynced, so a power cut after the release cannot bring back a ledger without it."""
+    import os
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ledger = PrivacyLedger(10.0, 1e-5)
+    ledger.record("saliency-query", 4.0, 1.0)
+    path = tmp_path / "ledger.json"
+    ledger.save(path)
+    assert synced == [path.stat().st_ino, tmp_path.stat().st_ino]  # the file (renamed, same inode), then its folder
+    assert PrivacyLedger.load(path).mechanisms == ledger.mechanisms
+
+
 def test_ledger_epsilon_equals_an_accountant_on_the_same_history(tmp_path):
     ledger = PrivacyLedger(10.0, 1e-5)
     ledger.record("saliency-query", 4.0, 1.0)

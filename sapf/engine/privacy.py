@@ -150,7 +150,8 @@ class PrivacyLedger:
         }
 
     def save(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
+        """Atomic and durable: on disk when this returns (a site saves before its release leaves)."""
+        write_json(path, self.to_dict(), durable=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "PrivacyLedger":

@@ -70,8 +70,14 @@ FAILED_REASON = "the site could not answer this request; its operator sees why i
 app = ClientApp()
 
 
-def _report(ledger: PrivacyLedger, site: str) -> ConfigRecord:
-    return ConfigRecord({"site": site, "report": json.dumps(ledger.to_dict())})
+# What a site's ε history tells the server: enough to recompute its ε with any accountant, nothing more. Not the
+# site's max-epsilon (how much a server could still ask for), not its name (a hash of its data path).
+REPORT_FIELDS = ("delta", "accountant", "mechanisms")
+
+
+def _report(ledger: PrivacyLedger) -> ConfigRecord:
+    history = ledger.to_dict()
+    return ConfigRecord({"report": json.dumps({k: history[k] for k in REPORT_FIELDS})})
 
 
 def _guard(handler):
@@ -205,7 +211,7 @@ def _noisy_sum_reply(msg: Message, site: Site, ledger: PrivacyLedger, key: str, 
         key: ArrayRecord(array_dict={key: Array(np.asarray(noisy, np.float64))}),
         "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon()),
                                  "noise_multiplier": float(sigma)}),
-        "privacy": _report(ledger, site.name),
+        "privacy": _report(ledger),
     }), reply_to=msg)
 
 
@@ -414,6 +420,6 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         "adapter": to_wire(reply[0]),
         "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon())}),
-        "privacy": _report(ledger, site.name),
+        "privacy": _report(ledger),
     })
     return Message(content, reply_to=msg)

@@ -265,7 +265,7 @@ def ensure_same_dataset(state_dir: Path, fingerprint: str, n: int) -> None:
 
     marker = state_dir / "dataset.json"
     if not marker.exists():
-        write_json(marker, {"sha256": fingerprint, "examples": n})
+        write_json(marker, {"sha256": fingerprint, "examples": n}, durable=True)
         return
     old = read_json(marker)
     if old.get("sha256") != fingerprint:
