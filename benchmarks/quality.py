@@ -767,7 +767,8 @@ def main() -> None:
                 grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
                 print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
                 # Partial results are written as they come: a long run interrupted late still reports.
-                write_result(out, {"profile": prof, "seeds": seeds, "machine": machine(), **parallel, "rows": rows,
+                write_result(out, {"profile": prof, "seeds": sorted({r["seed"] for r in rows}), "machine": machine(),
+                                   **parallel, "rows": rows,
                                    "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
                                    "reused_rows": reused, "complete": i == total}, a.epsilons)
     finally:
