@@ -568,7 +568,7 @@ def pld_check(rows: list[dict]) -> str:
 def write_doc(result: dict, out: Outputs) -> None:
     rows, summary, prof = result["rows"], result["summary"], result["profile"]
     eps = sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"]) and r["epsilon"] > 0})
-    seeds = sorted({r.get("seed", 0) for r in rows})
+    seeds = sorted({r.get("seed", 0) for r in rows})  # also for --report on a JSON written before it listed them
     gaps = [f"- {m} at ε={e:g}: {g:.0%}" for e in eps for m in ("saliency", "attention", "full", "random",
                                                                "dp-feta", "feta-saliency")
             if (g := gap_closed(summary, m, e)) is not None]
@@ -767,9 +767,8 @@ def main() -> None:
                 grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
                 print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
                 # Partial results are written as they come: a long run interrupted late still reports.
-                write_result(out, {"profile": prof, "seeds": sorted({r["seed"] for r in rows}), "machine": machine(),
-                                   **parallel, "rows": rows,
-                                   "grids": grid_list, "wall_time_s": round(time.time() - t_all, 1),
+                write_result(out, {"profile": prof, "machine": machine(), **parallel, "rows": rows, "grids": grid_list,
+                                   "wall_time_s": round(time.time() - t_all, 1),
                                    "reused_rows": reused, "complete": i == total}, a.epsilons)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -777,13 +776,14 @@ def main() -> None:
 
 
 def write_result(out: Outputs, result: dict, epsilons: list[float]) -> None:
-    """The results JSON (every raw row and the summary), the plots and the doc."""
+    """The results JSON (every raw row and the summary), the plots and the doc. Its seeds are its rows' (a resumed
+    or merged run holds rows of seeds it did not run itself)."""
     from sapf.outputs import write_json
 
     rows = result["rows"]
     summary = summarise(rows)
-    result = {**result, "settings": SETTINGS, "clip": CLIP, "delta": DELTA, "multiplicity": MULTIPLICITY,
-              "top_fraction": TOP_FRACTION, "summary": summary}
+    result = {**result, "seeds": sorted({r.get("seed", 0) for r in rows}), "settings": SETTINGS, "clip": CLIP,
+              "delta": DELTA, "multiplicity": MULTIPLICITY, "top_fraction": TOP_FRACTION, "summary": summary}
     result["plots"] = plots(summary, _plot_epsilons(rows, epsilons), out)
     write_json(out.json, {**result, "rows": [_jsonable(r) for r in rows], "summary": [_jsonable(s) for s in summary]})
     write_doc(result, out)
@@ -819,7 +819,7 @@ def merge(parts: list[Path], out: Outputs, prof: dict, epsilons: list[float]) ->
     expected = {(m, e) for m in METHODS for e in method_epsilons(m, epsilons, prof)}
     have = {(r["method"], r["epsilon"]) for r in merged}
     grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
-    write_result(out, {"profile": prof, "seeds": sorted({r["seed"] for r in merged}), "machine": machines[0],
+    write_result(out, {"profile": prof, "machine": machines[0],
                        "machines": machines, "rows": merged, "grids": grid_list,
                        "merged_from": [str(d) for d in parts], "reused_rows": 0, "complete": expected <= have},
                  epsilons)
