@@ -572,8 +572,7 @@ def write_doc(result: dict, out: Outputs) -> None:
     gaps = [f"- {m} at ε={e:g}: {g:.0%}" for e in eps for m in ("saliency", "attention", "full", "random",
                                                                "dp-feta", "feta-saliency")
             if (g := gap_closed(summary, m, e)) is not None]
-    grids = "\n".join(f"| {g['method']} | {g['epsilon']} | {g.get('seed', '-')} | ![]({g['png']}) |"
-                      for g in result["grids"])
+    grids = grid_table(result["grids"])
     verdicts = "\n".join(aim_verdicts(summary, eps)) or "- (needs saliency, attention and full rows)"
     feta = "\n".join(feta_comparisons(summary, eps)) or "- (needs the DP-FETA rows and their neighbours)"
     plots_md = "\n".join(f"![{Path(p).name}]({p})" for p in result["plots"])
@@ -661,7 +660,7 @@ at the same 30% of matrices it trains more parameters than LoRA on every attenti
 {'' if result.get('complete', True) else chr(10) + '**Partial run**: not every job has finished.' + chr(10)}
 {plots_md}
 
-## Samples (one row per class; each from the lowest seed of its method and ε)
+## Samples (one row per class; the lowest seed of each method and ε shown, the other seeds' grids linked)
 
 | method | ε | seed | samples |
 |---|---|---|---|
@@ -741,7 +740,7 @@ def main() -> None:
         rows = [r for r in map(_from_jsonable, old["rows"])
                 if "seed" in r and all(r.get(k) is not None for k in METRICS) and _same_setup(old, prof, r["method"])]
         done = {(r["method"], r["epsilon"], r["seed"]) for r in rows}
-        grids = {(g["method"], g["epsilon"]): g for g in old.get("grids", [])
+        grids = {(g["method"], g["epsilon"], g.get("seed")): g for g in old.get("grids", [])
                  if (g["method"], _from_grid_eps(g["epsilon"]), g.get("seed")) in done}
         jobs = [j for j in jobs if j not in done]
         reused = len(rows)
@@ -757,14 +756,13 @@ def main() -> None:
                 print(f"[{i}/{total}] {method} ε={eps:g} seed {seed} done in {row['row_time_s']:.0f} s",
                       file=sys.stderr, flush=True)
                 rows.append(row)
-                key = (method, _eps_label(method, eps))
-                if key not in grids or seed < grids[key].get("seed", math.inf):  # one grid: the lowest seed's
-                    keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
-                    png = f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}.png"
-                    save_png(out.doc.parent / png, class_grid(images[keep], labels[keep]))
-                    grids[key] = {"method": method, "epsilon": key[1], "seed": seed, "png": png}
+                keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
+                png = grid_png(out, method, eps, seed)
+                save_png(out.doc.parent / png, class_grid(images[keep], labels[keep]))
+                grids[(method, _eps_label(method, eps), seed)] = {
+                    "method": method, "epsilon": _eps_label(method, eps), "seed": seed, "png": png}
                 rows.sort(key=lambda r: (_order(r["method"]), r["epsilon"], r["seed"]))
-                grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
+                grid_list = sorted_grids(grids.values())
                 print("  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
                 # Partial results are written as they come: a long run interrupted late still reports.
                 write_result(out, {"profile": prof, "machine": machine(), **parallel, "rows": rows, "grids": grid_list,
@@ -791,8 +789,8 @@ def write_result(out: Outputs, result: dict, epsilons: list[float]) -> None:
 
 def merge(parts: list[Path], out: Outputs, prof: dict, epsilons: list[float]) -> None:
     """One profile's results from parts run apart (e.g. one process per seed on a bigger machine): the rows each
-    part made with this run's settings (a later part's row replaces an earlier one's), each (method, ε)'s grid
-    from its lowest seed, and the doc. Rows keep the machine and device they ran on."""
+    part made with this run's settings (a later part's row replaces an earlier one's), their grids, and the
+    doc. Rows keep the machine and device they ran on."""
     from sapf.outputs import read_json
 
     rows: dict[tuple, dict] = {}
@@ -808,9 +806,8 @@ def merge(parts: list[Path], out: Outputs, prof: dict, epsilons: list[float]) ->
         done = {(r["method"], r["epsilon"], r["seed"]) for r in kept}
         rows.update({(r["method"], r["epsilon"], r["seed"]): r for r in kept})
         for g in old.get("grids", []):
-            key = (g["method"], g["epsilon"])
-            if (g["method"], _from_grid_eps(g["epsilon"]), g.get("seed")) in done and \
-                    g.get("seed", math.inf) < grids.get(key, {}).get("seed", math.inf):
+            key = (g["method"], g["epsilon"], g.get("seed"))
+            if (g["method"], _from_grid_eps(g["epsilon"]), g.get("seed")) in done:
                 (out.doc.parent / g["png"]).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(part.doc.parent / g["png"], out.doc.parent / g["png"])
                 grids[key] = g
@@ -818,7 +815,7 @@ def merge(parts: list[Path], out: Outputs, prof: dict, epsilons: list[float]) ->
     merged = sorted(rows.values(), key=lambda r: (_order(r["method"]), r["epsilon"], r["seed"]))
     expected = {(m, e) for m in METHODS for e in method_epsilons(m, epsilons, prof)}
     have = {(r["method"], r["epsilon"]) for r in merged}
-    grid_list = sorted(grids.values(), key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"])))
+    grid_list = sorted_grids(grids.values())
     write_result(out, {"profile": prof, "machine": machines[0],
                        "machines": machines, "rows": merged, "grids": grid_list,
                        "merged_from": [str(d) for d in parts], "reused_rows": 0, "complete": expected <= have},
@@ -835,6 +832,31 @@ def _same_setup(old: dict, prof: dict, method: str) -> bool:
 
 def _plot_epsilons(rows: list[dict], fallback: list[float]) -> list[float]:
     return sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"]) and r["epsilon"] > 0}) or fallback
+
+
+def grid_png(out: Outputs, method: str, eps: float, seed: int) -> str:
+    """Where a row's sample grid goes, relative to the doc: one PNG per (method, ε, seed), so parts run apart merge
+    without losing any seed's grid (seed 0 keeps the name it had when only one grid a row was kept)."""
+    return (f"{out.img}/quality_grid_{method}{'' if eps in (0.0, math.inf) else f'_eps{eps:g}'}"
+            f"{f'_seed{seed}' if seed else ''}.png")
+
+
+def sorted_grids(grids) -> list[dict]:
+    return sorted(grids, key=lambda g: (_order(g["method"]), _from_grid_eps(g["epsilon"]), g.get("seed", 0)))
+
+
+def grid_table(grids: list[dict]) -> str:
+    """One line per (method, ε): the lowest seed's grid shown, the other seeds' linked (a doc of every seed's
+    image would be too long to read)."""
+    by_row: dict[tuple, list[dict]] = {}
+    for g in sorted_grids(grids):
+        by_row.setdefault((g["method"], g["epsilon"]), []).append(g)
+    lines = []
+    for (method, eps), gs in by_row.items():
+        more = ", ".join(f"[seed {g.get('seed', 0)}]({g['png']})" for g in gs[1:])
+        lines.append(f"| {method} | {eps} | {gs[0].get('seed', '-')}{f' (also {more})' if more else ''} "
+                     f"| ![]({gs[0]['png']}) |")
+    return "\n".join(lines)
 
 
 def _from_grid_eps(label: str) -> float:
