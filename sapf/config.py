@@ -174,6 +174,9 @@ class MethodConfig:
                "epsilon", f"must be > 0 (or inf for non-private), got {self.epsilon!r}")
         _check(self.delta is None or 0 < self.delta < 1, "delta", f"must lie in (0, 1), got {self.delta!r}")
         _check(0 <= self.holdout < 1, "holdout", f"must lie in [0, 1), got {self.holdout!r}")
+        # "" would load the working directory's model (Path("") is "."): absent means the shipped model, nothing else.
+        _check(self.base_model is None or self.base_model.strip() != "", "base_model",
+               "must name a model directory (leave it out for the shipped model)")
         for name, allowed in (("accountant", ACCOUNTANTS), ("method", METHODS), ("selection", SELECTIONS),
                               ("candidates", CANDIDATE_SETS), ("score", SCORES), ("optimizer", OPTIMIZERS)):
             _one_of(self, name, allowed)

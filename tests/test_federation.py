@@ -91,9 +91,10 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
         return sum(m.steps for m in ledger.mechanisms if m.name == "dp-sgd")
 
     assert dp_steps() == 2
-    # A different incoming adapter is a new request: it trains and is recorded.
+    # A different incoming adapter is a new request: it trains and is recorded (round 2: round 1 again with another
+    # adapter would leave the site unable to afford the plan's last round, and is refused).
     moved = {k: v + 0.01 for k, v in state.items()}
-    t2 = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": selected, "round": 1}),
+    t2 = Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": selected, "round": 2}),
                              "adapter": ArrayRecord(torch_state_dict=moved)}), dst_node_id=1, message_type="train")
     _check_only_dp_outputs_and_scalars(site.app(t2, _ctx(node)), set(state))
     assert dp_steps() == 4
@@ -124,6 +125,64 @@ def test_site_refuses_to_pass_its_budget(tmp_path, tiny_model_dir, mnist_small_n
     reply = site.app(t, _ctx(node))
     assert reply.has_error() and "past its limit" in reply.error.reason
     assert ledger_path.read_text() == before
+
+
+def test_a_site_refuses_a_run_it_cannot_finish_even_without_the_selection_query(tmp_path, tiny_model_dir,
+                                                                                  mnist_small_npz, flower_identity):
+    """A server that skips DP-SAPF's saliency query (where the whole run was checked) and sends round 1 with its own
+    selection must meet the same check: the site refuses to start training it cannot finish within max-epsilon."""
+    cfg = _cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run", delta=1e-3, rounds=3)
+    node = {"partition-id": 0, "num-partitions": 2}
+    names = candidate_modules(load_generator(tiny_model_dir).unet)[:2]
+    state = trainable_state(make_trainable(load_generator(tiny_model_dir), "saliency", names))
+
+    def train(rnd):
+        return Message(RecordDict({"config": ConfigRecord({**cfg.to_record(), "selected": names, "round": rnd}),
+                                   "adapter": ArrayRecord(torch_state_dict=state)}), dst_node_id=1,
+                       message_type="train")
+
+    plan = site._setup(train(1), _ctx(node)).plan
+    node["max-epsilon"] = cfg.epsilon
+
+    def eps_after(steps):
+        ledger = PrivacyLedger(cfg.epsilon, plan.delta, cfg.accountant)
+        ledger.record("dp-sgd", plan.train_noise, plan.sample_rate, steps)
+        return ledger.epsilon()
+
+    # Earlier spending on this dataset (another run) such that one more round fits and three do not.
+    earlier = next(s for s in range(0, 100_000, plan.local_steps) if eps_after(s + 3 * plan.local_steps) > cfg.epsilon)
+    assert earlier > 0 and eps_after(earlier + plan.local_steps) <= cfg.epsilon
+    ledger_path = tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json"
+    spent = PrivacyLedger(cfg.epsilon, plan.delta, cfg.accountant)
+    spent.record("dp-sgd", plan.train_noise, plan.sample_rate, earlier)
+    spent.save(ledger_path)
+    reply = site.app(train(1), _ctx(node))
+    assert reply.has_error() and "past its limit" in reply.error.reason
+    assert sum(m.steps for m in PrivacyLedger.load(ledger_path).mechanisms) == earlier  # nothing spent
+    # The last round alone is what remains to afford there: it fits, trains and is recorded.
+    reply = site.app(train(3), _ctx(node))
+    assert not reply.has_error(), reply.error.reason
+    assert sum(m.steps for m in PrivacyLedger.load(ledger_path).mechanisms) == earlier + plan.local_steps
+
+
+def test_a_deployed_site_refuses_an_empty_base_model(tmp_path, tiny_model_dir, mnist_small_npz, flower_identity,
+                                                     monkeypatch):
+    """Path("") is the working directory: a plan naming "" must not load whatever model sits there (say, one trained
+    without DP on the site's own data) past the site's list of allowed models."""
+    import shutil
+
+    workdir = tmp_path / "supernode"
+    shutil.copytree(tiny_model_dir, workdir)
+    monkeypatch.chdir(workdir)
+    state = tmp_path / "state"
+    node = {"data-path": str(mnist_small_npz), "max-epsilon": 50.0, "state-dir": str(state), "delta": 1e-3}
+    for base_model in ("", " "):
+        cfg = {**_cfg(tiny_model_dir, mnist_small_npz, tmp_path / "run", delta=1e-3).to_record(),
+               "base_model": base_model}
+        q = Message(RecordDict({"config": ConfigRecord(cfg)}), dst_node_id=1, message_type="query.saliency")
+        reply = site.app(q, _ctx(node))
+        assert reply.has_error() and ("base_model" in reply.error.reason or "base model" in reply.error.reason)
+        assert not (state / "ledger.json").exists()  # nothing was computed, nothing spent
 
 
 @pytest.mark.parametrize("selection", ["attention", "full"])

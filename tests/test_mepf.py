@@ -94,6 +94,27 @@ def test_dp_mepf_trains_exports_and_samples_alike_in_torch_and_onnx(tmp_path, ti
     assert torch.from_numpy(a["images"]).float().std() > 0  # not a blank image
 
 
+def test_the_release_has_the_public_models_classes_whatever_labels_the_data_holds(tmp_path, tiny_model_dir,
+                                                                                  mnist_small_npz):
+    """An .npz's classes are its largest label + 1: a release sized by them would change shape when the one record
+    of the top label leaves. Sized by the base model's classes, neighbouring datasets give releases alike."""
+    d = np.load(mnist_small_npz)
+    keep = np.flatnonzero(d["labels"] != 9)
+    keep = np.append(keep, np.flatnonzero(d["labels"] == 9)[:1])  # a single 9
+    shapes = {}
+    for name, idx in (("with", keep), ("without", keep[:-1])):  # neighbours: the single 9 removed
+        npz = tmp_path / f"{name}.npz"
+        np.savez(npz, images=d["images"][idx], labels=d["labels"][idx])
+        run = tmp_path / name
+        r = CliRunner().invoke(app, [str(a) for a in (
+            "train", "--method", "dp-mepf", "--base-model", tiny_model_dir, "--data", npz, "--epsilon", 2,
+            "--generator-steps", 1, "--holdout", 0, "--out", run)])
+        assert r.exit_code == 0, r.output
+        shapes[name] = np.load(run / "mean_embeddings.npz")["sums"].shape
+        assert json.loads((run / "model" / "config.json").read_text())["num_classes"] == 10
+    assert shapes["with"] == shapes["without"]
+
+
 def _site_call(message_type, cfg, node, **content):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 

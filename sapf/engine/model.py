@@ -127,6 +127,8 @@ def load_generator(path: str | Path | None = None) -> DiffusionModel:
 
     ``None`` loads the shipped default public model.
     """
+    if path is not None and not str(path).strip():
+        raise SapfError("model path is empty (leave it out for the shipped model)")
     path = Path(path) if path is not None else default_model_dir()
     if not path.exists():
         raise SapfError(f"model '{path}' does not exist")

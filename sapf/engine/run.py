@@ -179,14 +179,19 @@ def train_mean_embedding_generator(cfg: TrainConfig, base: DiffusionModel, data:
     cfg.validate_for(n)
     if not data.num_classes:
         raise SapfError("dp-mepf needs labelled private data (per-class mean embeddings)")
+    # The release's size is the public model's number of classes, never the data's: an .npz's classes are its largest
+    # label + 1, so one record with the only top label would change the release's shape, and tell itself apart.
+    num_classes = base.num_classes
+    if not num_classes:
+        raise SapfError("dp-mepf needs a class-conditional base model (its classes fix the size of the release)")
     stages = stages_of(cfg)
     pp = plan_noise(cfg, n)  # before any private data is touched
     ledger = PrivacyLedger(cfg.epsilon, pp.delta, cfg.accountant)
     t0 = time.time()
     net = public_feature_net(load_dataset(cfg.public_data, base.image_size, base.channels), seed=cfg.seed)
-    sums = release_mean_embeddings(net=net, data=data, num_classes=data.num_classes,
+    sums = release_mean_embeddings(net=net, data=data, num_classes=num_classes,
                                    noise_multiplier=pp.noise_of("mean-embeddings"), ledger=ledger)
-    means, counts = mean_embeddings(sums, data.num_classes)
+    means, counts = mean_embeddings(sums, num_classes)
     gen, losses = train_generator(net, means, image_size=base.image_size, channels=base.channels,
                                   steps=cfg.generator_steps, lr=cfg.generator_lr, seed=cfg.seed,
                                   show_progress=show_progress)

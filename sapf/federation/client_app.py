@@ -122,6 +122,11 @@ class Site:
         """Every DP-SGD step of the plan, all rounds."""
         return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate, self.plan.total_steps)
 
+    def training_from(self, rnd: int) -> Mechanism:
+        """The DP-SGD steps of round `rnd` and every round after it: what the site must still afford to finish."""
+        return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate,
+                         self.plan.local_steps * (self.cfg.rounds - rnd + 1))
+
     def warmup_release(self) -> Mechanism | None:
         """The warm-up's release, if the plan has a warm-up: DP-FETA's central images or DP-MEPF's mean embeddings."""
         if self.cfg.embedding_warmup:
@@ -400,11 +405,10 @@ def train(msg: Message, context: Context) -> Message:
     reply = _load_reply(cached)
     if reply is None:
         steps = Mechanism("dp-sgd", site.plan.train_noise, site.plan.sample_rate, site.plan.local_steps)
-        # Recorded before training: a crash mid-round can only over-count. A site refuses up front a run it
-        # could not finish: a plan's selection query checked the whole run; a plan with no query checks all
-        # its training at round 1.
-        whole = [site.whole_training()] if site.selection_query() is None and rnd == 1 else None
-        site.spend([steps], budget_check=whole)
+        # Recorded before training: a crash mid-round can only over-count. A site refuses a run it could not
+        # finish, at every round and whatever came before: a server may skip the selection query (which checked
+        # the whole run) and send its own selection, or start at a later round.
+        site.spend([steps], budget_check=[site.training_from(rnd)])
         load_trainable_state(model, incoming)
         dp_cfg = cfg.dpsgd(site.plan.local_steps, cfg.batch_size)
         torch.set_num_threads(max(1, int(os.environ.get("SAPF_SITE_THREADS", "1"))))
