@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from sapf.engine.finetune import make_trainable, trainable_state
@@ -250,10 +250,76 @@ def test_validation_and_bounded_combination(flower_identity):
     good = json.dumps({"delta": 1e-5, "accountant": "rdp",
                        "mechanisms": [{"name": "dp-sgd", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}]})
     assert report_of(reply(good))[0]["mechanisms"][0]["steps"] == 3
+    assert report_of(reply(good), "rdp")[0] is not None
+    # Another accountant than the plan's (PRV's cost grows with the claimed steps), or steps past any plan: refused.
+    assert report_of(reply(good), "prv")[0] is None
+    many = good.replace('"steps": 3', '"steps": 1000000000')
+    assert report_of(reply(many))[0] is None
     huge = good.replace('"noise_multiplier": 1.0', '"noise_multiplier": 1' + "0" * 400)
     for bad in ("[" * 100_000, huge, "null", '{"delta": "x"}', good.replace("dp-sgd", "x" * 100)):
         report, why = report_of(reply(bad))
         assert report is None and why
+
+
+def test_one_site_cannot_move_a_central_image_past_the_honest_sites(tiny_model_dir, flower_identity):
+    """DP-FETA across sites, through the server's round: a site that sends sums and counts of 1e9 (the largest value
+    the server takes) must not set the central images alone, as a plain sum of the sites' vectors would let it."""
+    from sapf.engine.central_images import REDUCE
+    from sapf.federation.combine import combine_central_sums
+    from sapf.federation.server_app import central_images_round
+
+    gen = load_generator(tiny_model_dir)
+    k, d = gen.num_classes, gen.channels * (gen.image_size // REDUCE) ** 2
+    rng = np.random.default_rng(0)
+
+    def honest():
+        counts = np.full(k, 100.0) + rng.normal(0, 5, k)
+        return np.concatenate([(rng.uniform(0, 0.5, (k, d)) * counts[:, None]).ravel(), counts])
+
+    class Sites:  # Flower's Grid as the server uses it: three sites' replies, the third hostile
+        def __init__(self, vectors):
+            self.vectors = vectors
+
+        def send_and_receive(self, msgs, timeout):
+            return [Message(RecordDict({"sums": ArrayRecord({"sums": Array(v.astype(np.float32))}),
+                                        "metrics": MetricRecord({"noise_multiplier": 1.0, "examples": 100})}),
+                            reply_to=m) for m, v in zip(msgs, self.vectors, strict=True)]
+
+    cfg = FederationConfig(num_sites=3, min_clients=3, base_model=str(tiny_model_dir))
+    honest_sites = [honest(), honest()]
+    means = [v[: k * d].reshape(k, d) / v[k * d:, None] for v in honest_sites]
+    lo, hi = np.minimum(*means), np.maximum(*means)
+    for target in (np.full((k, d), -1.0), np.ones((k, d))):
+        evil = np.concatenate([(target * 1e9).ravel(), np.full(k, 1e9)])
+        sums, _ = central_images_round(Sites(honest_sites + [evil]), cfg, [1, 2, 3], gen)
+        combined = sums[: k * d].reshape(k, d)
+        assert (combined >= lo - 1e-6).all() and (combined <= hi + 1e-6).all()  # within the honest sites' values
+    # Two sites of equal size: their means' mean, the sum over the total count; one site moves it by at most 1.5.
+    a, b = honest(), honest()
+    b[k * d:] = a[k * d:]
+    plain = (a[: k * d] + b[: k * d]).reshape(k, d) / (2 * a[k * d:])[:, None]
+    np.testing.assert_allclose(combine_central_sums([a, b], k, d)[: k * d].reshape(k, d), plain, rtol=1e-6)
+    evil = np.concatenate([np.full(k * d, 1e9), np.ones(k)])
+    assert np.abs(combine_central_sums([a, evil], k, d)[: k * d].reshape(k, d) - plain).max() <= 1.5 + 1e-9
+
+
+def test_a_sites_stored_report_never_goes_down(tmp_path, flower_identity):
+    """A site's ledger only grows: a later report with a smaller ε (a lie, or ``mechanisms: []``) is not kept."""
+    from sapf.federation.server_app import _write_site_reports
+
+    def reply(steps):
+        mechanisms = [{"name": "dp-sgd", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": steps}] if steps else []
+        request = Message(RecordDict(), dst_node_id=5, message_type="train")
+        return Message(RecordDict({"privacy": ConfigRecord({"report": json.dumps(
+            {"delta": 1e-5, "accountant": "rdp", "mechanisms": mechanisms})})}), reply_to=request)
+
+    path = tmp_path / "privacy" / "site-5.json"
+    _write_site_reports(tmp_path, [reply(100)], "rdp")
+    _write_site_reports(tmp_path, [reply(200)], "rdp")
+    assert json.loads(path.read_text())["mechanisms"][0]["steps"] == 200
+    for smaller in (50, 0):
+        _write_site_reports(tmp_path, [reply(smaller)], "rdp")
+        assert json.loads(path.read_text())["mechanisms"][0]["steps"] == 200
 
 
 @pytest.mark.slow
@@ -273,7 +339,7 @@ def test_two_site_simulation(tmp_path, tiny_model_dir, mnist_small_npz, plan):
     warm = plan.get("warmup")
     picture = {"central-images": "central_images.png", "mean-embeddings": "warmup_samples.png"}.get(warm)
     for f in ("model/unet/config.json", "model/model_index.json", "README.md", "selection.json", "metrics.json",
-              "grid.png", "comparison.png", "checkpoint/adapter.safetensors", "config.json",
+              "grid.png", "comparison.png", "checkpoint/adapter-2.safetensors", "config.json",
               *([picture, "checkpoint/base.safetensors"] if warm else ["adapter/adapter_config.json"])):
         assert (out / f).exists(), f
     assert not (out / "model.onnx").exists()  # onnx=False: `sapf export RUN` makes it later
@@ -367,7 +433,9 @@ def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatc
     assert ck["round"] == 2 and [r["replies"] for r in ck["history"]] == [2, 2]
     from safetensors.torch import load_file
 
-    assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint" / "adapter.safetensors")).values())
+    # The checkpoint names its round's adapter, the only one kept.
+    assert [p.name for p in (out / "checkpoint").glob("adapter*")] == [ck["adapter"]] == ["adapter-2.safetensors"]
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint" / ck["adapter"])).values())
     for f in flags.iterdir():
         f.unlink()
     status = federate(FederationConfig(out=str(out)), resume=True)

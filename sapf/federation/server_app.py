@@ -31,7 +31,7 @@ from sapf.engine.saliency import candidate_modules, choose_matrices, select_top
 from sapf.engine.sparta import row_masks, trainable_count
 from sapf.engine.stages import stages_of
 from sapf.errors import SapfError
-from sapf.federation.combine import combine_noisy_sums, combine_updates, metric, report_of
+from sapf.federation.combine import combine_central_sums, combine_noisy_sums, combine_updates, metric, report_of
 from sapf.federation.task import (
     WIRE_DTYPE,
     FederationConfig,
@@ -64,31 +64,42 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
         time.sleep(1.0)
 
 
-def _write_site_reports(out: Path, replies: list[Message]) -> None:
+def _write_site_reports(out: Path, replies: list[Message], accountant: str) -> None:
     """Each site's ε history, validated, in ``privacy/site-<node id>.json``: named by the node that sent
-    it, never by a name the site chooses (a site could otherwise write ``../status``)."""
+    it, never by a name the site chooses (a site could otherwise write ``../status``). A site's ledger only
+    grows, so a report whose ε is below the one kept is a site's lie or a stale reply: the kept one stays."""
     for r in replies:
         if r.has_error():
             continue
         node = int(r.metadata.src_node_id)
-        report, why = report_of(r)
+        report, why = report_of(r, accountant)
         if report is None:
             say(f"site {node}: privacy report rejected: {why}")
             continue
-        write_json(out / "privacy" / f"site-{node}.json", {"node_id": node, **report})
+        path = out / "privacy" / f"site-{node}.json"
+        if path.exists():
+            try:
+                kept = recompute_epsilon(read_json(path))
+            except Exception:  # noqa: BLE001 - an unreadable earlier report is replaced
+                kept = -math.inf
+            if recompute_epsilon(report) < kept:
+                say(f"site {node}: privacy report rejected: its ε is below the site's earlier report's")
+                continue
+        write_json(path, {"node_id": node, **report})
 
 
 def _parse(reply: Message, what: str, parse):
     """`parse(reply)` or None, with every failure — a reply of any shape — logged and left out."""
     node = reply.metadata.src_node_id
     if reply.has_error():
-        say(f"{what}: site {node} replied with an error: {reply.error.reason}")
+        # repr, cut: a site's text must not forge log lines (newlines, terminal escapes).
+        say(f"{what}: site {node} replied with an error: {reply.error.reason[:200]!r}")
         return None
     try:
         return parse(reply)
     except Exception as e:  # noqa: BLE001 - a site may send anything; no reply stops a round
         why = f"missing field {e}" if isinstance(e, KeyError) else e if isinstance(e, ValueError) else type(e).__name__
-        say(f"{what}: site {node} reply rejected: {why}")
+        say(f"{what}: site {node} reply rejected: {str(why)[:200]!r}")
         return None
 
 
@@ -124,14 +135,14 @@ def query_round(grid: Grid, cfg: FederationConfig, nodes: list[int], kind: str, 
 
 def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=None
                          ) -> tuple[np.ndarray, list]:
-    """DP-FETA across sites: each site's noisy per-class image sums and counts; the server adds them (a sum of
-    the sites' Gaussian releases) and divides only afterwards."""
+    """DP-FETA across sites: each site's noisy per-class image sums and counts, combined with bounded influence
+    (:func:`combine_central_sums`: the pixel-wise median of each site's own clamped means)."""
     from sapf.engine.central_images import REDUCE
 
     d = gen.channels * (gen.image_size // REDUCE) ** 2
     valid, replies = query_round(grid, cfg, nodes, "central_images", gen.num_classes * (d + 1), _content(cfg, base),
                                  max_abs=1e9)
-    return np.sum([v for v, _, _ in valid], axis=0), replies
+    return combine_central_sums([v for v, _, _ in valid], gen.num_classes, d), replies
 
 
 def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: list[str], base=None) -> dict:
@@ -218,9 +229,16 @@ def _rows_of(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _save_checkpoint(out: Path, rnd: int, selection: dict, state: dict[str, torch.Tensor], history: list[dict]) -> None:
+    """The round's adapter under its own name, then state.json naming it (written last), then older adapters go: a
+    kill between two writes leaves state.json with the adapter of its own round, never a later round's (resuming
+    round r on round r's adapter would have the sites train, and pay for, that round twice)."""
     ck = out / "checkpoint"
-    save_tensors(ck / "adapter.safetensors", state)
-    write_json(ck / "state.json", {"round": rnd, "selection": selection, "history": history})  # written last
+    name = f"adapter-{rnd}.safetensors"
+    save_tensors(ck / name, state)
+    write_json(ck / "state.json", {"round": rnd, "adapter": name, "selection": selection, "history": history})
+    for old in ck.glob("adapter*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def run_server(grid: Grid, cfg: FederationConfig) -> None:
@@ -255,10 +273,10 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
         elif stage.name == "select" and not resumed:
             if cfg.selection == "saliency":
                 selection = saliency_round(grid, cfg, nodes, candidate_modules(gen.unet, cfg.candidates), base)
-                _write_site_reports(out, selection.pop("replies"))
+                _write_site_reports(out, selection.pop("replies"), cfg.accountant)
             elif cfg.selection == "sparta":
                 selection = sparta_round(grid, cfg, nodes, gen, base)
-                _write_site_reports(out, selection.pop("replies"))
+                _write_site_reports(out, selection.pop("replies"), cfg.accountant)
             else:
                 selection = public_selection(cfg, gen)
             write_json(out / "selection.json", selection)
@@ -270,7 +288,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
                                    cfg.freeze_lora_a, rows=selection.get("rows"))
             masks = row_masks(model)
             if resumed:
-                state = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+                state = load_file(str(out / "checkpoint" / Path(st.get("adapter", "adapter.safetensors")).name))
             else:
                 state, start, history = trainable_state(model), 1, []
                 _save_checkpoint(out, 0, selection, state, history)
@@ -278,7 +296,7 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
                 t0 = time.time()
                 state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection, state, base, masks)
                 history.append(metrics)  # no round time: it depends on the sites' Poisson batch sizes
-                _write_site_reports(out, replies)
+                _write_site_reports(out, replies, cfg.accountant)
                 _save_checkpoint(out, rnd, selection, state, history)
                 say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, "
                     f"max site ε {metrics['max_site_epsilon']:.3f}, {time.time() - t0:.0f} s")
@@ -307,7 +325,7 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     else:
         valid, replies = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
                                      _content(cfg, None, features=base_to_wire(net)))
-        _write_site_reports(out, replies)
+        _write_site_reports(out, replies, cfg.accountant)
         means = combine_mean_embeddings([v for v, _, _ in valid], k)
         saved.parent.mkdir(parents=True, exist_ok=True)
         np.savez(saved, means=means, sites=len(valid))
@@ -395,7 +413,7 @@ def _pretrain(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Pat
     k, p = gen.num_classes, pool.num_classes
     valid, replies = query_round(grid, cfg, nodes, "semantic", k * p,
                                  _content(cfg, None, classifier=base_to_wire(net)))
-    _write_site_reports(out, replies)
+    _write_site_reports(out, replies, cfg.accountant)
     hist = combine_noisy_sums([v for v, _, _ in valid]).reshape(k, p)
     chosen = choose_public_classes(hist, cfg.semantic_per_label)
     pretrained = pretrained_on_choice(pool, chosen, k, gen, steps=cfg.pretrain_steps, seed=cfg.seed,
@@ -424,7 +442,7 @@ def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path,
         save_tensors(saved, {k: p for k, p in warmed.unet.named_parameters()})
         return warmed
     sums, replies = central_images_round(grid, cfg, nodes, gen, base)
-    _write_site_reports(out, replies)
+    _write_site_reports(out, replies, cfg.accountant)
     central = central_images(sums, gen.num_classes, gen.channels, gen.image_size)
     write_central_images(out / "central_images.png", central)
     warmed = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
@@ -447,7 +465,7 @@ def _embedding_warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, 
     k, d = gen.num_classes, feature_dim(net, gen.channels, gen.image_size)
     valid, replies = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
                                  _content(cfg, base, features=base_to_wire(net)))
-    _write_site_reports(out, replies)
+    _write_site_reports(out, replies, cfg.accountant)
     # A site's class mean carries noise of norm about σ·Δ·√D / (its records per class) against a signal of norm at
     # most 1 (public: σ, Δ, D and N). Past 1 the combined means, and so the generator's samples, are mostly noise.
     noise = max(sigma * BOUND * math.sqrt(d) / max(n / k, 1.0) for _, sigma, n in valid)
