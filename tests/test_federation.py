@@ -422,7 +422,7 @@ def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatc
     with pytest.raises(SapfError, match="failed"):
         federate(cfg)  # rounds 1-2 go on without the bad site; round 3 has no valid reply
     log = capfd.readouterr().err
-    assert "round 1: site" in log and "error" in log and "rejected: non-finite" in log
+    assert "round 1: site" in log and "error" in log and "rejected: 'non-finite" in log  # site text is quoted
     assert "privacy report rejected" in log and "missing field 'noise_multiplier'" in log and "clipped" in log
     # The rogue site wrote nothing outside privacy/, faked no completion, and moved the average only by a bounded step.
     assert json.loads((out / "config.json").read_text())["command"] == "federate"
