@@ -78,14 +78,18 @@ def _write_site_reports(out: Path, replies: list[Message], accountant: str) -> N
             continue
         path = out / "privacy" / f"site-{node}.json"
         if path.exists():
-            try:
-                kept = recompute_epsilon(read_json(path))
-            except Exception:  # noqa: BLE001 - an unreadable earlier report is replaced
-                kept = -math.inf
-            if recompute_epsilon(report) < kept:
+            if _epsilon_or(report, math.inf) < _epsilon_or(read_json(path), -math.inf):
                 say(f"site {node}: privacy report rejected: its ε is below the site's earlier report's")
                 continue
         write_json(path, {"node_id": node, **report})
+
+
+def _epsilon_or(report: dict, fallback: float) -> float:
+    """A report's ε, or `fallback` when it cannot be recomputed (a report must not stop a round)."""
+    try:
+        return recompute_epsilon(report)
+    except Exception:  # noqa: BLE001
+        return fallback
 
 
 def _parse(reply: Message, what: str, parse):
