@@ -34,10 +34,10 @@ INFLUENCE = {
 
 def combinations(vectors: list[np.ndarray], k: int, d: int) -> dict[str, np.ndarray]:
     """Every candidate, each in the (sums, counts) layout `central_images` reads; the last is sapf's."""
-    from sapf.federation.combine import CENTRAL_MEAN_RANGE, combine_central_sums
+    from sapf.federation.combine import CENTRAL_MEAN_RANGE, combine_central_sums, site_class_means
 
     def means(lo, hi):
-        return [np.clip(v[: k * d].reshape(k, d) / np.maximum(v[k * d:], 1.0)[:, None], lo, hi) for v in vectors]
+        return [site_class_means(v, k, d, lo, hi) for v in vectors]
 
     def layout(m):
         return np.concatenate([m.ravel(), np.ones(k)])

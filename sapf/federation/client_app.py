@@ -120,12 +120,12 @@ class Site:
 
     def whole_training(self) -> Mechanism:
         """Every DP-SGD step of the plan, all rounds."""
-        return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate, self.plan.total_steps)
+        return self.training_from(1)
 
     def training_from(self, rnd: int) -> Mechanism:
         """The DP-SGD steps of round `rnd` and every round after it: what the site must still afford to finish."""
         return Mechanism("dp-sgd", self.plan.train_noise, self.plan.sample_rate,
-                         self.plan.local_steps * (self.cfg.rounds - rnd + 1))
+                         self.plan.total_steps - self.plan.local_steps * (rnd - 1))
 
     def warmup_release(self) -> Mechanism | None:
         """The warm-up's release, if the plan has a warm-up: DP-FETA's central images or DP-MEPF's mean embeddings."""

@@ -45,13 +45,11 @@ CENTRAL_MEAN_RANGE = (-1.0, 2.0)  # a site's per-class mean pixels, before the m
 MAX_REPORT_STEPS = 10_000_000  # ten plans at a site's default cap (SiteLimits.max_total_steps)
 
 
-def report_of(reply, accountant: str | None = None) -> tuple[dict | None, str | None]:
-    """A site's privacy report (its ε history) from a reply: (report, None) or (None, why not). With `accountant`
-    (the plan's), a report in another is refused: a site's ledger keeps the accountant it started with, so an honest
-    site cannot differ, and PRV's cost grows with the steps a report claims."""
+def report_of(reply, plan_accountant: str | None = None) -> tuple[dict | None, str | None]:
+    """A site's privacy report (its ε history) from a reply: (report, None) or (None, why not). With
+    `plan_accountant`, a report in another is refused: a site's ledger keeps the accountant it started with, so an
+    honest site cannot differ, and PRV's cost grows with the steps a report claims."""
     from sapf.config import ACCOUNTANTS
-
-    expected = accountant
 
     try:
         text = reply.content["privacy"]["report"]
@@ -63,8 +61,8 @@ def report_of(reply, accountant: str | None = None) -> tuple[dict | None, str | 
             return None, "report delta is not in (0, 1)"
         if accountant not in ACCOUNTANTS:
             return None, "report accountant is unknown"
-        if expected is not None and accountant != expected:
-            return None, f"report accountant is not the plan's ({expected})"
+        if plan_accountant is not None and accountant != plan_accountant:
+            return None, f"report accountant is not the plan's ({plan_accountant})"
         if not (isinstance(mechanisms, list) and len(mechanisms) <= MAX_MECHANISMS):
             return None, "report mechanisms are not a list"
         clean = []
@@ -103,15 +101,19 @@ def combine_noisy_sums(vectors: list[np.ndarray]) -> np.ndarray:
     return np.sum(scaled, axis=0) / len(scaled)
 
 
+def site_class_means(vector: np.ndarray, num_classes: int, pixels: int, lo: float, hi: float) -> np.ndarray:
+    """One site's central-image release as its own per-class means (K, pixels): sums over counts of at least 1,
+    clamped to [lo, hi]."""
+    sums = vector[: num_classes * pixels].reshape(num_classes, pixels)
+    counts = np.maximum(vector[num_classes * pixels:], 1.0)
+    return np.clip(sums / counts[:, None], lo, hi)
+
+
 def combine_central_sums(vectors: list[np.ndarray], num_classes: int, pixels: int) -> np.ndarray:
     """The sites' noisy central-image sums combined with bounded influence (see the module's note), in the layout
     :func:`sapf.engine.central_images.central_images` reads: the pixel-wise median of the sites' clamped per-class
     means as the sums, and counts of one."""
-    means = []
-    for v in vectors:
-        sums = v[: num_classes * pixels].reshape(num_classes, pixels)
-        counts = np.maximum(v[num_classes * pixels:], 1.0)
-        means.append(np.clip(sums / counts[:, None], *CENTRAL_MEAN_RANGE))
+    means = [site_class_means(v, num_classes, pixels, *CENTRAL_MEAN_RANGE) for v in vectors]
     return np.concatenate([np.median(means, axis=0).ravel(), np.ones(num_classes)])
 
 

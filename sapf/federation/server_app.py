@@ -77,10 +77,9 @@ def _write_site_reports(out: Path, replies: list[Message], accountant: str) -> N
             say(f"site {node}: privacy report rejected: {why}")
             continue
         path = out / "privacy" / f"site-{node}.json"
-        if path.exists():
-            if _epsilon_or(report, math.inf) < _epsilon_or(read_json(path), -math.inf):
-                say(f"site {node}: privacy report rejected: its ε is below the site's earlier report's")
-                continue
+        if path.exists() and _epsilon_or(report, math.inf) < _epsilon_or(read_json(path), -math.inf):
+            say(f"site {node}: privacy report rejected: its ε is below the site's earlier report's")
+            continue
         write_json(path, {"node_id": node, **report})
 
 

@@ -134,9 +134,9 @@ def check_plan(cfg: FederationConfig, settings: SiteSettings) -> None:
     _in("rank", cfg.rank, 1, lim.max_rank)
     _in("lora_alpha", cfg.lora_alpha, 0.0, lim.max_lora_alpha, lo_open=True)
     allowed = {str(Path(p).resolve()) for p in settings.base_models if p}
-    # Only an absent base model is the shipped one: "" would resolve to the working directory, whatever it holds.
-    if cfg.base_model is not None and (not cfg.base_model.strip()
-                                       or str(Path(cfg.base_model).resolve()) not in allowed):
+    # Only an absent base model is the shipped one (validate() above refuses "", which would resolve to the
+    # working directory, whatever it holds).
+    if cfg.base_model is not None and str(Path(cfg.base_model).resolve()) not in allowed:
         raise Refusal("refused: the plan names a base model this site does not allow (sapf join --base-model)")
     # The public set fixes the central images' bound. A path would be read on this site's disk: pointed at the
     # site's own records, it would make the bound (and the noise) a statistic of private data.
