@@ -381,12 +381,14 @@ def federate(
     candidates: str = _CANDIDATES, selection_budget: float = _SEL_BUDGET, clip: float = _CLIP,
     optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
     freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
-    min_clients: int = typer.Option(_F.min_clients, help="Fewest valid replies a round may go on with."),
+    min_clients: Optional[int] = typer.Option(
+        None, help=f"Fewest valid replies a round may go on with [default: {_F.min_clients}, or --clients if fewer]."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED, onnx: bool = _ONNX, resume: bool = _RESUME,
     force: bool = _FORCE,
 ):
     """Fine-tune the public generator across simulated sites with Flower (DP-SAPF by default)."""
-    cfg = _federation_config(locals(), min_clients=min(min_clients, clients))
+    # Only the default yields to a smaller federation: a --min-clients above --clients is refused, not lowered.
+    cfg = _federation_config(locals(), min_clients=min(_F.min_clients, clients) if min_clients is None else min_clients)
     if not resume:
         cfg.validate()  # a bad flag is answered at once, before Flower, torch and diffusers load (seconds)
     from sapf.federation.simulation import federate as run_federate

@@ -68,6 +68,7 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("train", "--clip", "inf", "--out", tmp_path / "u"),
         ("select", "--clip", "inf", "--out", tmp_path / "v"),
         ("federate", "--clients", 2, "--local-epochs", "inf", "--out", tmp_path / "w"),
+        ("federate", "--clients", 2, "--min-clients", 3, "--out", tmp_path / "w"),  # refused, not lowered
         ("federate", "--clients", 2, "--partition", "dirichlet", "--alpha", "inf", "--out", tmp_path / "x"),
         ("export", tiny_model_dir, "--out", tmp_path / "afile" / "y.onnx"),
         ("evaluate", "--samples", tmp_path / "junk.npz"),

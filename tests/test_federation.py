@@ -380,6 +380,8 @@ class _Faulty:
         if (self.flags / f"raise-{pid}-{rnd}").exists():
             raise RuntimeError("site crashed mid-round")
         reply = self.real(msg, context)
+        if (self.flags / f"lost-{pid}-{rnd}").exists():  # recorded and trained, then the reply was lost
+            raise RuntimeError("site crashed after its round")
         if (self.flags / f"rogue-{pid}-{rnd}").exists() and not reply.has_error():
             # A hostile site: a report name that climbs out of privacy/, float16's largest values, a huge count.
             reply.content["privacy"] = ConfigRecord({"site": "../config", "report": "{\"status\": \"completed\"}"})
@@ -414,7 +416,7 @@ def _faulty_app(flags: Path) -> ClientApp:
 def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatch, capfd):
     flags = tmp_path / "flags"
     flags.mkdir()
-    for f in ("rogue-0-0", "nometric-1-0", "raise-1-1", "rogue-0-1", "nan-2-2", "raise-0-3", "raise-1-3", "raise-2-3"):
+    for f in ("rogue-0-0", "nometric-1-0", "raise-1-1", "rogue-0-1", "nan-2-2", "raise-0-3", "raise-1-3", "lost-2-3"):
         (flags / f).touch()
     monkeypatch.setattr(site, "app", _faulty_app(flags))
     out = tmp_path / "fed"
@@ -436,6 +438,14 @@ def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatc
     # The checkpoint names its round's adapter, the only one kept.
     assert [p.name for p in (out / "checkpoint").glob("adapter*")] == [ck["adapter"]] == ["adapter-2.safetensors"]
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "checkpoint" / ck["adapter"])).values())
+    # The server's ε for each site is at least what the site's own ledger spent: site 2 recorded round 3 and its
+    # reply was lost, so its stored report (from round 2) alone falls short. Nodes are not partitions: compare sorted.
+    from sapf.federation.server_app import _site_ledgers
+
+    server = sorted(_site_ledgers(out, cfg)[0].values())
+    sites = sorted(PrivacyLedger.load(p).epsilon() for p in (out / "private").rglob("ledger.json"))
+    assert len(server) == len(sites) == 3
+    assert all(s >= t - 1e-9 for s, t in zip(server, sites, strict=True)), (server, sites)
     for f in flags.iterdir():
         f.unlink()
     status = federate(FederationConfig(out=str(out)), resume=True)

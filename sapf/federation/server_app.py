@@ -43,7 +43,7 @@ from sapf.federation.task import (
     to_wire,
     validate_update,
 )
-from sapf.outputs import atomic_output_dir, read_json, save_tensors, write_json
+from sapf.outputs import atomic_output_dir, atomic_path, read_json, save_tensors, write_json
 
 log = logging.getLogger("sapf.server")
 ROUND_TIMEOUT = 3600.0
@@ -64,10 +64,13 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
         time.sleep(1.0)
 
 
-def _write_site_reports(out: Path, replies: list[Message], accountant: str) -> None:
+def _write_site_reports(out: Path, replies: list[Message], accountant: str) -> set[int]:
     """Each site's ε history, validated, in ``privacy/site-<node id>.json``: named by the node that sent
     it, never by a name the site chooses (a site could otherwise write ``../status``). A site's ledger only
-    grows, so a report whose ε is below the one kept is a site's lie or a stale reply: the kept one stays."""
+    grows, so a report whose ε is below the one kept is a site's lie or a stale reply: the kept one stays.
+    Returns the nodes whose report was kept (a kept report replaces the site's earlier one, rounds without a reply
+    included: the site's ledger holds what it spent in them)."""
+    kept = set()
     for r in replies:
         if r.has_error():
             continue
@@ -81,6 +84,35 @@ def _write_site_reports(out: Path, replies: list[Message], accountant: str) -> N
             say(f"site {node}: privacy report rejected: its ε is below the site's earlier report's")
             continue
         write_json(path, {"node_id": node, **report})
+        kept.add(node)
+    return kept
+
+
+def _write_round_reports(out: Path, nodes: list[int], replies: list[Message], rnd: int, accountant: str) -> None:
+    """The round's site reports, and for each site sent the round that kept no report, the round noted as
+    *unconfirmed* in its stored report: the site may have recorded the round's steps (a site records before it
+    trains) and failed afterwards, and its stored ε would otherwise be below what it spent. :func:`_site_ledgers`
+    counts an unconfirmed round at the plan's rate: an upper bound, exact for a site that did record it."""
+    kept = _write_site_reports(out, replies, accountant)
+    for node in sorted(set(nodes) - kept):
+        path = out / "privacy" / f"site-{node}.json"
+        if path.exists():  # a site that never reported has nothing the server could recompute ε from
+            stored = read_json(path)
+            write_json(path, {**stored, "unconfirmed_rounds": [*stored.get("unconfirmed_rounds", []), rnd]})
+
+
+def _with_unconfirmed_rounds(report: dict, cfg: FederationConfig) -> dict:
+    """A stored site report with its unconfirmed rounds (see :func:`_write_round_reports`) counted as an honest site
+    records them: the σ and sample rate of its DP-SGD (the same every round), the steps of a round at its size
+    (N = batch size / sample rate)."""
+    rounds = report.get("unconfirmed_rounds", [])
+    sgd = [m for m in report["mechanisms"] if m["name"] == "dp-sgd"]
+    if not rounds or not sgd:
+        return report
+    sigma, q = sgd[-1]["noise_multiplier"], sgd[-1]["sample_rate"]
+    steps = len(rounds) * cfg.local_steps_for(max(1, round(cfg.batch_size / q)))
+    extra = {"name": "dp-sgd (rounds without a reply)", "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+    return {**report, "mechanisms": [*report["mechanisms"], extra]}
 
 
 def _epsilon_or(report: dict, fallback: float) -> float:
@@ -183,9 +215,10 @@ def public_selection(cfg: FederationConfig, gen) -> dict:
 
 def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int, selection: dict,
                    state: dict[str, torch.Tensor], base=None, masks: dict[str, torch.Tensor] | None = None
-                   ) -> tuple[dict[str, torch.Tensor], dict, list[Message]]:
-    """One round of local DP-SGD at every site, the changes combined (bounded). `masks`: SPARTA's row masks by
-    parameter name; rows outside them keep the current weights whatever a site sends."""
+                   ) -> tuple[dict[str, torch.Tensor], dict]:
+    """One round of local DP-SGD at every site, the changes combined (bounded), the sites' reports kept.
+    `masks`: SPARTA's row masks by parameter name; rows outside them keep the current weights whatever a site
+    sends."""
     # A saliency plan names its matrices, a SPARTA plan its rows; every other selection is public, and each
     # site makes it itself.
     named = ({"selected": selection["selected"]} if cfg.selection == "saliency" else
@@ -194,6 +227,7 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
     content["config"] = ConfigRecord({**cfg.to_record(), **named, "round": rnd})
     msgs = [Message(content, dst_node_id=n, message_type="train", group_id=f"round-{rnd}") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
+    _write_round_reports(Path(cfg.out), nodes, replies, rnd, cfg.accountant)  # before a failed round stops the run
 
     def parse(r: Message):
         update = from_wire(r.content["adapter"])
@@ -207,6 +241,9 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
         raise SapfError(f"round {rnd}: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}; "
                         f"the last checkpoint is kept (resume with --resume)")
     averaged, norms, bound = combine_updates([u for u, _, _ in valid], state)
+    if bound == 0 and max(norms) > 0:  # e.g. one of two sites sends its adapter back unchanged
+        say(f"round {rnd}: warning: the low median of the sites' change norms is 0, so no site's change counts and "
+            f"the model did not move; with {len(valid)} sites, sites that send no change decide the bound")
     clipped = sum(n > bound for n in norms)
     if clipped:
         say(f"round {rnd}: {clipped} site update(s) past {bound:.3g} (3x the median change) clipped")
@@ -223,7 +260,7 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
                "max_site_epsilon": max(v[2] for v in valid),
                "examples": int(sum(min(v[1], 10**12) for v in valid)), "update_norms": [round(n, 6) for n in norms],
                "update_norm_bound": round(bound, 6)}
-    return averaged, metrics, replies
+    return averaged, metrics
 
 
 def _rows_of(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -297,9 +334,8 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
                 _save_checkpoint(out, 0, selection, state, history)
             for rnd in range(start, cfg.rounds + 1):
                 t0 = time.time()
-                state, metrics, replies = training_round(grid, cfg, nodes, rnd, selection, state, base, masks)
+                state, metrics = training_round(grid, cfg, nodes, rnd, selection, state, base, masks)
                 history.append(metrics)  # no round time: it depends on the sites' Poisson batch sizes
-                _write_site_reports(out, replies, cfg.accountant)
                 _save_checkpoint(out, rnd, selection, state, history)
                 say(f"round {rnd}/{cfg.rounds}: {metrics['replies']} sites, "
                     f"max site ε {metrics['max_site_epsilon']:.3f}, {time.time() - t0:.0f} s")
@@ -330,8 +366,8 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
                                      _content(cfg, None, features=base_to_wire(net)))
         _write_site_reports(out, replies, cfg.accountant)
         means = combine_mean_embeddings([v for v, _, _ in valid], k)
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(saved, means=means, sites=len(valid))
+        with atomic_path(saved) as tmp:  # a kill mid-write must not leave means a resumed run would read
+            np.savez(tmp, means=means, sites=len(valid))
     say(f"mean embeddings from {len(nodes)} sites; training the generator for {cfg.generator_steps} steps")
     gen, losses = train_generator(net, means, image_size=base.image_size, channels=base.channels,
                                   steps=cfg.generator_steps, lr=cfg.generator_lr, seed=cfg.seed, show_progress=False)
@@ -343,7 +379,7 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     images, labels = sample_generator(gen, GRID_SAMPLES, seed=cfg.seed)
     save_png(out / "grid.png", class_grid(images, labels))
     _export(out, cfg)
-    eps, ledgers = _site_ledgers(out)
+    eps, ledgers = _site_ledgers(out, cfg)
     write_model_card(out, config={"command": _command(out), **cfg.to_record()}, privacy=ledgers,
                      stages=stages_of(cfg), examples=f"{len(ledgers)} sites")
     write_json(out / "status.json", {"status": "completed", "rounds": 1, "site_epsilon": eps})
@@ -380,14 +416,14 @@ def _command(out: Path) -> str:
     return read_json(saved).get("command", "federate") if saved.exists() else "federate"
 
 
-def _site_ledgers(out: Path) -> tuple[dict, list]:
-    """(site → ε recomputed, [(site, ledger)]) from ``privacy/``: validated when written; still, a report must not
-    stop the run at its end."""
+def _site_ledgers(out: Path, cfg: FederationConfig) -> tuple[dict, list]:
+    """(site → ε recomputed, [(site, ledger)]) from ``privacy/``, unconfirmed rounds counted
+    (:func:`_with_unconfirmed_rounds`): validated when written; still, a report must not stop the run at its end."""
     reports = sorted((out / "privacy").glob("*.json")) if (out / "privacy").exists() else []
     eps, ledgers = {}, []
     for p in reports:
         try:
-            report = read_json(p)
+            report = _with_unconfirmed_rounds(read_json(p), cfg)
             eps[p.stem] = recompute_epsilon(report)
             ledgers.append((p.stem, {**report, "epsilon_spent": eps[p.stem]}))
         except Exception as e:  # noqa: BLE001
@@ -508,7 +544,7 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     gap = np.full((grid.shape[0], 8), 255, np.uint8)
     save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, grid], axis=1))
     _export(out, cfg)
-    eps, ledgers = _site_ledgers(out)
+    eps, ledgers = _site_ledgers(out, cfg)
     config = {"command": _command(out), **cfg.to_record()}
     write_model_card(out, config=config, privacy=ledgers, stages=stages_of(cfg),
                      examples=f"{len(ledgers)} sites; the records they hold in all: each round's `examples` "
