@@ -64,6 +64,13 @@ def test_client_handlers_reply_only_noisy_outputs_and_scalars(tmp_path, tiny_mod
     ledger = PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json")
     assert ledger.mechanisms[0].name == "saliency-query" and ledger.mechanisms[0].noise_multiplier > 0
     assert reply.content["metrics"]["noise_multiplier"] == ledger.mechanisms[0].noise_multiplier
+    # A restarted server asks the same query again: the site sends the same release back, spending nothing (a fresh
+    # draw would be a second release, paid for again).
+    again = site.app(Message(q.content, dst_node_id=1, message_type="query.saliency"), _ctx(node))
+    _check_only_dp_outputs_and_scalars(again, {"scores"})
+    np.testing.assert_array_equal(again.content["scores"]["scores"].numpy(), reply.content["scores"]["scores"].numpy())
+    assert PrivacyLedger.load(tmp_path / "run" / "private" / "sites" / "site-0" / "ledger.json").to_dict() == \
+        ledger.to_dict()
 
     gen = load_generator(tiny_model_dir)
     selected = names[:3]

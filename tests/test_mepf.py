@@ -156,10 +156,15 @@ def test_a_site_checks_the_feature_network_and_records_its_one_release(tmp_path,
     assert reply.content["metrics"]["noise_multiplier"] == m.noise_multiplier > 0
     sums = reply.content["sums"]["sums"].numpy()
     assert sums.shape[0] % 10 == 0 and set(reply.content.keys()) == {"sums", "metrics", "privacy"}
-    # A dp-mepf plan trains nothing at a site, and the spent budget refuses a second release.
+    # A dp-mepf plan trains nothing at a site. The same request again gets the same release back, free; the spent
+    # budget refuses a second release (another feature network).
     assert _site_call("train", cfg, node).has_error()
     again = _site_call("query.mean_embeddings", cfg, node, features=base_to_wire(net))
-    assert again.has_error() and "past its limit" in again.error.reason
+    assert not again.has_error(), again.error.reason
+    np.testing.assert_array_equal(again.content["sums"]["sums"].numpy(), sums)
+    other = {k: v + 1e-3 for k, v in net.state_dict().items()}
+    second = _site_call("query.mean_embeddings", cfg, node, features=ArrayRecord(torch_state_dict=other))
+    assert second.has_error() and "past its limit" in second.error.reason
     assert len(PrivacyLedger.load(ledger_path).mechanisms) == 1
 
 
@@ -213,7 +218,9 @@ def test_central_training_warms_up_on_samples_of_a_mean_embedding_generator(tmp_
 def test_a_site_answers_the_warm_up_query_within_its_whole_plan(tmp_path, tiny_model_dir, mnist_small_npz,
                                                                  flower_identity, small):
     """A diffusion plan with the mean-embedding warm-up: the site checks the whole run's budget up front, records
-    the release at the warm-up's σ, refuses it a second time, and afterwards needs the server's warmed base."""
+    the release at the warm-up's σ, refuses a second one, and afterwards needs the server's warmed base."""
+    from flwr.app import ArrayRecord
+
     from sapf.federation.task import base_to_wire, plan_site
 
     _, net = small
@@ -229,7 +236,8 @@ def test_a_site_answers_the_warm_up_query_within_its_whole_plan(tmp_path, tiny_m
     ledger = PrivacyLedger(10.0, PrivacyLedger.load(ledger_path).delta, mechanisms=[m])
     assert ledger.epsilon() == pytest.approx(10.0 * cfg.warmup_budget, rel=0.02)  # the warm-up's share, not all of ε
     assert m.noise_multiplier == plan_site(cfg, reply.content["metrics"]["examples"]).embedding_noise
-    again = _site_call("query.mean_embeddings", cfg, node, features=base_to_wire(net))
+    other = {k: v + 1e-3 for k, v in net.state_dict().items()}  # another network: a second release
+    again = _site_call("query.mean_embeddings", cfg, node, features=ArrayRecord(torch_state_dict=other))
     assert again.has_error() and "past its limit" in again.error.reason
     refused = _site_call("train", cfg, node)
     assert refused.has_error() and "warmed base" in refused.error.reason

@@ -61,7 +61,7 @@ from sapf.federation.task import (
     site_state_dir,
     to_wire,
 )
-from sapf.outputs import save_tensors, save_torch
+from sapf.outputs import atomic_path, save_tensors, save_torch
 
 ERROR_REFUSED = 1  # bad request or budget refusal (the site's own decision)
 ERROR_FAILED = 2  # the site broke
@@ -220,6 +220,22 @@ def _noisy_sum_reply(msg: Message, site: Site, ledger: PrivacyLedger, key: str, 
     }), reply_to=msg)
 
 
+def _release_once(msg: Message, site: Site, spent: list[Mechanism], budget_check: list[Mechanism],
+                  compute) -> tuple[PrivacyLedger, np.ndarray]:
+    """A query's noisy release, paid for and drawn once per request: a server that restarts and asks the same
+    request again (the same plan and public weights) gets the kept release back, spending nothing, as a training
+    round's reply is kept. Sending the same release again is post-processing; a fresh draw would be a second release
+    (paid again, and with two draws the noise averages down). Kept before it leaves: a crash can only over-count."""
+    kept = site.state_dir / "replies" / f"{msg.metadata.message_type}-{_request_key(msg)}.npy"
+    if kept.exists():
+        return site.spend([], budget_check=[]), np.load(kept)  # the same dataset's ledger, nothing recorded
+    ledger = site.spend(spent, budget_check=budget_check)
+    noisy = np.asarray(compute(), np.float64)
+    with atomic_path(kept, private=True) as tmp:
+        np.save(tmp, noisy)
+    return ledger, noisy
+
+
 @app.query("central_images")
 @_guard
 def central_images(msg: Message, context: Context) -> Message:
@@ -235,11 +251,12 @@ def central_images(msg: Message, context: Context) -> Message:
     cfg = site.cfg
     release = site.warmup_release()
     later = [m for m in (site.selection_query(),) if m is not None]
-    ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
     bound = image_bound(load_dataset(cfg.public_data, site.gen.image_size, site.gen.channels))
-    sums = release_central_images(data=site.data, num_classes=site.gen.num_classes, bound=bound,
-                                  noise_multiplier=site.plan.central_noise, sample_rate=cfg.central_sample_rate,
-                                  queries=cfg.central_queries, ledger=None)
+    ledger, sums = _release_once(  # the whole run's budget checked up front
+        msg, site, [release], [release, *later, site.whole_training()],
+        lambda: release_central_images(data=site.data, num_classes=site.gen.num_classes, bound=bound,
+                                       noise_multiplier=site.plan.central_noise, sample_rate=cfg.central_sample_rate,
+                                       queries=cfg.central_queries, ledger=None))
     return _noisy_sum_reply(msg, site, ledger, "sums", sums, site.plan.central_noise)
 
 
@@ -251,10 +268,8 @@ def saliency(msg: Message, context: Context) -> Message:
         raise Refusal(f"refused: a {site.cfg.selection} plan has no saliency query")
     query = site.selection_query()
     # Refuse up front a run whose whole plan (query + every round) would pass the site's limit.
-    whole = [query, site.whole_training()]
-    ledger = site.spend([query], budget_check=whole)
-    _, scores = noisy_saliency_scores(site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None,
-                                      show_progress=False)
+    ledger, scores = _release_once(msg, site, [query], [query, site.whole_training()], lambda: noisy_saliency_scores(
+        site.gen, site.data, site.cfg.query(), site.plan.selection_noise, None, show_progress=False)[1])
     return _noisy_sum_reply(msg, site, ledger, "scores", scores, site.plan.selection_noise)
 
 
@@ -299,11 +314,12 @@ def semantic(msg: Message, context: Context) -> Message:
     q = cfg.semantic_query()
     release = Mechanism("semantic-query", site.plan.semantic_noise, q.sample_rate, 1)
     later = [m for m in (site.warmup_release(), site.selection_query()) if m is not None]
-    ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])  # the whole run, up front
-    hist = release_semantic_histogram(net=net, data=site.data, num_public=num_public, query=q,
-                                      noise_multiplier=site.plan.semantic_noise, ledger=None,
-                                      num_labels=site.gen.num_classes)  # the server's histogram rows
-    return _noisy_sum_reply(msg, site, ledger, "sums", hist.ravel(), site.plan.semantic_noise)
+    ledger, hist = _release_once(  # the whole run's budget checked up front
+        msg, site, [release], [release, *later, site.whole_training()],
+        lambda: release_semantic_histogram(net=net, data=site.data, num_public=num_public, query=q,
+                                           noise_multiplier=site.plan.semantic_noise, ledger=None,
+                                           num_labels=site.gen.num_classes).ravel())  # the server's histogram rows
+    return _noisy_sum_reply(msg, site, ledger, "sums", hist, site.plan.semantic_noise)
 
 
 @app.query("mean_embeddings")
@@ -323,13 +339,11 @@ def mean_embeddings(msg: Message, context: Context) -> Message:
         raise Refusal("refused: mean embeddings are per class; this site's data has no labels")
     net = _public_network(msg, "features", site)
     release = Mechanism("mean-embeddings", site.plan.embedding_noise, 1.0, 1)
-    if cfg.method == "dp-mepf":  # its one release is the whole plan
-        ledger = site.spend([release])
-    else:  # a warm-up: the whole run's budget is checked up front
-        later = [m for m in (site.selection_query(),) if m is not None]
-        ledger = site.spend([release], budget_check=[release, *later, site.whole_training()])
-    sums = release_mean_embeddings(net=net, data=site.data, num_classes=site.gen.num_classes,
-                                   noise_multiplier=site.plan.embedding_noise, ledger=None)
+    # dp-mepf: its one release is the whole plan; a warm-up: the whole run's budget is checked up front
+    later = [] if cfg.method == "dp-mepf" else [*(m for m in (site.selection_query(),) if m), site.whole_training()]
+    ledger, sums = _release_once(msg, site, [release], [release, *later], lambda: release_mean_embeddings(
+        net=net, data=site.data, num_classes=site.gen.num_classes, noise_multiplier=site.plan.embedding_noise,
+        ledger=None))
     return _noisy_sum_reply(msg, site, ledger, "sums", sums, site.plan.embedding_noise)
 
 
@@ -344,16 +358,16 @@ def sparta_mask(msg: Message, context: Context) -> Message:
     if site.cfg.selection != "sparta":
         raise Refusal(f"refused: a {site.cfg.selection} plan has no SPARTA mask query")
     query = site.selection_query()
-    ledger = site.spend([query], budget_check=[query, site.whole_training()])
-    scores = noisy_row_scores(site.gen, site.data, site.cfg.mask_query(), site.plan.mask_noise, None,
-                              show_progress=False)
-    return _noisy_sum_reply(msg, site, ledger, "scores", flat_scores(scores), site.plan.mask_noise)
+    ledger, scores = _release_once(msg, site, [query], [query, site.whole_training()], lambda: flat_scores(
+        noisy_row_scores(site.gen, site.data, site.cfg.mask_query(), site.plan.mask_noise, None, show_progress=False)))
+    return _noisy_sum_reply(msg, site, ledger, "scores", scores, site.plan.mask_noise)
 
 
 def _request_key(msg: Message) -> str:
-    """Fingerprint of a training request: its plan, round, selection and incoming adapter."""
+    """Fingerprint of a request: its plan (round and selection included) and every weight record it carries (the
+    incoming adapter, the server's base, a public network)."""
     h = hashlib.sha256(json.dumps(dict(msg.content["config"]), sort_keys=True, default=str).encode())
-    for record in ("adapter", "base"):
+    for record in ("adapter", "base", "classifier", "features"):
         for name, arr in sorted(msg.content[record].items()) if record in msg.content else []:
             h.update(f"{record}/{name}".encode())
             h.update(np.ascontiguousarray(arr.numpy()).tobytes())

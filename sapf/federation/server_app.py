@@ -347,7 +347,8 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     """DP-MEPF across sites: one round. The server trains the feature network on public data and sends its weights;
     each site releases its noisy per-class feature sums and counts; the server combines the sites' means
     (:func:`combine_mean_embeddings`), trains the generator on them and writes the run dir. The combined sums are
-    kept in ``checkpoint/``, so a resumed run asks the sites nothing again."""
+    kept in ``checkpoint/``, so a resumed run asks the sites nothing again (and were it to ask again, say after a
+    failure before they were kept, each site would send its kept release back at no cost)."""
     from sapf.engine.data import load_dataset
     from sapf.engine.mepf import feature_dim, public_feature_net, sample_generator, train_generator
     from sapf.engine.sampling import GRID_SAMPLES
