@@ -42,8 +42,10 @@ def _mechanism_rows(mechanisms: list[dict]) -> list[str]:
     return rows
 
 
-def model_card(*, config: dict, privacy: list[tuple[str, dict]], stages: list, examples: str) -> str:
-    """The card's text. `privacy`: (whose, ledger dict) pairs — one for a central run, one per site."""
+def model_card(*, config: dict, privacy: list[tuple[str, dict]], stages: list, examples: str,
+               unconfirmed: dict | None = None) -> str:
+    """The card's text. `privacy`: (whose, ledger dict) pairs — one for a central run, one per site. `unconfirmed`:
+    site → the requests (rounds, queries) it was sent whose cost its ε above could not count (no report came back)."""
     method = {"saliency": "DP-SAPF (saliency-aware parameter fine-tuning)", "attention": "DP-LoRA on all attention",
               "random": "DP-LoRA on a random share of the matrices", "full": "full DP fine-tuning (DPDM)"}
     selection = config.get("selection", "saliency")
@@ -84,6 +86,9 @@ def model_card(*, config: dict, privacy: list[tuple[str, dict]], stages: list, e
         eps_text = f"ε = {eps:.4g}" if eps is not None and math.isfinite(eps) else "no guarantee (non-private run)"
         lines += [f"**{whose}**: {eps_text}, δ = {led['delta']:.3g} ({led['accountant']} accountant); neighbouring "
                   f"datasets: {led.get('neighbouring', NEIGHBOURING)}.", "", *_mechanism_rows(led["mechanisms"]), ""]
+    for whose, what in (unconfirmed or {}).items():
+        lines += [f"**{whose}** was sent {', '.join(what)} and sent no report back: what it spent there "
+                  "is not counted here (the site's own ledger holds it).", ""]
     lines += [
         "Every release computed from private data is a Gaussian mechanism recorded in the ledger above before it "
         "was released; noise came from OS entropy, never from the seed. Treated as public: "

@@ -48,7 +48,9 @@ def _check_only_dp_outputs_and_scalars(reply: Message, arrays: set[str]):
     rec = reply.content["privacy"]
     assert isinstance(rec, ConfigRecord) and set(rec.keys()) == {"report"}  # no site name (a hash of its data path)
     report = json.loads(rec["report"])  # the ε history: mechanism parameters, no data, not the site's max-epsilon
-    assert set(report) == {"delta", "accountant", "mechanisms"}
+    assert set(report) - {"training_round"} == {"delta", "accountant", "mechanisms"}
+    if "training_round" in report:  # the plan's DP-SGD rate a round: public, as σ is
+        assert set(report["training_round"]) == {"noise_multiplier", "sample_rate", "steps"}
     assert all(set(m) == {"name", "noise_multiplier", "sample_rate", "steps"} for m in report["mechanisms"])
 
 
@@ -268,7 +270,7 @@ def test_validation_and_bounded_combination(flower_identity):
         assert report is None and why
 
 
-def test_one_site_cannot_move_a_central_image_past_the_honest_sites(tiny_model_dir, flower_identity):
+def test_one_site_cannot_move_a_central_image_past_the_honest_sites(tmp_path, tiny_model_dir, flower_identity):
     """DP-FETA across sites, through the server's round: a site that sends sums and counts of 1e9 (the largest value
     the server takes) must not set the central images alone, as a plain sum of the sites' vectors would let it."""
     from sapf.engine.central_images import REDUCE
@@ -292,13 +294,13 @@ def test_one_site_cannot_move_a_central_image_past_the_honest_sites(tiny_model_d
                                         "metrics": MetricRecord({"noise_multiplier": 1.0, "examples": 100})}),
                             reply_to=m) for m, v in zip(msgs, self.vectors, strict=True)]
 
-    cfg = FederationConfig(num_sites=3, min_clients=3, base_model=str(tiny_model_dir))
+    cfg = FederationConfig(num_sites=3, min_clients=3, base_model=str(tiny_model_dir), out=str(tmp_path))
     honest_sites = [honest(), honest()]
     means = [v[: k * d].reshape(k, d) / v[k * d:, None] for v in honest_sites]
     lo, hi = np.minimum(*means), np.maximum(*means)
     for target in (np.full((k, d), -1.0), np.ones((k, d))):
         evil = np.concatenate([(target * 1e9).ravel(), np.full(k, 1e9)])
-        sums, _ = central_images_round(Sites(honest_sites + [evil]), cfg, [1, 2, 3], gen)
+        sums = central_images_round(Sites(honest_sites + [evil]), cfg, [1, 2, 3], gen)
         combined = sums[: k * d].reshape(k, d)
         assert (combined >= lo - 1e-6).all() and (combined <= hi + 1e-6).all()  # within the honest sites' values
     # Two sites of equal size: their means' mean, the sum over the total count; one site moves it by at most 1.5.
@@ -327,6 +329,41 @@ def test_a_sites_stored_report_never_goes_down(tmp_path, flower_identity):
     for smaller in (50, 0):
         _write_site_reports(tmp_path, [reply(smaller)], "rdp")
         assert json.loads(path.read_text())["mechanisms"][0]["steps"] == 200
+
+
+def test_a_round_a_site_answered_with_no_report_still_counts(tmp_path, flower_identity):
+    """A site records a round before it trains, so a reply lost afterwards must not leave the server's ε for it at
+    its last report: the round counts at the rate the site declared a round (here its report came from the saliency
+    query alone), until a later report replaces it; a site that never reported is named, not left out."""
+    from sapf.federation.server_app import _site_ledgers, _write_reports_of
+    from sapf.model_card import model_card
+
+    query = {"name": "saliency-query", "noise_multiplier": 2.0, "sample_rate": 0.5, "steps": 1}
+    per_round = {"noise_multiplier": 1.0, "sample_rate": 0.064, "steps": 25}
+
+    def reply(node, mechanisms):
+        request = Message(RecordDict(), dst_node_id=node, message_type="train")
+        return Message(RecordDict({"privacy": ConfigRecord({"report": json.dumps(
+            {"delta": 1e-5, "accountant": "rdp", "mechanisms": mechanisms, "training_round": per_round})})}),
+            reply_to=request)
+
+    def epsilon(*mechanisms):
+        return recompute_epsilon({"delta": 1e-5, "accountant": "rdp", "mechanisms": list(mechanisms)})
+
+    _write_reports_of(tmp_path, [5, 6], [reply(5, [query])], "saliency", "rdp")  # node 6: no reply
+    for rnd in (1, 2):  # node 5 records both rounds and its replies are lost; node 6 never answers
+        _write_reports_of(tmp_path, [5, 6], [], rnd, "rdp")
+    eps, ledgers, uncounted = _site_ledgers(tmp_path)
+    spent = epsilon(query, {"name": "dp-sgd", **per_round, "steps": 50})  # what node 5's own ledger holds
+    assert eps["site-5"] == pytest.approx(spent) and eps["site-5"] > epsilon(query)
+    assert "site-6" not in eps and uncounted == {"site-6": ["the saliency query", "round 1", "round 2"]}
+    card = model_card(config={"method": "diffusion"}, privacy=ledgers, stages=[], examples="2 sites",
+                      unconfirmed=uncounted)
+    assert "**site-6** was sent the saliency query, round 1, round 2" in card
+    # Node 5's next report holds both rounds and a third: it replaces the stored one, unconfirmed rounds and all.
+    _write_reports_of(tmp_path, [5], [reply(5, [query, {"name": "dp-sgd", **per_round, "steps": 75}])], 3, "rdp")
+    assert _site_ledgers(tmp_path)[0]["site-5"] == pytest.approx(epsilon(query, {"name": "dp-sgd", **per_round,
+                                                                                  "steps": 75}))
 
 
 @pytest.mark.slow
@@ -449,7 +486,7 @@ def test_faults_and_resume(tmp_path, tiny_model_dir, mnist_small_npz, monkeypatc
     # reply was lost, so its stored report (from round 2) alone falls short. Nodes are not partitions: compare sorted.
     from sapf.federation.server_app import _site_ledgers
 
-    server = sorted(_site_ledgers(out, cfg)[0].values())
+    server = sorted(_site_ledgers(out)[0].values())
     sites = sorted(PrivacyLedger.load(p).epsilon() for p in (out / "private").rglob("ledger.json"))
     assert len(server) == len(sites) == 3
     assert all(s >= t - 1e-9 for s, t in zip(server, sites, strict=True)), (server, sites)

@@ -75,9 +75,15 @@ app = ClientApp()
 REPORT_FIELDS = ("delta", "accountant", "mechanisms")
 
 
-def _report(ledger: PrivacyLedger) -> ConfigRecord:
+def _report(ledger: PrivacyLedger, plan: SitePlan) -> ConfigRecord:
+    """The site's ε history, and its plan's DP-SGD rate a round (public: it follows from ε, δ, N and the plan), with
+    which the server counts a round it sent whose reply was lost after the site recorded it."""
     history = ledger.to_dict()
-    return ConfigRecord({"report": json.dumps({k: history[k] for k in REPORT_FIELDS})})
+    report = {k: history[k] for k in REPORT_FIELDS}
+    if plan.total_steps and plan.train_noise > 0:
+        report["training_round"] = {"noise_multiplier": plan.train_noise, "sample_rate": plan.sample_rate,
+                                    "steps": plan.local_steps}
+    return ConfigRecord({"report": json.dumps(report)})
 
 
 def _guard(handler):
@@ -216,7 +222,7 @@ def _noisy_sum_reply(msg: Message, site: Site, ledger: PrivacyLedger, key: str, 
         key: ArrayRecord(array_dict={key: Array(np.asarray(noisy, np.float64))}),
         "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon()),
                                  "noise_multiplier": float(sigma)}),
-        "privacy": _report(ledger),
+        "privacy": _report(ledger, site.plan),
     }), reply_to=msg)
 
 
@@ -438,6 +444,6 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({
         "adapter": to_wire(reply[0]),
         "metrics": MetricRecord({"examples": int(len(site.data)), "epsilon": float(ledger.epsilon())}),
-        "privacy": _report(ledger),
+        "privacy": _report(ledger, site.plan),
     })
     return Message(content, reply_to=msg)

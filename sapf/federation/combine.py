@@ -26,7 +26,9 @@ cannot decide a sum alone:
   that sends huge values (float16 reaches 65504) or a huge example count moves the average by at
   most ``UPDATE_NORM_FACTOR`` × median / sites. The averaged adapter is checked again.
 - **Privacy reports** are validated against their schema and named by the node that sent them,
-  never by a name the site chooses.
+  never by a name the site chooses. A report also declares the site's DP-SGD rate a round
+  (``training_round``), so that a round the site was sent and answered with no report is counted at
+  that rate (an over-count if the site did not record it, never an under-count if it did).
 """
 
 from __future__ import annotations
@@ -75,9 +77,17 @@ def report_of(reply, plan_accountant: str | None = None) -> tuple[dict | None, s
             clean.append({"name": name, "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": steps})
         if sum(m["steps"] for m in clean) > MAX_REPORT_STEPS:
             return None, f"report claims more than {MAX_REPORT_STEPS} steps"
+        per_round = report.get("training_round")  # the site's DP-SGD rate a round, to count a round left unreported
+        if per_round is not None:
+            sigma, q, steps = per_round["noise_multiplier"], per_round["sample_rate"], per_round["steps"]
+            if not (_number(sigma) and sigma > 0 and _number(q) and 0 < q <= 1 and isinstance(steps, int)
+                    and not isinstance(steps, bool) and 1 <= steps <= MAX_REPORT_STEPS):
+                return None, "report has a malformed training round"
+            per_round = {"noise_multiplier": float(sigma), "sample_rate": float(q), "steps": steps}
     except Exception as e:  # noqa: BLE001 - a site may send anything (deep nesting, 10^400, ...)
         return None, f"report is malformed ({type(e).__name__})"
-    return {"delta": delta, "accountant": accountant, "mechanisms": clean}, None
+    return {"delta": delta, "accountant": accountant, "mechanisms": clean,
+            **({"training_round": per_round} if per_round else {})}, None
 
 
 def _number(v) -> bool:

@@ -31,7 +31,14 @@ from sapf.engine.saliency import candidate_modules, choose_matrices, select_top
 from sapf.engine.sparta import row_masks, trainable_count
 from sapf.engine.stages import stages_of
 from sapf.errors import SapfError
-from sapf.federation.combine import combine_central_sums, combine_noisy_sums, combine_updates, metric, report_of
+from sapf.federation.combine import (
+    MAX_REPORT_STEPS,
+    combine_central_sums,
+    combine_noisy_sums,
+    combine_updates,
+    metric,
+    report_of,
+)
 from sapf.federation.task import (
     WIRE_DTYPE,
     FederationConfig,
@@ -88,31 +95,32 @@ def _write_site_reports(out: Path, replies: list[Message], accountant: str) -> s
     return kept
 
 
-def _write_round_reports(out: Path, nodes: list[int], replies: list[Message], rnd: int, accountant: str) -> None:
-    """The round's site reports, and for each site sent the round that kept no report, the round noted as
-    *unconfirmed* in its stored report: the site may have recorded the round's steps (a site records before it
-    trains) and failed afterwards, and its stored ε would otherwise be below what it spent. :func:`_site_ledgers`
-    counts an unconfirmed round at the plan's rate: an upper bound, exact for a site that did record it."""
+def _write_reports_of(out: Path, nodes: list[int], replies: list[Message], what: int | str,
+                      accountant: str) -> None:
+    """A request's site reports, and for each site sent it that kept no report, the request noted as *unconfirmed*
+    in its stored report (a stub if it has none): the site may have recorded it (a site records before it computes)
+    and failed afterwards, and its stored ε would otherwise be below what it spent. `what`: the training round's
+    number, or the query's kind. :func:`_with_unconfirmed` counts an unconfirmed round at the rate the site declared
+    for its rounds; what it cannot count is listed, never dropped."""
     kept = _write_site_reports(out, replies, accountant)
     for node in sorted(set(nodes) - kept):
         path = out / "privacy" / f"site-{node}.json"
-        if path.exists():  # a site that never reported has nothing the server could recompute ε from
-            stored = read_json(path)
-            write_json(path, {**stored, "unconfirmed_rounds": [*stored.get("unconfirmed_rounds", []), rnd]})
+        stored = read_json(path) if path.exists() else {"node_id": node}
+        write_json(path, {**stored, "unconfirmed": [*stored.get("unconfirmed", []), what]})
 
 
-def _with_unconfirmed_rounds(report: dict, cfg: FederationConfig) -> dict:
-    """A stored site report with its unconfirmed rounds (see :func:`_write_round_reports`) counted as an honest site
-    records them: the σ and sample rate of its DP-SGD (the same every round), the steps of a round at its size
-    (N = batch size / sample rate)."""
-    rounds = report.get("unconfirmed_rounds", [])
-    sgd = [m for m in report["mechanisms"] if m["name"] == "dp-sgd"]
-    if not rounds or not sgd:
-        return report
-    sigma, q = sgd[-1]["noise_multiplier"], sgd[-1]["sample_rate"]
-    steps = len(rounds) * cfg.local_steps_for(max(1, round(cfg.batch_size / q)))
-    extra = {"name": "dp-sgd (rounds without a reply)", "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
-    return {**report, "mechanisms": [*report["mechanisms"], extra]}
+def _with_unconfirmed(report: dict) -> tuple[dict, list]:
+    """A stored site report with its unconfirmed training rounds counted as the site declared each round (its plan's
+    DP-SGD σ, sample rate and steps a round, ``training_round``: an upper bound, exact for a site that recorded the
+    round), and what could not be counted (a query, or a round with no declared rate)."""
+    unconfirmed, per_round = report.get("unconfirmed", []), report.get("training_round")
+    rounds = [w for w in unconfirmed if isinstance(w, int)] if per_round else []
+    uncounted = [w for w in unconfirmed if w not in rounds]
+    if not rounds:
+        return report, uncounted
+    extra = {"name": "dp-sgd (rounds without a reply)", "noise_multiplier": per_round["noise_multiplier"],
+             "sample_rate": per_round["sample_rate"], "steps": min(len(rounds) * per_round["steps"], MAX_REPORT_STEPS)}
+    return {**report, "mechanisms": [*report["mechanisms"], extra]}, uncounted
 
 
 def _epsilon_or(report: dict, fallback: float) -> float:
@@ -144,10 +152,11 @@ def _content(cfg: FederationConfig, base, **records) -> RecordDict:
 
 
 def query_round(grid: Grid, cfg: FederationConfig, nodes: list[int], kind: str, size: int, content: RecordDict,
-                max_abs: float = math.inf) -> tuple[list[tuple[np.ndarray, float, int]], list[Message]]:
+                max_abs: float = math.inf) -> list[tuple[np.ndarray, float, int]]:
     """One private query: ``query.<kind>`` to every site; each reply's noisy vector (under ``sums`` or ``scores``,
     `size` finite values of at most `max_abs`), σ > 0 and example count > 0 are checked, and what fails is left
-    out. Returns ([(vector, σ, examples)], replies); fewer than min_clients valid replies stop the run."""
+    out; the sites' reports are kept. Returns [(vector, σ, examples)]; fewer than min_clients valid replies stop the
+    run."""
     msgs = [Message(content, dst_node_id=n, message_type=f"query.{kind}", group_id=kind) for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
     what = kind.replace("_", " ")
@@ -162,10 +171,11 @@ def query_round(grid: Grid, cfg: FederationConfig, nodes: list[int], kind: str, 
             raise ValueError("the reply's noise multiplier and example count must be positive")
         return v, sigma, n
 
+    _write_reports_of(Path(cfg.out), nodes, replies, kind, cfg.accountant)  # before a failed query stops the run
     valid = [v for v in (_parse(r, what, parse) for r in replies) if v is not None]
     if len(valid) < cfg.min_clients:
         raise SapfError(f"{what} round: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}")
-    return valid, replies
+    return valid
 
 
 def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=None
@@ -175,20 +185,20 @@ def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], ge
     from sapf.engine.central_images import REDUCE
 
     d = gen.channels * (gen.image_size // REDUCE) ** 2
-    valid, replies = query_round(grid, cfg, nodes, "central_images", gen.num_classes * (d + 1), _content(cfg, base),
+    valid = query_round(grid, cfg, nodes, "central_images", gen.num_classes * (d + 1), _content(cfg, base),
                                  max_abs=1e9)
-    return combine_central_sums([v for v, _, _ in valid], gen.num_classes, d), replies
+    return combine_central_sums([v for v, _, _ in valid], gen.num_classes, d)
 
 
 def saliency_round(grid: Grid, cfg: FederationConfig, nodes: list[int], names: list[str], base=None) -> dict:
-    valid, replies = query_round(grid, cfg, nodes, "saliency", len(names), _content(cfg, base))
+    valid = query_round(grid, cfg, nodes, "saliency", len(names), _content(cfg, base))
     total = combine_noisy_sums([s for s, _, _ in valid])
     return {"strategy": "saliency", "candidates": names, "selected": select_top(names, total, cfg.top_fraction),
             "scores": total.tolist(), "combination": "equal-weight mean of unit-L1 site vectors",
             "sites": len(valid), "site_noise_multipliers": [v[1] for v in valid],
             "site_examples": [v[2] for v in valid], "clip": cfg.selection_clip, "score": cfg.score,
             "sensitivity_per_site": cfg.selection_clip**2 if cfg.score == "sqnorm" else cfg.selection_clip,
-            "top_fraction": cfg.top_fraction, "replies": replies}
+            "top_fraction": cfg.top_fraction}
 
 
 def sparta_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=None) -> dict:
@@ -197,14 +207,14 @@ def sparta_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=
     from sapf.engine.sparta import row_counts, split_scores, top_rows
 
     counts = row_counts(gen, cfg.candidates)
-    valid, replies = query_round(grid, cfg, nodes, "sparta_mask", sum(counts.values()), _content(cfg, base))
+    valid = query_round(grid, cfg, nodes, "sparta_mask", sum(counts.values()), _content(cfg, base))
     scores = split_scores(combine_noisy_sums([s for s, _, _ in valid]), counts)
     return {"strategy": "sparta", "candidates": list(counts), "selected": list(counts),
             "rows": top_rows(scores, cfg.row_fraction), "row_scores": {k: v.tolist() for k, v in scores.items()},
             "combination": "equal-weight mean of unit-L1 site vectors", "sites": len(valid),
             "site_noise_multipliers": [v[1] for v in valid], "site_examples": [v[2] for v in valid],
             "mask_steps": cfg.mask_steps, "sensitivity_per_site": cfg.selection_clip, "clip": cfg.selection_clip,
-            "top_fraction": cfg.row_fraction, "replies": replies}
+            "top_fraction": cfg.row_fraction}
 
 
 def public_selection(cfg: FederationConfig, gen) -> dict:
@@ -227,7 +237,7 @@ def training_round(grid: Grid, cfg: FederationConfig, nodes: list[int], rnd: int
     content["config"] = ConfigRecord({**cfg.to_record(), **named, "round": rnd})
     msgs = [Message(content, dst_node_id=n, message_type="train", group_id=f"round-{rnd}") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
-    _write_round_reports(Path(cfg.out), nodes, replies, rnd, cfg.accountant)  # before a failed round stops the run
+    _write_reports_of(Path(cfg.out), nodes, replies, rnd, cfg.accountant)  # before a failed round stops the run
 
     def parse(r: Message):
         update = from_wire(r.content["adapter"])
@@ -313,10 +323,8 @@ def run_server(grid: Grid, cfg: FederationConfig) -> None:
         elif stage.name == "select" and not resumed:
             if cfg.selection == "saliency":
                 selection = saliency_round(grid, cfg, nodes, candidate_modules(gen.unet, cfg.candidates), base)
-                _write_site_reports(out, selection.pop("replies"), cfg.accountant)
             elif cfg.selection == "sparta":
                 selection = sparta_round(grid, cfg, nodes, gen, base)
-                _write_site_reports(out, selection.pop("replies"), cfg.accountant)
             else:
                 selection = public_selection(cfg, gen)
             write_json(out / "selection.json", selection)
@@ -363,9 +371,8 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     if saved.exists():
         means = np.load(saved)["means"]
     else:
-        valid, replies = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
+        valid = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
                                      _content(cfg, None, features=base_to_wire(net)))
-        _write_site_reports(out, replies, cfg.accountant)
         means = combine_mean_embeddings([v for v, _, _ in valid], k)
         with atomic_path(saved) as tmp:  # a kill mid-write must not leave means a resumed run would read
             np.savez(tmp, means=means, sites=len(valid))
@@ -380,10 +387,11 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
     images, labels = sample_generator(gen, GRID_SAMPLES, seed=cfg.seed)
     save_png(out / "grid.png", class_grid(images, labels))
     _export(out, cfg)
-    eps, ledgers = _site_ledgers(out, cfg)
+    eps, ledgers, uncounted = _site_ledgers(out)
     write_model_card(out, config={"command": _command(out), **cfg.to_record()}, privacy=ledgers,
-                     stages=stages_of(cfg), examples=f"{len(ledgers)} sites")
-    write_json(out / "status.json", {"status": "completed", "rounds": 1, "site_epsilon": eps})
+                     stages=stages_of(cfg), examples=f"{len(ledgers)} sites", unconfirmed=uncounted)
+    write_json(out / "status.json", {"status": "completed", "rounds": 1, "site_epsilon": eps,
+                                     **({"site_requests_unconfirmed": uncounted} if uncounted else {})})
 
 
 def combine_mean_embeddings(site_sums: list[np.ndarray], num_classes: int) -> np.ndarray:
@@ -417,19 +425,30 @@ def _command(out: Path) -> str:
     return read_json(saved).get("command", "federate") if saved.exists() else "federate"
 
 
-def _site_ledgers(out: Path, cfg: FederationConfig) -> tuple[dict, list]:
-    """(site → ε recomputed, [(site, ledger)]) from ``privacy/``, unconfirmed rounds counted
-    (:func:`_with_unconfirmed_rounds`): validated when written; still, a report must not stop the run at its end."""
+def _site_ledgers(out: Path) -> tuple[dict, list, dict]:
+    """(site → ε recomputed, [(site, ledger)], site → what it was sent that its ε could not count) from
+    ``privacy/``, unconfirmed rounds counted (:func:`_with_unconfirmed`): validated when written; still, a report
+    must not stop the run at its end. A site that never kept a report has no ε here, only what it was sent."""
     reports = sorted((out / "privacy").glob("*.json")) if (out / "privacy").exists() else []
-    eps, ledgers = {}, []
+    eps, ledgers, uncounted = {}, [], {}
     for p in reports:
         try:
-            report = _with_unconfirmed_rounds(read_json(p), cfg)
+            stored = read_json(p)
+            if "mechanisms" not in stored:  # a stub: sent requests, never a kept report
+                uncounted[p.stem] = stored["unconfirmed"]
+                continue
+            report, uncounted_here = _with_unconfirmed(stored)
+            if uncounted_here:
+                uncounted[p.stem] = uncounted_here
             eps[p.stem] = recompute_epsilon(report)
             ledgers.append((p.stem, {**report, "epsilon_spent": eps[p.stem]}))
         except Exception as e:  # noqa: BLE001
             say(f"{p.name}: ε not recomputed ({type(e).__name__})")
-    return eps, ledgers
+    uncounted = {site: [f"round {w}" if isinstance(w, int) else f"the {w} query" for w in what]
+                 for site, what in uncounted.items()}
+    for site, what in uncounted.items():
+        say(f"{site}: sent {', '.join(what)} with no report back; what it spent there is in its own ledger only")
+    return eps, ledgers, uncounted
 
 
 def _pretrain(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path, resumed: bool):
@@ -451,9 +470,8 @@ def _pretrain(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Pat
     pool = load_dataset(cfg.public_pool, gen.image_size, gen.channels)
     net = train_pool_classifier(pool, seed=cfg.seed, steps=cfg.semantic_classifier_steps)
     k, p = gen.num_classes, pool.num_classes
-    valid, replies = query_round(grid, cfg, nodes, "semantic", k * p,
+    valid = query_round(grid, cfg, nodes, "semantic", k * p,
                                  _content(cfg, None, classifier=base_to_wire(net)))
-    _write_site_reports(out, replies, cfg.accountant)
     hist = combine_noisy_sums([v for v, _, _ in valid]).reshape(k, p)
     chosen = choose_public_classes(hist, cfg.semantic_per_label)
     pretrained = pretrained_on_choice(pool, chosen, k, gen, steps=cfg.pretrain_steps, seed=cfg.seed,
@@ -481,8 +499,7 @@ def _warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Path,
         warmed = _embedding_warmup(grid, cfg, nodes, gen, out, base)
         save_tensors(saved, {k: p for k, p in warmed.unet.named_parameters()})
         return warmed
-    sums, replies = central_images_round(grid, cfg, nodes, gen, base)
-    _write_site_reports(out, replies, cfg.accountant)
+    sums = central_images_round(grid, cfg, nodes, gen, base)
     central = central_images(sums, gen.num_classes, gen.channels, gen.image_size)
     write_central_images(out / "central_images.png", central)
     warmed = warm_up(gen, central, steps=cfg.warmup_steps, lr=cfg.warmup_lr, label_dropout=cfg.label_dropout,
@@ -503,9 +520,8 @@ def _embedding_warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, 
 
     net = public_feature_net(load_dataset(cfg.public_data, gen.image_size, gen.channels), seed=cfg.seed)
     k, d = gen.num_classes, feature_dim(net, gen.channels, gen.image_size)
-    valid, replies = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
+    valid = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
                                  _content(cfg, base, features=base_to_wire(net)))
-    _write_site_reports(out, replies, cfg.accountant)
     # A site's class mean carries noise of norm about σ·Δ·√D / (its records per class) against a signal of norm at
     # most 1 (public: σ, Δ, D and N). Past 1 the combined means, and so the generator's samples, are mostly noise.
     noise = max(sigma * BOUND * math.sqrt(d) / max(n / k, 1.0) for _, sigma, n in valid)
@@ -545,12 +561,13 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
     gap = np.full((grid.shape[0], 8), 255, np.uint8)
     save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, grid], axis=1))
     _export(out, cfg)
-    eps, ledgers = _site_ledgers(out, cfg)
+    eps, ledgers, uncounted = _site_ledgers(out)
     config = {"command": _command(out), **cfg.to_record()}
-    write_model_card(out, config=config, privacy=ledgers, stages=stages_of(cfg),
+    write_model_card(out, config=config, privacy=ledgers, stages=stages_of(cfg), unconfirmed=uncounted,
                      examples=f"{len(ledgers)} sites; the records they hold in all: each round's `examples` "
                               "in metrics.json")
-    write_json(out / "status.json", {"status": "completed", "rounds": cfg.rounds, "site_epsilon": eps})
+    write_json(out / "status.json", {"status": "completed", "rounds": cfg.rounds, "site_epsilon": eps,
+                                     **({"site_requests_unconfirmed": uncounted} if uncounted else {})})
 
 
 def run_and_record(grid: Grid, cfg: FederationConfig) -> None:
