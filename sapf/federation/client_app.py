@@ -372,11 +372,13 @@ def sparta_mask(msg: Message, context: Context) -> Message:
 def _request_key(msg: Message) -> str:
     """Fingerprint of a request: its plan (round and selection included) and every weight record it carries (the
     incoming adapter, the server's base, a public network)."""
-    h = hashlib.sha256(json.dumps(dict(msg.content["config"]), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(msg.metadata.message_type.encode() + b"\0")
+    h.update(json.dumps(dict(msg.content["config"]), sort_keys=True, default=str).encode())
     for record in ("adapter", "base", "classifier", "features"):
         for name, arr in sorted(msg.content[record].items()) if record in msg.content else []:
-            h.update(f"{record}/{name}".encode())
-            h.update(np.ascontiguousarray(arr.numpy()).tobytes())
+            a = np.ascontiguousarray(arr.numpy())  # dtype and shape too: the same bytes may be another array
+            h.update(f"{record}/{name}/{a.dtype.str}/{a.shape}/{a.nbytes}\0".encode())
+            h.update(a.tobytes())
     return h.hexdigest()[:24]
 
 
