@@ -178,15 +178,14 @@ def query_round(grid: Grid, cfg: FederationConfig, nodes: list[int], kind: str, 
     return valid
 
 
-def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=None
-                         ) -> tuple[np.ndarray, list]:
+def central_images_round(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, base=None) -> np.ndarray:
     """DP-FETA across sites: each site's noisy per-class image sums and counts, combined with bounded influence
     (:func:`combine_central_sums`: the pixel-wise median of each site's own clamped means)."""
     from sapf.engine.central_images import REDUCE
 
     d = gen.channels * (gen.image_size // REDUCE) ** 2
     valid = query_round(grid, cfg, nodes, "central_images", gen.num_classes * (d + 1), _content(cfg, base),
-                                 max_abs=1e9)
+                        max_abs=1e9)
     return combine_central_sums([v for v, _, _ in valid], gen.num_classes, d)
 
 
@@ -372,7 +371,7 @@ def mean_embedding_run(grid: Grid, cfg: FederationConfig, nodes: list[int], base
         means = np.load(saved)["means"]
     else:
         valid = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
-                                     _content(cfg, None, features=base_to_wire(net)))
+                            _content(cfg, None, features=base_to_wire(net)))
         means = combine_mean_embeddings([v for v, _, _ in valid], k)
         with atomic_path(saved) as tmp:  # a kill mid-write must not leave means a resumed run would read
             np.savez(tmp, means=means, sites=len(valid))
@@ -471,7 +470,7 @@ def _pretrain(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, out: Pat
     net = train_pool_classifier(pool, seed=cfg.seed, steps=cfg.semantic_classifier_steps)
     k, p = gen.num_classes, pool.num_classes
     valid = query_round(grid, cfg, nodes, "semantic", k * p,
-                                 _content(cfg, None, classifier=base_to_wire(net)))
+                        _content(cfg, None, classifier=base_to_wire(net)))
     hist = combine_noisy_sums([v for v, _, _ in valid]).reshape(k, p)
     chosen = choose_public_classes(hist, cfg.semantic_per_label)
     pretrained = pretrained_on_choice(pool, chosen, k, gen, steps=cfg.pretrain_steps, seed=cfg.seed,
@@ -521,7 +520,7 @@ def _embedding_warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, 
     net = public_feature_net(load_dataset(cfg.public_data, gen.image_size, gen.channels), seed=cfg.seed)
     k, d = gen.num_classes, feature_dim(net, gen.channels, gen.image_size)
     valid = query_round(grid, cfg, nodes, "mean_embeddings", k * (d + 1),
-                                 _content(cfg, base, features=base_to_wire(net)))
+                        _content(cfg, base, features=base_to_wire(net)))
     # A site's class mean carries noise of norm about σ·Δ·√D / (its records per class) against a signal of norm at
     # most 1 (public: σ, Δ, D and N). Past 1 the combined means, and so the generator's samples, are mostly noise.
     noise = max(sigma * BOUND * math.sqrt(d) / max(n / k, 1.0) for _, sigma, n in valid)
