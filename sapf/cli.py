@@ -382,7 +382,7 @@ def federate(
     optimizer: str = _OPTIMIZER, lr: Optional[float] = _LR, keep_optimizer_state: bool = _KEEP_OPT,
     freeze_lora_a: bool = _FREEZE_A, rank: int = _RANK,
     min_clients: Optional[int] = typer.Option(
-        None, help=f"Fewest valid replies a round may go on with [default: {_F.min_clients}, or --clients if fewer]."),
+        None, help=f"Fewest valid replies a round may go on with (default: {_F.min_clients}, or --clients if fewer)."),
     base_model: Optional[Path] = _BASE, seed: int = _SEED, onnx: bool = _ONNX, resume: bool = _RESUME,
     force: bool = _FORCE,
 ):
