@@ -69,25 +69,30 @@ def report_of(reply, plan_accountant: str | None = None) -> tuple[dict | None, s
             return None, "report mechanisms are not a list"
         clean = []
         for m in mechanisms:
-            name, sigma, q, steps = m["name"], m["noise_multiplier"], m["sample_rate"], m["steps"]
-            ok = (isinstance(name, str) and len(name) <= 64 and _number(sigma) and sigma >= 0 and _number(q)
-                  and 0 < q <= 1 and isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps <= 10**9)
-            if not ok:
+            gaussian = _gaussian(m, steps=(0, 10**9), positive_noise=False)
+            if not (isinstance(m["name"], str) and len(m["name"]) <= 64 and gaussian):
                 return None, "report has a malformed mechanism"
-            clean.append({"name": name, "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": steps})
+            clean.append({"name": m["name"], **gaussian})
         if sum(m["steps"] for m in clean) > MAX_REPORT_STEPS:
             return None, f"report claims more than {MAX_REPORT_STEPS} steps"
         per_round = report.get("training_round")  # the site's DP-SGD rate a round, to count a round left unreported
         if per_round is not None:
-            sigma, q, steps = per_round["noise_multiplier"], per_round["sample_rate"], per_round["steps"]
-            if not (_number(sigma) and sigma > 0 and _number(q) and 0 < q <= 1 and isinstance(steps, int)
-                    and not isinstance(steps, bool) and 1 <= steps <= MAX_REPORT_STEPS):
+            per_round = _gaussian(per_round, steps=(1, MAX_REPORT_STEPS), positive_noise=True)
+            if per_round is None:
                 return None, "report has a malformed training round"
-            per_round = {"noise_multiplier": float(sigma), "sample_rate": float(q), "steps": steps}
     except Exception as e:  # noqa: BLE001 - a site may send anything (deep nesting, 10^400, ...)
         return None, f"report is malformed ({type(e).__name__})"
     return {"delta": delta, "accountant": accountant, "mechanisms": clean,
             **({"training_round": per_round} if per_round else {})}, None
+
+
+def _gaussian(m: dict, *, steps: tuple[int, int], positive_noise: bool) -> dict | None:
+    """A reported Gaussian mechanism's σ and sample rate (finite floats, σ ≥ 0 or > 0, rate in (0, 1]) and steps (an
+    int within `steps`), or None if any is malformed."""
+    sigma, q, n = m["noise_multiplier"], m["sample_rate"], m["steps"]
+    ok = (_number(sigma) and (sigma > 0 if positive_noise else sigma >= 0) and _number(q) and 0 < q <= 1
+          and isinstance(n, int) and not isinstance(n, bool) and steps[0] <= n <= steps[1])
+    return {"noise_multiplier": float(sigma), "sample_rate": float(q), "steps": n} if ok else None
 
 
 def _number(v) -> bool:

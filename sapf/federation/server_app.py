@@ -171,7 +171,7 @@ def query_round(grid: Grid, cfg: FederationConfig, nodes: list[int], kind: str, 
             raise ValueError("the reply's noise multiplier and example count must be positive")
         return v, sigma, n
 
-    _write_reports_of(Path(cfg.out), nodes, replies, kind, cfg.accountant)  # before a failed query stops the run
+    _write_reports_of(Path(cfg.out), nodes, replies, what, cfg.accountant)  # before a failed query stops the run
     valid = [v for v in (_parse(r, what, parse) for r in replies) if v is not None]
     if len(valid) < cfg.min_clients:
         raise SapfError(f"{what} round: {len(valid)} valid replies, fewer than --min-clients {cfg.min_clients}")
