@@ -65,6 +65,29 @@ def test_the_pool_read_back_from_the_cache_is_the_pool_built_afresh(pool_and_net
     assert again.images.dtype == pool.images.dtype and again.class_names == pool.class_names
 
 
+def test_the_pool_classifier_sees_handwriting_variation_and_has_its_own_cache(pool_and_net, shared_cache):
+    """Its augmentation keeps images in [-1, 1] with a black background (rotating a digit must not bring in a grey
+    border), varies them per image, and the network it trains is cached apart from DP-MEPF's feature network of the
+    same images, seed and steps (one read for the other would silently change which classes the query chooses)."""
+    from sapf.engine.mepf import public_feature_net
+    from sapf.engine.semantic import augment_pool_images
+
+    pool, net = pool_and_net
+    digits = torch.from_numpy(pool.images[pool.labels < 10][:64])
+    varied = augment_pool_images(digits, torch.Generator().manual_seed(0))
+    assert varied.shape == digits.shape and varied.min() >= -1 and varied.max() <= 1
+    assert not torch.allclose(varied, augment_pool_images(digits, torch.Generator().manual_seed(1)))
+    white = augment_pool_images(torch.ones(64, 1, 16, 16), torch.Generator().manual_seed(0))
+    assert (white.flatten(1).min(1).values < -0.5).float().mean() > 0.5  # uncovered corners are background
+
+    names = {p.name for p in (shared_cache / "classifiers").glob("*.safetensors")}
+    plain = public_feature_net(pool, seed=0, steps=CLASSIFIER_STEPS)
+    assert len({p.name for p in (shared_cache / "classifiers").glob("*.safetensors")} - names) == 1
+    assert not torch.equal(plain.conv1.weight, net.conv1.weight)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), train_pool_classifier(
+        pool, seed=0, steps=CLASSIFIER_STEPS).state_dict().values(), strict=True))
+
+
 @pytest.mark.parametrize("top_k", [1, 3])
 def test_one_record_moves_the_histogram_by_sqrt_k_and_the_noise_is_sigma_sqrt_k(pool_and_net, mnist_small_npz, top_k):
     """Noise shrunk, a bound other than √k or an unrecorded release fails this."""

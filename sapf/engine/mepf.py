@@ -26,6 +26,7 @@ makes ~50× dearer, and DP-MEPF's point is that a cheap generator suffices. It i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ FEATURE_STEPS = 600  # Adam steps of the feature network on public data
 FEATURE_BATCH = 128
 GENERATOR_BATCH = 200  # images a generator step draws (class-balanced)
 FEATURE_NET_VERSION = 2  # of train_feature_net's recipe (augment): part of the cache key of public_feature_net
+
+Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (images in [-1, 1], public generator)
 
 
 class FeatureNet(nn.Module):
@@ -91,8 +94,9 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
 
 
-def train_feature_net(public: ImageDataset, *, steps: int = FEATURE_STEPS, seed: int = 0) -> FeatureNet:
-    """The feature network, trained non-privately on public data (:func:`augment`-ed; the seed is public)."""
+def train_feature_net(public: ImageDataset, *, steps: int = FEATURE_STEPS, seed: int = 0,
+                      augmentation: Augmentation = augment) -> FeatureNet:
+    """The feature network, trained non-privately on public data (`augmentation`-ed; the seed is public)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = FeatureNet(public.channels, public.num_classes)
@@ -100,7 +104,7 @@ def train_feature_net(public: ImageDataset, *, steps: int = FEATURE_STEPS, seed:
     x_all, y_all = torch.from_numpy(public.images), torch.from_numpy(public.labels).long()
     for _ in range(steps):
         idx = torch.randint(0, len(x_all), (FEATURE_BATCH,), generator=g)
-        loss = F.cross_entropy(net(augment(x_all[idx], g)), y_all[idx])
+        loss = F.cross_entropy(net(augmentation(x_all[idx], g)), y_all[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -109,9 +113,11 @@ def train_feature_net(public: ImageDataset, *, steps: int = FEATURE_STEPS, seed:
     return net.eval()
 
 
-def public_feature_net(public: ImageDataset, *, seed: int = 0, steps: int = FEATURE_STEPS) -> FeatureNet:
+def public_feature_net(public: ImageDataset, *, seed: int = 0, steps: int = FEATURE_STEPS,
+                       augmentation: Augmentation = augment) -> FeatureNet:
     """:func:`train_feature_net`, from ``$SAPF_CACHE/classifiers/`` when trained before on the same public images
-    and labels with the same seed and steps (public data and public randomness: nothing private is cached)."""
+    and labels with the same seed, steps and augmentation (public data and public randomness: nothing private is
+    cached)."""
     import hashlib
 
     from safetensors.torch import load_file
@@ -121,8 +127,10 @@ def public_feature_net(public: ImageDataset, *, seed: int = 0, steps: int = FEAT
 
     h = hashlib.sha256(np.ascontiguousarray(public.images).tobytes())
     h.update(np.ascontiguousarray(public.labels).tobytes())
-    # FEATURE_NET_VERSION names how it is trained (augmentation), so a changed recipe never reads an old network.
-    name = f"v{FEATURE_NET_VERSION}-{h.hexdigest()[:16]}-seed{seed}-steps{steps}.safetensors"
+    # FEATURE_NET_VERSION names how `augment` trains it, and another augmentation adds its own name, so a changed
+    # recipe never reads an old network.
+    recipe = "" if augmentation is augment else f"-{augmentation.__name__}"
+    name = f"v{FEATURE_NET_VERSION}{recipe}-{h.hexdigest()[:16]}-seed{seed}-steps{steps}.safetensors"
     path = cache_dir() / "classifiers" / name
     if path.exists():
         net = FeatureNet(public.channels, public.num_classes)
@@ -130,7 +138,7 @@ def public_feature_net(public: ImageDataset, *, seed: int = 0, steps: int = FEAT
         for p in net.parameters():
             p.requires_grad_(False)
         return net.eval()
-    net = train_feature_net(public, steps=steps, seed=seed)
+    net = train_feature_net(public, steps=steps, seed=seed, augmentation=augmentation)
     save_tensors(path, net.state_dict())
     return net
 
