@@ -58,7 +58,7 @@ def main() -> None:
         t0 = time.time()
         net = train_pool_classifier(pool, seed=seed, steps=TrainConfig.semantic_classifier_steps)
         train_s = time.time() - t0
-        contributions, dim = semantic_contributions(net, data, pool.num_classes, q.top_k)
+        contributions, _ = semantic_contributions(net, data, pool.num_classes, q.top_k)
         noiseless = contributions(np.arange(len(data))).sum(0).numpy().reshape(-1, pool.num_classes)
 
         def own_digits(chosen: dict[int, int]) -> int:

@@ -84,12 +84,19 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Public images as handwriting varies: a random slant, a thinner or thicker stroke, a shift of up to 2 pixels."""
     from sapf.engine.pretrain import random_slant
 
-    x = random_slant(x, (-0.2, 0.5), g)
-    stroke = int(torch.randint(0, 3, (1,), generator=g))
-    if stroke == 1:  # thicker: grey dilation
+    return vary_stroke_and_shift(random_slant(x, (-0.2, 0.5), g), g)
+
+
+def vary_stroke_and_shift(x: torch.Tensor, g: torch.Generator, *, soft_stroke: bool = False) -> torch.Tensor:
+    """One stroke change for the batch — none, thicker (grey dilation), thinner (grey erosion) or, with
+    `soft_stroke`, thicker and blurred as a scanned pen stroke — then a shift of up to 2 pixels."""
+    stroke = int(torch.randint(0, 4 if soft_stroke else 3, (1,), generator=g))
+    if stroke == 1:
         x = F.max_pool2d(x, 3, stride=1, padding=1)
-    elif stroke == 2:  # thinner: grey erosion
+    elif stroke == 2:
         x = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    elif stroke == 3:
+        x = F.avg_pool2d(F.max_pool2d(x, 3, stride=1, padding=1), 3, stride=1, padding=1)
     shift = torch.randint(-2, 3, (2,), generator=g)
     return torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
 

@@ -57,6 +57,7 @@ def augment_pool_images(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     under ``digit 2``, so the query chose a texture for label 2 at ε = 10 whatever the noise. With this one the
     noiseless histogram gives every label its own digit for seeds 0, 1 and 2 (docs/experiments.md#pool-classifier).
     """
+    from sapf.engine.mepf import vary_stroke_and_shift
     from sapf.engine.pretrain import random_slant
 
     n = len(x)
@@ -69,15 +70,7 @@ def augment_pool_images(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Shifted to [0, 2] so that what the rotation uncovers is background (-1 after shifting back).
     x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
-    stroke = int(torch.randint(0, 4, (1,), generator=g))
-    if stroke == 1:  # thicker: grey dilation
-        x = F.max_pool2d(x, 3, stride=1, padding=1)
-    elif stroke == 2:  # thinner: grey erosion
-        x = -F.max_pool2d(-x, 3, stride=1, padding=1)
-    elif stroke == 3:  # thicker and soft, as a scanned pen stroke
-        x = F.avg_pool2d(F.max_pool2d(x, 3, stride=1, padding=1), 3, stride=1, padding=1)
-    shift = torch.randint(-2, 3, (2,), generator=g)
-    return torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+    return vary_stroke_and_shift(x, g, soft_stroke=True)
 
 
 def train_pool_classifier(pool: ImageDataset, *, seed: int, steps: int):
