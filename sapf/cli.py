@@ -15,7 +15,14 @@ from typing import Optional
 
 import typer
 
-from sapf.config import ConfigError, FederationConfig, MethodConfig, PretrainConfig, TrainConfig
+from sapf.config import (
+    PRETRAIN_AUGMENTATIONS,
+    ConfigError,
+    FederationConfig,
+    MethodConfig,
+    PretrainConfig,
+    TrainConfig,
+)
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
 from sapf.sampling_inputs import DEFAULT_ETA, GUIDANCE_WITH_NULL_CLASS
@@ -69,6 +76,8 @@ def pretrain(
                                help="UNet channels per level, comma-separated."),
     slant: str = typer.Option(",".join(map(str, _P.slant)),
                               help="Random shear range MIN,MAX per image (positive leans right), or 'off'."),
+    augmentation: str = typer.Option(_P.augmentation, help="'slant' (the slant alone) or 'handwriting' (rotation, "
+                                                           "scale, stroke and shift beside the slant)."),
     label_dropout: float = typer.Option(_P.label_dropout, help="Classifier-free guidance: share of labels replaced "
                                                                "by a null class (0: no null class)."),
     seed: int = typer.Option(_P.seed),
@@ -97,9 +106,11 @@ def pretrain(
     if len(levels) < 2 or any(w < 1 for w in levels) or image_size % 2 ** (len(levels) - 1):
         raise SapfError("--widths needs at least 2 levels and --image-size divisible by 2^(levels-1)")
     slant_range = None if slant.strip().lower() == "off" else _float_pair(slant, "--slant")
+    if augmentation not in PRETRAIN_AUGMENTATIONS:
+        raise SapfError(f"--augmentation must be one of {', '.join(PRETRAIN_AUGMENTATIONS)}, got '{augmentation}'")
     check_output_dir(out, force)
     cfg = PretrainConfig(data=data, image_size=image_size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         slant=slant_range, label_dropout=label_dropout,
+                         slant=slant_range, augmentation=augmentation, label_dropout=label_dropout,
                          block_out_channels=levels, norm_num_groups=math.gcd(8, *levels),
                          attention_head_dim=min(32, levels[-1]))
     ds = load_dataset(data, image_size, 1)

@@ -28,6 +28,7 @@ SELECTIONS = ("saliency", "attention", "random", "full", "sparta")  # parameter-
 CANDIDATE_SETS = ("all", "no-conditioning", "attention")
 SCORES = ("sqnorm", "norm")
 OPTIMIZERS = ("adam", "sgd")
+PRETRAIN_AUGMENTATIONS = ("slant", "handwriting")  # sapf pretrain --augmentation
 ACCOUNTANTS = ("rdp", "prv")
 PARTITIONS = ("iid", "dirichlet")
 WARMUPS = ("auto", "none", "central-images", "mean-embeddings")  # the warm-up stage's release (DP-FETA | DP-MEPF)
@@ -356,6 +357,9 @@ class PretrainConfig:
     # Random horizontal shear of each batch, as (most left-leaning, most right-leaning): x += s·(height
     # above centre)/half-height. None: off. See random_slant.
     slant: tuple[float, float] | None = (-0.1, 0.5)
+    # How each batch varies beyond the slant: "slant" (the slant alone) or "handwriting" (rotation, scale, stroke
+    # and shift too; sapf.engine.pretrain.vary_as_handwriting).
+    augmentation: str = "slant"
     # Classifier-free guidance: a null class (the last class embedding) replaces each label with this probability.
     label_dropout: float = 0.1
     seed: int = 0

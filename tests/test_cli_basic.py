@@ -53,6 +53,7 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny_model_dir):
         ("pretrain", "--data", "digits", "--widths", "8,x", "--out", tmp_path / "e"),
         ("pretrain", "--data", "digits", "--slant", "0.5,-0.1", "--out", tmp_path / "f"),
         ("pretrain", "--data", "digits", "--slant", "lean", "--out", tmp_path / "g"),
+        ("pretrain", "--data", "digits", "--augmentation", "blur", "--out", tmp_path / "g2"),
         ("federate", "--clients", 2, "--rank", 0, "--out", tmp_path / "h"),  # refused before any site spends budget
         ("train", "--device", "tpu", "--out", tmp_path / "i"),
         ("sample", "--model", tiny_model_dir, "--device", "cuda:x", "--out", tmp_path / "j"),

@@ -186,3 +186,32 @@ def test_random_slant_leans_digits_right_and_keeps_the_background():
     mixed = random_slant(x, (-0.1, 0.5), gen)
     assert mixed.min() >= -1.0 and mixed.max() <= 1.0 and (mixed[:, :, :2] == -1).float().mean() > 0.99
     assert (lean(mixed) - upright).std() > 0.5  # each image draws its own slant
+
+
+def test_stroke_changes_keep_a_blank_background_and_a_generator_never_sees_thinner_strokes():
+    """A blank image stays blank under every stroke change (a blur that averaged the zero padding drew a grey frame
+    round a quarter of the pool classifier's batches), and pretraining's `handwriting` recipe only keeps or thickens
+    the pen's strokes: a grey erosion would remove ink, so the batch's ink never falls."""
+    import torch
+
+    from sapf.config import PretrainConfig
+    from sapf.engine.mepf import vary_stroke_and_shift
+    from sapf.engine.pretrain import augment_public_batch
+
+    blank = -torch.ones(4, 1, 28, 28)
+    assert all(torch.equal(vary_stroke_and_shift(blank, torch.Generator().manual_seed(s), soft_stroke=True), blank)
+               for s in range(24))
+    x = torch.from_numpy(load_dataset("digits", 28, 1).images[:32])
+    ink = float((x + 1).sum())
+
+    def inks(thinner: bool) -> list[float]:
+        return [float((vary_stroke_and_shift(x, torch.Generator().manual_seed(s), thinner=thinner) + 1).sum())
+                for s in range(24)]
+
+    assert min(inks(thinner=False)) >= ink - 1e-3 and max(inks(thinner=False)) > 1.3 * ink
+    assert min(inks(thinner=True)) < 0.8 * ink  # the check above can fail: erosion does remove ink
+    cfg = PretrainConfig(augmentation="handwriting")
+    varied = [augment_public_batch(x, cfg, torch.Generator().manual_seed(s)) for s in range(6)]
+    assert all(v.shape == x.shape and v.min() >= -1 and v.max() <= 1 for v in varied)
+    assert not torch.allclose(varied[0], varied[1])
+    assert torch.equal(augment_public_batch(x, PretrainConfig(slant=None), torch.Generator()), x)

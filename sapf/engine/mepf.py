@@ -45,7 +45,7 @@ BOUND = math.sqrt(2.0)  # a record's unit feature vector plus its count's 1
 FEATURE_STEPS = 600  # Adam steps of the feature network on public data
 FEATURE_BATCH = 128
 GENERATOR_BATCH = 200  # images a generator step draws (class-balanced)
-FEATURE_NET_VERSION = 2  # of train_feature_net's recipe (augment): part of the cache key of public_feature_net
+FEATURE_NET_VERSION = 3  # of the augmentations' images (augment and the others): part of public_feature_net's cache key
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (images in [-1, 1], public generator)
 
@@ -87,16 +87,19 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return vary_stroke_and_shift(random_slant(x, (-0.2, 0.5), g), g)
 
 
-def vary_stroke_and_shift(x: torch.Tensor, g: torch.Generator, *, soft_stroke: bool = False) -> torch.Tensor:
-    """One stroke change for the batch — none, thicker (grey dilation), thinner (grey erosion) or, with
-    `soft_stroke`, thicker and blurred as a scanned pen stroke — then a shift of up to 2 pixels."""
-    stroke = int(torch.randint(0, 4 if soft_stroke else 3, (1,), generator=g))
-    if stroke == 1:
+def vary_stroke_and_shift(x: torch.Tensor, g: torch.Generator, *, soft_stroke: bool = False,
+                          thinner: bool = True) -> torch.Tensor:
+    """One stroke change for the batch — none, thicker (grey dilation), thinner (grey erosion; not when `thinner`
+    is False) or, with `soft_stroke`, thicker and blurred as a scanned pen stroke — then a shift of up to 2 pixels."""
+    changes = ["none", "thicker"] + (["thinner"] if thinner else []) + (["soft"] if soft_stroke else [])
+    stroke = changes[int(torch.randint(0, len(changes), (1,), generator=g))]
+    if stroke in ("thicker", "soft"):
         x = F.max_pool2d(x, 3, stride=1, padding=1)
-    elif stroke == 2:
+    elif stroke == "thinner":
         x = -F.max_pool2d(-x, 3, stride=1, padding=1)
-    elif stroke == 3:
-        x = F.avg_pool2d(F.max_pool2d(x, 3, stride=1, padding=1), 3, stride=1, padding=1)
+    if stroke == "soft":
+        # Without count_include_pad the border averages background only (zero padding would draw a grey frame).
+        x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     shift = torch.randint(-2, 3, (2,), generator=g)
     return torch.roll(x, shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
 
@@ -134,8 +137,8 @@ def public_feature_net(public: ImageDataset, *, seed: int = 0, steps: int = FEAT
 
     h = hashlib.sha256(np.ascontiguousarray(public.images).tobytes())
     h.update(np.ascontiguousarray(public.labels).tobytes())
-    # FEATURE_NET_VERSION names how `augment` trains it, and another augmentation adds its own name, so a changed
-    # recipe never reads an old network.
+    # FEATURE_NET_VERSION names the augmentations' images (bumped when any of them changes), and an augmentation
+    # other than `augment` adds its own name, so a changed recipe never reads an old network.
     recipe = "" if augmentation is augment else f"-{augmentation.__name__}"
     name = f"v{FEATURE_NET_VERSION}{recipe}-{h.hexdigest()[:16]}-seed{seed}-steps{steps}.safetensors"
     path = cache_dir() / "classifiers" / name

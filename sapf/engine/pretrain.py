@@ -45,6 +45,46 @@ def random_slant(x: torch.Tensor, slant: tuple[float, float], generator: torch.G
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def rotate_and_scale(x: torch.Tensor, generator: torch.Generator, max_degrees: float = 15.0,
+                     scale: tuple[float, float] = (0.8, 1.15)) -> torch.Tensor:
+    """Turn each image (N, C, H, W in [-1, 1]) by its own angle in ±`max_degrees` and scale it by its own factor in
+    `scale`; what the turn uncovers is background (-1)."""
+    import torch.nn.functional as F
+
+    n = len(x)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_degrees)
+    factor = scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=generator)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / factor, -torch.sin(angle) / factor
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / factor, torch.cos(angle) / factor
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Shifted to [0, 2] so that zero padding is background (-1 after shifting back).
+    return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+
+
+def vary_as_handwriting(x: torch.Tensor, slant: tuple[float, float], generator: torch.Generator, *,
+                        thinner: bool = True, soft_stroke: bool = True) -> torch.Tensor:
+    """Public digits varied as handwriting varies more than fonts and pen strokes do: a random slant, rotation
+    (±15°) and scale (0.80–1.15), a thicker stroke (and, as asked, a thinner or a soft thick one), and a shift of up
+    to 2 pixels (:func:`sapf.engine.mepf.vary_stroke_and_shift`)."""
+    from sapf.engine.mepf import vary_stroke_and_shift
+
+    return vary_stroke_and_shift(rotate_and_scale(random_slant(x, slant, generator), generator), generator,
+                                 soft_stroke=soft_stroke, thinner=thinner)
+
+
+def augment_public_batch(x: torch.Tensor, cfg: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The pretraining batch as `cfg.augmentation` varies it (``slant``: the slant alone; ``handwriting``:
+    :func:`vary_as_handwriting`); a slant of None turns the slant off in both.
+
+    A generator learns to draw what it sees, so its strokes are the pen's or thicker: never thinner (the pen strokes
+    are no thicker than handwriting's, and thin broken strokes are what DP fine-tuning's samples suffer from) nor
+    blurred (a classifier, the pool's, may see both)."""
+    if cfg.augmentation == "handwriting":
+        return vary_as_handwriting(x, cfg.slant or (0.0, 0.0), generator, thinner=False, soft_stroke=False)
+    return random_slant(x, cfg.slant, generator) if cfg.slant else x
+
+
 def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True) -> tuple[DiffusionModel, dict]:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -66,7 +106,7 @@ def pretrain(cfg: PretrainConfig, data: ImageDataset, show_progress: bool = True
             idx = torch.from_numpy(rng.integers(0, len(data), cfg.batch_size))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            x0 = random_slant(x_all[idx], cfg.slant, gen) if cfg.slant else x_all[idx]
+            x0 = augment_public_batch(x_all[idx], cfg, gen)
             labels = drop_labels(y_all[idx], null_class, cfg.label_dropout, gen)
             loss = diffusion_loss(unet, scheduler, x0, labels, gen)
             opt.zero_grad(set_to_none=True)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sapf.engine.data import ImageDataset
 from sapf.engine.noisy_sum import NoisySum, noisy_sum
@@ -57,20 +56,9 @@ def augment_pool_images(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     under ``digit 2``, so the query chose a texture for label 2 at ε = 10 whatever the noise. With this one the
     noiseless histogram gives every label its own digit for seeds 0, 1 and 2 (docs/experiments.md#pool-classifier).
     """
-    from sapf.engine.mepf import vary_stroke_and_shift
-    from sapf.engine.pretrain import random_slant
+    from sapf.engine.pretrain import vary_as_handwriting
 
-    n = len(x)
-    x = random_slant(x, (-0.2, 0.5), g)
-    angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(15)
-    scale = 0.8 + 0.35 * torch.rand(n, generator=g)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / scale, -torch.sin(angle) / scale
-    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / scale, torch.cos(angle) / scale
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # Shifted to [0, 2] so that what the rotation uncovers is background (-1 after shifting back).
-    x = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
-    return vary_stroke_and_shift(x, g, soft_stroke=True)
+    return vary_as_handwriting(x, (-0.2, 0.5), g)
 
 
 def train_pool_classifier(pool: ImageDataset, *, seed: int, steps: int):
