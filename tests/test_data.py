@@ -191,27 +191,29 @@ def test_random_slant_leans_digits_right_and_keeps_the_background():
 def test_stroke_changes_keep_a_blank_background_and_a_generator_never_sees_thinner_strokes():
     """A blank image stays blank under every stroke change (a blur that averaged the zero padding drew a grey frame
     round a quarter of the pool classifier's batches), and pretraining's `handwriting` recipe only keeps or thickens
-    the pen's strokes: a grey erosion would remove ink, so the batch's ink never falls."""
+    the pen's strokes (the pool classifier's, which may thin them, wipes out thin lines)."""
     import torch
 
     from sapf.config import PretrainConfig
     from sapf.engine.mepf import vary_stroke_and_shift
-    from sapf.engine.pretrain import augment_public_batch
+    from sapf.engine.pretrain import augment_public_batch, vary_as_handwriting
 
     blank = -torch.ones(4, 1, 28, 28)
     assert all(torch.equal(vary_stroke_and_shift(blank, torch.Generator().manual_seed(s), soft_stroke=True), blank)
                for s in range(24))
+    # Lines a pixel wide, 4 apart: a grey erosion wipes them out (a 3x3 window always reaches background).
+    lines = -torch.ones(8, 1, 28, 28)
+    lines[:, :, 2::4, :] = 1
+
+    def ink_kept(vary) -> float:
+        return min(float((vary(lines, torch.Generator().manual_seed(s)) + 1).sum()) for s in range(24)) / float(
+            (lines + 1).sum())
+
+    recipe = PretrainConfig(augmentation="handwriting")
+    assert ink_kept(lambda v, g: augment_public_batch(v, recipe, g)) > 0.5
+    assert ink_kept(lambda v, g: vary_as_handwriting(v, recipe.slant, g)) < 0.1  # can fail: erosion wipes them
     x = torch.from_numpy(load_dataset("digits", 28, 1).images[:32])
-    ink = float((x + 1).sum())
-
-    def inks(thinner: bool) -> list[float]:
-        return [float((vary_stroke_and_shift(x, torch.Generator().manual_seed(s), thinner=thinner) + 1).sum())
-                for s in range(24)]
-
-    assert min(inks(thinner=False)) >= ink - 1e-3 and max(inks(thinner=False)) > 1.3 * ink
-    assert min(inks(thinner=True)) < 0.8 * ink  # the check above can fail: erosion does remove ink
-    cfg = PretrainConfig(augmentation="handwriting")
-    varied = [augment_public_batch(x, cfg, torch.Generator().manual_seed(s)) for s in range(6)]
+    varied = [augment_public_batch(x, recipe, torch.Generator().manual_seed(s)) for s in range(6)]
     assert all(v.shape == x.shape and v.min() >= -1 and v.max() <= 1 for v in varied)
     assert not torch.allclose(varied[0], varied[1])
     assert torch.equal(augment_public_batch(x, PretrainConfig(slant=None), torch.Generator()), x)
