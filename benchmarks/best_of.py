@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from sapf.sampling_inputs import DEFAULT_STEPS  # noqa: E402
+
 METRICS = ("class_fidelity", "fid", "precision", "recall", "downstream_acc")
 
 
@@ -29,7 +31,7 @@ def main() -> None:
     ap.add_argument("--best-of", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--num", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--name", default="best_of", help="the results file's name (benchmarks/results/NAME.json)")
     a = ap.parse_args()
 

@@ -79,7 +79,7 @@ from common import RESULTS, machine, pld_epsilon, table  # noqa: E402
 from sapf.config import MethodConfig  # noqa: E402  (torch-free; its defaults, not copies)
 from sapf.defaults import FULL_LR, LORA_LR, TRAIN_BATCH_SIZE, WARMUP_MIN_EPSILON  # noqa: E402  (sapf's defaults, not copies)
 from sapf.engine import public_pool  # noqa: E402  (numpy only until the pool is built)
-from sapf.sampling_inputs import DEFAULT_ETA  # noqa: E402
+from sapf.sampling_inputs import DEFAULT_ETA, DEFAULT_STEPS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -90,7 +90,8 @@ CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-fe
 PROFILES = {
     # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
-    "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=50, ddim_eta=DEFAULT_ETA),
+    "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=DEFAULT_STEPS,
+                 ddim_eta=DEFAULT_ETA),
     # Cut to 45 minutes on 2 CPU cores (measured: 130 min before these cuts, 73 min with the caps for 24 rows,
     # 58 min for 19 with the staged methods at the largest ε only, 43 min with two rows at a time (CPU_JOBS) and the
     # pipeline-only rows' stages at 50 steps; docs/experiments.md#quick-side-by-side):

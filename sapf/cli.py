@@ -25,7 +25,7 @@ from sapf.config import (
 )
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
-from sapf.sampling_inputs import DEFAULT_ETA, GUIDANCE_WITH_NULL_CLASS
+from sapf.sampling_inputs import DEFAULT_ETA, DEFAULT_STEPS, GUIDANCE_WITH_NULL_CLASS
 
 app = typer.Typer(
     name="sapf",
@@ -87,7 +87,7 @@ def pretrain(
     from sapf.engine.data import load_dataset
     from sapf.engine.model import save_generator
     from sapf.engine.pretrain import pretrain as run_pretrain
-    from sapf.engine.sampling import GRID_DDIM_STEPS, GRID_SAMPLES, sample
+    from sapf.engine.sampling import GRID_SAMPLES, sample
     from sapf.outputs import atomic_output_dir, check_output_dir, write_json, write_samples
     from sapf.plots import plot_curve
 
@@ -120,7 +120,7 @@ def pretrain(
         write_json(tmp / "config.json", {"command": "pretrain", **cfg.to_dict(), "parameters": hist["parameters"],
                                          "wall_time_s": round(hist["wall_time_s"], 1)})
         plot_curve(tmp / "loss.png", {"loss": hist["loss"]}, "step", "noise-prediction MSE", "pretraining", smooth=25)
-        images, labels = sample(gen, GRID_SAMPLES, steps=GRID_DDIM_STEPS, seed=seed)
+        images, labels = sample(gen, GRID_SAMPLES, seed=seed)
         write_samples(tmp / "samples", images, labels)
     _say(f"wrote {out} ({hist['parameters']:,} parameters, {hist['wall_time_s']:.0f} s); grid: {out}/samples/grid.png")
 
@@ -144,7 +144,7 @@ def sample(
     onnx: Optional[Path] = typer.Option(None, "--onnx",
                                         help="Sample from an exported ONNX file with onnxruntime instead."),
     class_label: Optional[int] = typer.Option(None, "--class-label", help="Only this class (default: class-balanced)."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    steps: int = typer.Option(DEFAULT_STEPS, help="DDIM steps."),
     eta: float = typer.Option(DEFAULT_ETA, help="DDIM step noise: 1 adds DDPM's noise each step, 0 is deterministic."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance weight w (1: plain conditional). "
                                              "Default: the model's (a model with a null class: "

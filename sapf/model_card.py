@@ -120,7 +120,7 @@ def model_card(*, config: dict, privacy: list[tuple[str, dict]], stages: list, e
            'images, labels = sample_generator(load_mean_embedding_generator("model"), 64)'] if mepf else
           ["from diffusers import DiffusionPipeline",
            'pipe = DiffusionPipeline.from_pretrained("model", trust_remote_code=True)',
-           "images = pipe(class_labels=[0, 1, 7], num_inference_steps=50).images"]),
+           "images = pipe(class_labels=[0, 1, 7]).images"]),
         "```",
         "",
     ]

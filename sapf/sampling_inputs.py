@@ -34,6 +34,11 @@ def initial_noise(num: int, channels: int, size: int, seed: int) -> np.ndarray:
 # carries to the end, where they become broken strokes; eta = 1 draws connected digits.
 DEFAULT_ETA = 1.0
 
+# DDIM steps when none are given (`sapf sample`, both samplers, the diffusers pipeline, every run's grid). With eta = 1
+# fewer, larger steps draw more recognisable digits at level FID, and take less time; 50 was diffusers' habit.
+# Chosen by measurement: docs/experiments.md#sampler-steps.
+DEFAULT_STEPS = 20
+
 
 # Images a sampler runs at once. The torch sampler on a CPU runs faster in small batches (measured on 2 cores: 200
 # guided samples, 10 DDIM steps, 24.4 s in one batch of 200, 18.2-19.5 s in batches of 16-64);

@@ -10,6 +10,7 @@ from conftest import tiny_generator
 from diffusers import DiffusionPipeline
 
 from sapf.engine.model import PIPELINE_MODULE, default_model_dir, save_generator
+from sapf.sampling_inputs import DEFAULT_STEPS
 
 
 def _load(path) -> DiffusionPipeline:
@@ -37,12 +38,20 @@ def test_a_model_directory_loads_and_samples_with_diffusers_alone(tmp_path):
         run([0], guidance_scale=2.0)  # this model learnt no unconditional class
     pil = pipe(class_labels=[2], num_inference_steps=2).images
     assert pil[0].size == (16, 16)
+    # No step count given: sapf's default, written into model_index.json beside the guidance weight.
+    assert pipe.config.num_inference_steps == DEFAULT_STEPS
+    default = pipe(class_labels=[4], generator=torch.Generator().manual_seed(1), output_type="np").images
+    explicit = pipe(class_labels=[4], num_inference_steps=DEFAULT_STEPS, generator=torch.Generator().manual_seed(1),
+                    output_type="np").images
+    np.testing.assert_array_equal(default, explicit)
+    assert not np.allclose(default, run([4], seed=1))  # 4 steps draw another image from the same noise
 
 
 def test_the_shipped_model_is_a_pipeline_directory_with_the_packaged_module():
     shipped = default_model_dir()
     index = json.loads((shipped / "model_index.json").read_text())
     assert index["_class_name"] == [PIPELINE_MODULE, "SapfPipeline"]
+    assert index["num_inference_steps"] == DEFAULT_STEPS  # the shipped index names sapf's default, as a saved one does
     packaged = Path(__file__).resolve().parents[1] / "sapf" / "export" / f"{PIPELINE_MODULE}.py"
     assert (shipped / f"{PIPELINE_MODULE}.py").read_text() == packaged.read_text()
     pipe = _load(shipped)

@@ -111,12 +111,13 @@ def write_pipeline_index(out: Path, scheduler_class: str = "DDPMScheduler", null
     """``model_index.json`` and the pipeline module of a model directory."""
     import diffusers
 
-    from sapf.sampling_inputs import resolve_guidance
+    from sapf.sampling_inputs import DEFAULT_STEPS, resolve_guidance
 
     module = resources.files("sapf.export") / f"{PIPELINE_MODULE}.py"
     (out / f"{PIPELINE_MODULE}.py").write_text(module.read_text())
     index = {"_class_name": [PIPELINE_MODULE, PIPELINE_CLASS], "_diffusers_version": diffusers.__version__,
              "null_class": null_class, "guidance_scale": resolve_guidance(None, null_class),
+             "num_inference_steps": DEFAULT_STEPS,
              "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", scheduler_class]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

@@ -319,10 +319,9 @@ def write_private_curves(run_dir: Path, curves: dict, title: str) -> None:
 
 
 def _write_pictures(out: Path, gen: DiffusionModel, seed: int, sample_grid: bool, device: str = "cpu") -> None:
-    from sapf.engine.sampling import GRID_DDIM_STEPS, GRID_SAMPLES, sample
+    from sapf.engine.sampling import GRID_SAMPLES, sample
     from sapf.outputs import class_grid, save_png
 
     if sample_grid:
-        images, labels = sample(gen, GRID_SAMPLES, steps=GRID_DDIM_STEPS, seed=seed, show_progress=False,
-                                device=device)
+        images, labels = sample(gen, GRID_SAMPLES, seed=seed, show_progress=False, device=device)
         save_png(out / "grid.png", class_grid(images, labels))

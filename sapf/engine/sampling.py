@@ -20,7 +20,7 @@ from sapf.outputs import to_uint8
 from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
 
 # The sample grid of every run (RUN/grid.png, and the public half of a federated run's comparison.png): 10 a class.
-GRID_SAMPLES, GRID_DDIM_STEPS = 100, 50
+GRID_SAMPLES = 100
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def sample(
     gen: DiffusionModel,
     num: int,
     class_label: int | None = None,
-    steps: int = 50,
+    steps: int = inputs.DEFAULT_STEPS,
     seed: int = 0,
     batch_size: int | None = None,
     show_progress: bool = True,
@@ -82,7 +82,8 @@ def sample(
     return best_of_candidates(to_uint8(np.concatenate(out)), wanted, best_of), wanted
 
 
-def public_sample(gen: DiffusionModel, num: int, *, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def public_sample(gen: DiffusionModel, num: int, *, seed: int,
+                  steps: int = inputs.DEFAULT_STEPS) -> tuple[np.ndarray, np.ndarray]:
     """:func:`sample` of a public model (the model's default guidance and eta), from ``$SAPF_CACHE/samples/`` when
     drawn before with the same weights and settings: every federated run from the shipped model draws the same public
     half of its comparison grid. Only for public models and the public seed: nothing private is cached."""

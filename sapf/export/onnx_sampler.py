@@ -29,6 +29,7 @@ from sapf.outputs import to_uint8
 from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
 from sapf.sampling_inputs import (
     DEFAULT_ETA,
+    DEFAULT_STEPS,
     check_eta,
     generator_latents,
     guided,
@@ -327,7 +328,7 @@ class OnnxSampler:
             feed["class_labels"] = y
         return np.asarray(self.session.run([self._output], feed)[0], np.float32)
 
-    def sample(self, num: int, class_label: int | None = None, steps: int = 50, seed: int = 0,
+    def sample(self, num: int, class_label: int | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
                batch_size: int | None = None, show_progress: bool = True, eta: float = DEFAULT_ETA,
                guidance: float | None = None, best_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler (best_of too)."""

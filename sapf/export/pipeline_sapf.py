@@ -5,7 +5,7 @@ pipelines ship), so that::
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("RUN/model", trust_remote_code=True)
-    images = pipe(class_labels=[0, 1, 7], num_inference_steps=50).images   # PIL images
+    images = pipe(class_labels=[0, 1, 7]).images   # PIL images
 
 This module imports diffusers and torch only, never sapf. Sampling follows sapf's own sampler: DDIM
 over the model's training schedule with step noise ``eta`` (1: DDPM-like, 0: deterministic).
@@ -31,16 +31,17 @@ class SapfPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, null_class: Optional[int] = None,
-                 guidance_scale: float = 1.0):
+                 guidance_scale: float = 1.0, num_inference_steps: Optional[int] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(null_class=null_class, guidance_scale=guidance_scale)
+        self.register_to_config(null_class=null_class, guidance_scale=guidance_scale,
+                                num_inference_steps=num_inference_steps)
 
     @torch.no_grad()
     def __call__(
         self,
         class_labels: Union[int, List[int], torch.Tensor],
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         eta: float = 1.0,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
@@ -49,7 +50,7 @@ class SapfPipeline(DiffusionPipeline):
     ):
         """Args:
             class_labels: one class index per image to generate.
-            num_inference_steps: DDIM steps (50 is sapf's default).
+            num_inference_steps: DDIM steps (None: the model's default, ``num_inference_steps`` in model_index.json).
             guidance_scale: classifier-free guidance weight w (1: the plain conditional sample; None: the model's
                 default, ``guidance_scale`` in model_index.json).
             eta: DDIM step noise in [0, 1].
@@ -60,6 +61,10 @@ class SapfPipeline(DiffusionPipeline):
         num_classes = int(self.unet.config.num_class_embeds or 0)
         if num_classes and not ((labels >= 0) & (labels < num_classes)).all():
             raise ValueError(f"class_labels must lie in [0, {num_classes})")
+        if num_inference_steps is None:
+            num_inference_steps = self.config.num_inference_steps
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps is required: this model's model_index.json names no default")
         if guidance_scale is None:
             guidance_scale = self.config.guidance_scale if self.config.null_class is not None else 1.0
         if guidance_scale != 1.0 and self.config.null_class is None:

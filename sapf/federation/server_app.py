@@ -538,7 +538,7 @@ def _embedding_warmup(grid: Grid, cfg: FederationConfig, nodes: list[int], gen, 
 
 
 def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, history: list[dict], public=None) -> None:
-    from sapf.engine.sampling import GRID_DDIM_STEPS, GRID_SAMPLES, public_sample, sample
+    from sapf.engine.sampling import GRID_SAMPLES, public_sample, sample
     from sapf.model_card import write_model_card
     from sapf.outputs import class_grid, save_png
 
@@ -553,10 +553,10 @@ def finish(out: Path, cfg: FederationConfig, gen, model, selection: dict, histor
             write(tmp)
     trainable = trainable_count(model) if cfg.selection == "sparta" else count_parameters(model, True)
     write_json(out / "metrics.json", {"rounds": history, "trainable_parameters": trainable})
-    images, labels = sample(merged, GRID_SAMPLES, steps=GRID_DDIM_STEPS, seed=cfg.seed, show_progress=False)
+    images, labels = sample(merged, GRID_SAMPLES, seed=cfg.seed, show_progress=False)
     grid = class_grid(images, labels)
     save_png(out / "grid.png", grid)
-    pub, plabels = public_sample(public, GRID_SAMPLES, steps=GRID_DDIM_STEPS, seed=cfg.seed)
+    pub, plabels = public_sample(public, GRID_SAMPLES, seed=cfg.seed)
     gap = np.full((grid.shape[0], 8), 255, np.uint8)
     save_png(out / "comparison.png", np.concatenate([class_grid(pub, plabels), gap, grid], axis=1))
     _export(out, cfg)
