@@ -69,7 +69,7 @@ def run_variant(name: str, epsilon: float, seed: int, guidance: list[float], sam
         gen = load_generator(str(run_dir / "model"))
     rows = []
     for w in guidance:
-        images, labels = sample(gen, samples, seed=seed, guidance=w, show_progress=False, device=device)
+        images, labels = sample(gen, samples, seed=seed, guidance=w, show_progress=False, device=device, best_of=1)
         sdir = work / f"samples-{name}-{seed}-{w:g}"
         write_samples(sdir, images, labels)
         m = evaluate(sdir, "mnist5k", "holdout", seed)

@@ -88,7 +88,8 @@ METHODS = ["public", "full", "attention", "saliency", "random", "sparta", "dp-me
 CURVES = ("full", "attention", "saliency", "random", "sparta", "dp-mepf", "dp-feta", "feta-saliency", "mepf-saliency",
           "privimage-full", "privimage-saliency", "pool-saliency")  # plotted against ε
 PROFILES = {
-    # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default). Few large batches:
+    # steps, DP batch, samples to evaluate, DDIM steps and eta (sapf sample's default; one candidate an image, so the
+    # rows compare the generators themselves, not the public classifier's choice among them). Few large batches:
     # sapf's default for `sapf train` (sapf.defaults), measured better than many small ones for DP.
     "full": dict(steps=150, batch_size=TRAIN_BATCH_SIZE, samples=2000, ddim_steps=DEFAULT_STEPS,
                  ddim_eta=DEFAULT_ETA),
@@ -297,10 +298,10 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
                                             for y in sorted({c["private_label"] for c in chosen})}
     t0 = time.time()
     if method == "dp-mepf":  # one pass of its generator; the same class-balanced labels
-        images, labels = sample_generator(gen, prof["samples"], seed=seed)
+        images, labels = sample_generator(gen, prof["samples"], seed=seed, best_of=1)
     else:
         images, labels = sample(gen, prof["samples"], steps=prof["ddim_steps"], seed=seed, show_progress=show_progress,
-                                eta=prof["ddim_eta"], device=device)
+                                eta=prof["ddim_eta"], device=device, best_of=1)
     row["sample_time_s"] = round(time.time() - t0, 1)
     sdir = work / f"samples-{tag}"
     write_samples(sdir, images, labels)
@@ -677,6 +678,9 @@ def main() -> None:
                     help="Rows to run (default: every method; --quick: all but pool-saliency).")
     ap.add_argument("--steps", type=int, help="Override the profile's DP-SGD steps.")
     ap.add_argument("--samples", type=int, help="Override the profile's number of samples.")
+    ap.add_argument("--ddim-steps", type=int,
+                    help="Override the profile's DDIM sampler steps (e.g. 50, to match rows made before the "
+                         "sampler's default moved to 20).")
     ap.add_argument("--seeds", type=int, nargs="+",
                     help="Seeds to run each (method, ε) with (default: 0 1 2; 0 with --quick).")
     ap.add_argument("--seed", type=int, help="One seed: the same as --seeds SEED.")
@@ -711,7 +715,8 @@ def main() -> None:
     out.img_dir.mkdir(parents=True, exist_ok=True)
     out.json.parent.mkdir(parents=True, exist_ok=True)
     prof = {**PROFILES[name], "name": name}
-    prof.update({k: v for k, v in (("steps", a.steps), ("samples", a.samples)) if v is not None})
+    overrides = {"steps": a.steps, "samples": a.samples, "ddim_steps": a.ddim_steps}
+    prof.update({k: v for k, v in overrides.items() if v is not None})
     if a.merge:
         merge(a.merge, out, prof, a.epsilons)
         return

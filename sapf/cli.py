@@ -25,6 +25,7 @@ from sapf.config import (
 )
 from sapf.defaults import FULL_LR, LORA_LR, SGD_LORA_LR, TRAIN_BATCH_SIZE, TRAIN_STEPS, WARMUP_MIN_EPSILON
 from sapf.errors import SapfError
+from sapf.public_classifier import DEFAULT_BEST_OF
 from sapf.sampling_inputs import DEFAULT_ETA, DEFAULT_STEPS, GUIDANCE_WITH_NULL_CLASS
 
 app = typer.Typer(
@@ -154,14 +155,15 @@ def sample(
     allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda: run on CPU if CUDA is missing."),
     batch_size: Optional[int] = typer.Option(None, help="Images a batch (default: 32 for the torch sampler on the "
                                              "CPU, 256 otherwise; the images do not depend on it)."),
-    best_of: int = typer.Option(1, "--best-of", help="Draw N candidates an image and keep the one a classifier of "
-                                "the public digits finds most like its class (N times the time; no privacy cost; "
-                                "digit models only)."),
+    best_of: Optional[int] = typer.Option(None, "--best-of", help="Draw N candidates an image and keep the one a "
+                                          "classifier of the public digits finds most like its class (N times the "
+                                          "time; no privacy cost; digit models only). Default: "
+                                          f"{DEFAULT_BEST_OF} for a model of ten 28x28 grey classes, else 1."),
     force: bool = typer.Option(False, help="Replace an existing --out."),
 ):
     """Generate images with DDIM from a model directory or an ONNX file."""
     from sapf.outputs import atomic_output_dir, check_output_dir, write_samples
-    from sapf.public_classifier import check_best_of_count
+    from sapf.public_classifier import check_best_of_count, resolve_best_of
     from sapf.sampling_inputs import check_eta, resolve_guidance
 
     if num < 1:
@@ -171,10 +173,11 @@ def sample(
     if device not in ("cpu", "cuda"):
         raise SapfError(f"--device must be cpu or cuda, not '{device}'")
     check_eta(eta)
-    check_best_of_count(best_of)  # before a model loads; the model's kind is checked where it is loaded
+    if best_of is not None:
+        check_best_of_count(best_of)  # before a model loads; the model's kind is checked where it is loaded
     check_output_dir(out, force)
     meta = {"command": "sample", "num": num, "class_label": class_label, "steps": steps, "eta": eta, "seed": seed,
-            "device": device, "best_of": best_of}
+            "device": device}
     if onnx is not None:
         from sapf.export.onnx_sampler import OnnxSampler
 
@@ -182,6 +185,7 @@ def sample(
         images, labels = sampler.sample(num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance,
                                         best_of=best_of)
         guidance = resolve_guidance(guidance, sampler.null_class)
+        shape = sampler.num_classes, int(sampler.meta["channels"]), int(sampler.meta["image_size"])
         meta.update(onnx=str(onnx), provider=sampler.provider)
     else:
         from sapf.engine.mepf import is_generator_dir, load_mean_embedding_generator, sample_generator
@@ -191,16 +195,19 @@ def sample(
         device = _torch_device(device, allow_cpu_fallback)
         if model is not None and is_generator_dir(model):  # DP-MEPF: one pass, no steps or guidance
             guidance = resolve_guidance(guidance, None)
-            images, labels = sample_generator(load_mean_embedding_generator(model), num, class_label, seed, batch_size,
-                                              best_of=best_of)
+            generator = load_mean_embedding_generator(model)
+            images, labels = sample_generator(generator, num, class_label, seed, batch_size, best_of=best_of)
+            shape = generator.config.num_classes, generator.config.channels, generator.config.image_size
             meta.update(model=str(model))
         else:
             gen = load_generator(model)
             images, labels = torch_sample(gen, num, class_label, steps, seed, batch_size, eta=eta, guidance=guidance,
                                           device=device, best_of=best_of)
             guidance = resolve_guidance(guidance, gen.null_class)
+            shape = gen.num_classes, gen.channels, gen.image_size
             meta.update(model=gen.source)
     meta["guidance"] = guidance  # as resolved for this model
+    meta["best_of"] = resolve_best_of(best_of, *shape)
     meta["device"] = device  # as used
     with atomic_output_dir(out, force) as tmp:
         write_samples(tmp, images, labels, meta)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from sapf.cli import app
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.public_classifier import SHIPPED, PublicClassifier, export_public_classifier
+from sapf.public_classifier import DEFAULT_BEST_OF, SHIPPED, PublicClassifier, export_public_classifier
 
 runner = CliRunner()
 
@@ -70,17 +70,40 @@ def test_each_image_is_its_most_probable_candidate(sampler, digit_model_dir, dig
     # (the same seed, image i·3 + j from noise i·3 + j), so the choice can be recomputed independently.
     draw = (lambda n, **kw: draw_torch(digit_model_dir, n, **kw)) if sampler == "torch" else (
         lambda n, **kw: draw_onnx(digit_onnx, n, **kw))
-    candidates, _ = draw(18, class_label=7)
+    candidates, _ = draw(18, class_label=7, best_of=1)
     chosen, labels = draw(6, class_label=7, best_of=3)
     assert (labels == 7).all() and chosen.shape == (6, 28, 28)
     assert (chosen == expected_choice(candidates, 7, 3)).all()
     # The choice raises the classifier's probability of the class over a plain draw of as many images.
     clf = PublicClassifier()
-    plain, _ = draw(6, class_label=7)
+    plain, _ = draw(6, class_label=7, best_of=1)
     assert clf.class_probability(chosen, labels).mean() > clf.class_probability(plain, labels).mean()
     # Class-balanced when no class is asked for, as without --best-of.
     _, balanced = draw(12, best_of=2)
     assert balanced.tolist() == (np.arange(12) % 10).tolist()
+
+
+@pytest.mark.parametrize("sampler", ["torch", "onnx"])
+def test_digit_models_sample_best_of_by_default_and_other_models_plainly(sampler, digit_model_dir, digit_onnx,
+                                                                         tiny_model_dir):
+    draw = (lambda n, **kw: draw_torch(digit_model_dir, n, **kw)) if sampler == "torch" else (
+        lambda n, **kw: draw_onnx(digit_onnx, n, **kw))
+    assert DEFAULT_BEST_OF > 1
+    default, _ = draw(4, class_label=5)
+    assert (default == draw(4, class_label=5, best_of=DEFAULT_BEST_OF)[0]).all()
+    assert not (default == draw(4, class_label=5, best_of=1)[0]).all()
+    # A model the digit classifier cannot read (16x16) samples one candidate an image by default, not an error.
+    assert (draw_torch(tiny_model_dir, 3)[0] == draw_torch(tiny_model_dir, 3, best_of=1)[0]).all()
+
+
+def test_cli_records_the_best_of_it_used(digit_onnx, tiny_model_dir, tmp_path):
+    import json
+
+    for name, source, used in (("digits", ["--onnx", digit_onnx], DEFAULT_BEST_OF),
+                               ("tiny", ["--model", tiny_model_dir], 1)):
+        r = run("sample", *source, "--num", 2, "--steps", 2, "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / name / "config.json").read_text())["best_of"] == used
 
 
 def test_best_of_refuses_what_the_digit_classifier_cannot_judge(tiny_model_dir, digit_onnx, tmp_path):
@@ -103,7 +126,7 @@ def test_cli_best_of_writes_the_choice_and_records_it(digit_onnx, tmp_path):
             "--best-of", 2, "--out", tmp_path / "s")
     assert r.exit_code == 0, r.output
     z = np.load(tmp_path / "s" / "samples.npz")
-    candidates, _ = draw_onnx(digit_onnx, 8, class_label=2)
+    candidates, _ = draw_onnx(digit_onnx, 8, class_label=2, best_of=1)
     assert (z["images"] == expected_choice(candidates, 2, 2)).all()
     assert json.loads((tmp_path / "s" / "config.json").read_text())["best_of"] == 2
 
@@ -133,6 +156,6 @@ def test_dp_mepf_generator_chooses_the_same_way():
 
     torch.manual_seed(0)
     gen = MeanEmbeddingGenerator().eval()
-    candidates, _ = sample_generator(gen, 12, class_label=4, seed=3)
+    candidates, _ = sample_generator(gen, 12, class_label=4, seed=3, best_of=1)
     chosen, labels = sample_generator(gen, 4, class_label=4, seed=3, best_of=3)
     assert (labels == 4).all() and (chosen == expected_choice(candidates, 4, 3)).all()

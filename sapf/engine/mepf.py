@@ -282,16 +282,16 @@ def load_mean_embedding_generator(path) -> MeanEmbeddingGenerator:
 
 @torch.no_grad()
 def sample_generator(gen: MeanEmbeddingGenerator, num: int, class_label: int | None = None, seed: int = 0,
-                     batch_size: int | None = None, best_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int | None = None, best_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, labels), with the latents and labels the ONNX sampler draws for the same seed (best_of: as
     :func:`sapf.engine.sampling.sample`'s)."""
     from sapf.outputs import to_uint8
-    from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
+    from sapf.public_classifier import best_of_candidates, candidate_labels, resolve_best_of
     from sapf.sampling_inputs import generator_latents, resolve_batch_size, sample_labels
 
     batch_size = resolve_batch_size(batch_size)
     c = gen.config
-    check_best_of(best_of, c.num_classes, c.channels, c.image_size)
+    best_of = resolve_best_of(best_of, c.num_classes, c.channels, c.image_size)
     wanted = sample_labels(num, c.num_classes, class_label)
     labels = candidate_labels(wanted, best_of)
     z = generator_latents(len(labels), c.latent_dim, seed)

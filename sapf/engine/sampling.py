@@ -17,7 +17,7 @@ from sapf.engine.model import DiffusionModel, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
+from sapf.public_classifier import best_of_candidates, candidate_labels, resolve_best_of
 
 # The sample grid of every run (RUN/grid.png, and the public half of a federated run's comparison.png): 10 a class.
 GRID_SAMPLES = 100
@@ -35,7 +35,7 @@ def sample(
     eta: float = inputs.DEFAULT_ETA,
     guidance: float | None = None,
     device: str = "cpu",
-    best_of: int = 1,
+    best_of: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (uint8 images (N,H,W[,C]), labels (N,)). eta: DDIM's step noise (0: deterministic); guidance:
     classifier-free guidance weight w (1: the conditional sample; needs a model with a null class otherwise;
@@ -43,12 +43,13 @@ def sample(
     (the inputs are drawn on the CPU, so the images match the CPU's up to floating-point rounding); batch_size:
     images a batch (None: :data:`sapf.sampling_inputs.TORCH_CPU_BATCH_SIZE` on the CPU, ``BATCH_SIZE`` elsewhere;
     the images do not depend on it); best_of: candidates drawn an image, the one the public digit classifier finds
-    most like its class kept (:mod:`sapf.public_classifier`; 1: none)."""
+    most like its class kept (:mod:`sapf.public_classifier`; 1: none; None: the model's default,
+    :func:`sapf.public_classifier.resolve_best_of`)."""
     if steps < 1:
         raise SapfError("--steps must be at least 1")
     inputs.check_eta(eta)
     guidance = inputs.resolve_guidance(guidance, gen.null_class)
-    check_best_of(best_of, gen.num_classes, gen.channels, gen.image_size)
+    best_of = resolve_best_of(best_of, gen.num_classes, gen.channels, gen.image_size)
     wanted = inputs.sample_labels(num, gen.num_classes, class_label)
     labels = candidate_labels(wanted, best_of)  # the labels of what is drawn: `wanted` itself when best_of is 1
     num = len(labels)
@@ -84,9 +85,10 @@ def sample(
 
 def public_sample(gen: DiffusionModel, num: int, *, seed: int,
                   steps: int = inputs.DEFAULT_STEPS) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`sample` of a public model (the model's default guidance and eta), from ``$SAPF_CACHE/samples/`` when
-    drawn before with the same weights and settings: every federated run from the shipped model draws the same public
-    half of its comparison grid. Only for public models and the public seed: nothing private is cached."""
+    """:func:`sample` of a public model (the model's default guidance, eta and best-of), from
+    ``$SAPF_CACHE/samples/`` when drawn before with the same weights and settings: every federated run from the shipped
+    model draws the same public half of its comparison grid. Only for public models and the public seed: nothing
+    private is cached."""
     import hashlib
     import json
 
@@ -107,7 +109,8 @@ def public_sample(gen: DiffusionModel, num: int, *, seed: int,
     for config in (gen.unet.config, gen.scheduler.config):
         h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
     guidance = inputs.resolve_guidance(None, gen.null_class)
-    h.update(f"{gen.null_class}|{num}|{steps}|{seed}|{inputs.DEFAULT_ETA}|{guidance}|{sapf.__version__}|"
+    best_of = resolve_best_of(None, gen.num_classes, gen.channels, gen.image_size)
+    h.update(f"{gen.null_class}|{num}|{steps}|{seed}|{inputs.DEFAULT_ETA}|{guidance}|{best_of}|{sapf.__version__}|"
              f"{diffusers.__version__}|{np.__version__}|{torch.__version__}".encode())
     path = cache_dir() / "samples" / f"{h.hexdigest()[:24]}.npz"
     if path.exists():

@@ -26,7 +26,7 @@ import numpy as np
 
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.public_classifier import best_of_candidates, candidate_labels, check_best_of
+from sapf.public_classifier import best_of_candidates, candidate_labels, resolve_best_of
 from sapf.sampling_inputs import (
     DEFAULT_ETA,
     DEFAULT_STEPS,
@@ -330,13 +330,13 @@ class OnnxSampler:
 
     def sample(self, num: int, class_label: int | None = None, steps: int = DEFAULT_STEPS, seed: int = 0,
                batch_size: int | None = None, show_progress: bool = True, eta: float = DEFAULT_ETA,
-               guidance: float | None = None, best_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
+               guidance: float | None = None, best_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return (uint8 images (N,H,W[,C]), int64 labels (N,)), like the torch sampler (best_of too)."""
         batch_size = resolve_batch_size(batch_size)
         check_eta(eta)
         guidance = self._guidance = resolve_guidance(guidance, self.null_class)
         wanted = sample_labels(num, self.num_classes, class_label)
-        check_best_of(best_of, self.num_classes, int(self.meta["channels"]), int(self.meta["image_size"]))
+        best_of = resolve_best_of(best_of, self.num_classes, int(self.meta["channels"]), int(self.meta["image_size"]))
         images = self._draw(candidate_labels(wanted, best_of), steps, seed, batch_size, eta, show_progress)
         return best_of_candidates(images, wanted, best_of), wanted
 
