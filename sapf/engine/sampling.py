@@ -17,7 +17,7 @@ from sapf.engine.model import DiffusionModel, ddim_from
 from sapf.engine.progress import progress_bar
 from sapf.errors import SapfError
 from sapf.outputs import to_uint8
-from sapf.public_classifier import best_of_candidates, candidate_labels, resolve_best_of
+from sapf.public_classifier import SHIPPED, best_of_candidates, candidate_labels, resolve_best_of
 
 # The sample grid of every run (RUN/grid.png, and the public half of a federated run's comparison.png): 10 a class.
 GRID_SAMPLES = 100
@@ -112,6 +112,8 @@ def public_sample(gen: DiffusionModel, num: int, *, seed: int,
     best_of = resolve_best_of(None, gen.num_classes, gen.channels, gen.image_size)
     h.update(f"{gen.null_class}|{num}|{steps}|{seed}|{inputs.DEFAULT_ETA}|{guidance}|{best_of}|{sapf.__version__}|"
              f"{diffusers.__version__}|{np.__version__}|{torch.__version__}".encode())
+    if best_of > 1:  # the choice among candidates is the shipped classifier's
+        h.update(SHIPPED.read_bytes())
     path = cache_dir() / "samples" / f"{h.hexdigest()[:24]}.npz"
     if path.exists():
         with np.load(path) as cached:
