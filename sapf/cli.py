@@ -524,6 +524,7 @@ def join(
 
     from sapf.federation.deployment import SiteConfig, Tls, check_port, check_site, check_superlink_address
     from sapf.federation.deployment import join as run_join
+    from sapf.federation.site_policy import sites_root
 
     check_superlink_address(superlink)  # before the line that says whom this site joins
     if port is not None:
@@ -534,7 +535,7 @@ def join(
     if not data.exists():
         raise SapfError(f"--data {data} not found")
     name = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:10]
-    site = SiteConfig(data, state_dir or Path.home() / ".sapf" / "sites" / f"site-{name}", max_epsilon, delta,
+    site = SiteConfig(data, state_dir or sites_root() / f"site-{name}", max_epsilon, delta,
                       tuple(base_model), ",".join(limit), new_dataset)
     n = check_site(site)
     _say(f"joining {superlink} with {n} examples from {data}; ledger in {site.state_dir}; ε limit {max_epsilon:g}")

@@ -264,6 +264,15 @@ def test_validation_and_bounded_combination(flower_identity):
     assert report_of(reply(good), "prv")[0] is None
     many = good.replace('"steps": 3', '"steps": 1000000000')
     assert report_of(reply(many))[0] is None
+    # A site's lifetime ledger is kept up to the cap, and refused with the cap named past it.
+    from sapf.federation.combine import MAX_MECHANISMS
+
+    def lifetime(entries: int) -> str:
+        return json.dumps({**json.loads(good), "mechanisms": [{"name": f"m{i % 3}", "noise_multiplier": 1.0,
+                                                                "sample_rate": 0.1, "steps": 3}
+                                                               for i in range(entries)]})
+    assert len(report_of(reply(lifetime(MAX_MECHANISMS)))[0]["mechanisms"]) == MAX_MECHANISMS
+    assert str(MAX_MECHANISMS) in report_of(reply(lifetime(MAX_MECHANISMS + 1)))[1]
     huge = good.replace('"noise_multiplier": 1.0', '"noise_multiplier": 1' + "0" * 400)
     for bad in ("[" * 100_000, huge, "null", '{"delta": "x"}', good.replace("dp-sgd", "x" * 100)):
         report, why = report_of(reply(bad))

@@ -408,6 +408,34 @@ def test_one_lifetime_ledger_per_dataset(tmp_path, tiny_model_dir, site_npz, flo
         retire_dataset(tmp_path / "state", dataset_fingerprint(None, node))
 
 
+def test_the_same_records_never_start_a_second_ledger(tmp_path, tiny_model_dir, site_npz, flower_identity,
+                                                      monkeypatch):
+    """`sapf join`'s default state dir follows the data's path: the same bytes copied elsewhere, or joined with
+    another --state-dir, must continue their ledger, not start a fresh budget. Refused before any SuperNode starts."""
+    import shutil
+
+    from sapf.errors import SapfError
+    from sapf.federation.deployment import SiteConfig, Tls, join
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert not _ask(_query(_plan(tiny_model_dir).to_record()), _node(tmp_path, site_npz, tiny_model_dir)).has_error()
+    copy = tmp_path / "elsewhere" / site_npz.name  # the fingerprint holds a file's name (a folder's: relative paths)
+    copy.parent.mkdir()
+    shutil.copy(site_npz, copy)
+    for data in (site_npz, copy):  # a state dir beside the ledger's
+        with pytest.raises(SapfError, match=f"ledger, in {tmp_path / 'state'}"):
+            join("127.0.0.1:9", SiteConfig(data, tmp_path / "state-b", 20.0), Tls(insecure=True), wait=0,
+                 say=lambda _: None)
+    assert [m.steps for m in _ledger(tmp_path).mechanisms] == [1]
+    # A ledger under the default root (~/.sapf/sites) is found from a state dir anywhere.
+    default = tmp_path / "home" / ".sapf" / "sites" / "site-a"
+    default.parent.mkdir(parents=True)
+    (tmp_path / "state").rename(default)
+    with pytest.raises(SapfError, match=f"ledger, in {default}"):
+        join("127.0.0.1:9", SiteConfig(copy, tmp_path / "x" / "y", 20.0), Tls(insecure=True), wait=0,
+             say=lambda _: None)
+
+
 def test_the_fingerprint_is_the_datas_not_the_plans(tmp_path, site_npz):
     from sapf.federation.task import dataset_fingerprint
 

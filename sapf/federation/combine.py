@@ -42,7 +42,10 @@ import torch
 
 UPDATE_NORM_FACTOR = 3.0  # an honest site's change norm is within this of the median (measured spread: < 1.5x)
 MAX_REPORT_CHARS = 1_000_000
-MAX_MECHANISMS = 100  # a site's ledger merges consecutive steps: an honest report has a handful
+# A report is the site's whole lifetime ledger: consecutive steps merge, so an honest run adds 3-5 entries and a hundred
+# cover some twenty runs of one dataset. Not more: the server recomputes each report's ε every round, at a
+# tenth of a second or so an entry.
+MAX_MECHANISMS = 100
 CENTRAL_MEAN_RANGE = (-1.0, 2.0)  # a site's per-class mean pixels, before the median (pixels lie in [0, 1])
 MAX_REPORT_STEPS = 10_000_000  # ten plans at a site's default cap (SiteLimits.max_total_steps)
 
@@ -66,7 +69,7 @@ def report_of(reply, plan_accountant: str | None = None) -> tuple[dict | None, s
         if plan_accountant is not None and accountant != plan_accountant:
             return None, f"report accountant is not the plan's ({plan_accountant})"
         if not (isinstance(mechanisms, list) and len(mechanisms) <= MAX_MECHANISMS):
-            return None, "report mechanisms are not a list"
+            return None, f"report mechanisms are not a list of at most {MAX_MECHANISMS}"
         clean = []
         for m in mechanisms:
             gaussian = _gaussian(m, steps=(0, 10**9), positive_noise=False)

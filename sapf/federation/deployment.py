@@ -379,15 +379,20 @@ def join(superlink: str, site: SiteConfig, tls: Tls, auth_key: Path | None = Non
     if auth_key is not None and not auth_key.is_file():
         raise SapfError(f"SuperNode private key {auth_key} not found")
     from sapf.federation.app_guard import install_runner, path_with_runner
-    from sapf.federation.site_policy import retire_dataset
+    from sapf.federation.site_policy import ledger_elsewhere, retire_dataset
     from sapf.federation.task import dataset_fingerprint, site_lock
 
     site.state_dir.mkdir(parents=True, exist_ok=True)
-    if site.new_dataset:  # once, before any request: the data changed on purpose
-        with site_lock(site.state_dir):
-            retired = retire_dataset(site.state_dir, dataset_fingerprint(None, site.node_config()))
-        if retired is not None:
-            say(f"--new-dataset: the earlier dataset's ledger and state are kept in {retired}; a new ledger starts")
+    with site_lock(site.state_dir):
+        fingerprint = dataset_fingerprint(None, site.node_config())
+        retired = retire_dataset(site.state_dir, fingerprint) if site.new_dataset else None
+        elsewhere = ledger_elsewhere(site.state_dir, fingerprint)
+    if elsewhere is not None:
+        raise SapfError(f"this data already has a ledger, in {elsewhere}: the same bytes joined before from another "
+                        "--data path or --state-dir, or set aside by --new-dataset; continue that ledger (its state "
+                        "dir as --state-dir, or its files moved back), never a fresh one")
+    if retired is not None:  # once, before any request: the data changed on purpose
+        say(f"--new-dataset: the earlier dataset's ledger and state are kept in {retired}; a new ledger starts")
     # Flower starts each ClientApp as `flwr-clientapp` from PATH: ours checks the app bundle first. The site's
     # own Flower home keeps the apps it installs apart from any other Flower user's on the machine.
     env = {**os.environ, "PATH": path_with_runner(install_runner(site.state_dir / "bin").parent),

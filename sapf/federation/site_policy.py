@@ -281,6 +281,31 @@ def ensure_same_dataset(state_dir: Path, fingerprint: str, n: int) -> None:
 DATASET_STATE = ("ledger.json", "dataset.json", "plans", "replies")  # and optimizer-*.pt
 
 
+def sites_root() -> Path:
+    """Where `sapf join` keeps a site's state dir unless given ``--state-dir``."""
+    return Path.home() / ".sapf" / "sites"
+
+
+def ledger_elsewhere(state_dir: Path, fingerprint: str) -> Path | None:
+    """When `state_dir` holds no ledger yet: a ledger of the same data elsewhere — in a state dir beside it or under
+    :func:`sites_root`, kept or set aside by ``--new-dataset`` (this state dir's own set-aside ones included) — or
+    None. The default state dir follows the data's path, so without this the same records copied or moved elsewhere,
+    or rejoined after being set aside, would start a fresh budget."""
+    from sapf.outputs import read_json
+
+    if (state_dir / "dataset.json").exists():
+        return None
+    here = state_dir.resolve()
+    for root in dict.fromkeys((here.parent, sites_root().resolve())):
+        for marker in [*root.glob("*/dataset.json"), *root.glob("*/retired-*/dataset.json")]:
+            try:
+                if read_json(marker).get("sha256") == fingerprint:
+                    return marker.parent
+            except (OSError, ValueError, AttributeError):
+                continue  # not a state dir's marker
+    return None
+
+
 def retire_dataset(state_dir: Path, fingerprint: str) -> Path | None:
     """`sapf join --new-dataset`: when the state dir's ledger belongs to other data, move that dataset's
     state (ledger, plans, replies, optimizer state) to ``retired-<its hash>/`` and return that folder. A

@@ -31,7 +31,7 @@ from sapf.engine.privacy import RDP_ORDERS, Mechanism, PrivacyLedger, check_priv
 from sapf.engine.run import load_private_data
 from sapf.engine.stages import plan_run, stages_of
 from sapf.errors import SapfError
-from sapf.federation.site_policy import Refusal
+from sapf.federation.site_policy import Refusal, sites_root
 from sapf.outputs import read_json, write_json
 
 
@@ -81,7 +81,7 @@ def site_state_dir(cfg: FederationConfig, node_config: dict, site: str) -> Path:
             state.parent.mkdir(parents=True, exist_ok=True)
             os.replace(earlier, state)
         return state
-    return Path.home() / ".sapf" / "sites" / site
+    return sites_root() / site
 
 
 def dataset_fingerprint(data: ImageDataset, node_config: dict) -> str:
