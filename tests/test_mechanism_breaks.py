@@ -434,6 +434,15 @@ def test_the_same_records_never_start_a_second_ledger(tmp_path, tiny_model_dir, 
     with pytest.raises(SapfError, match=f"ledger, in {default}"):
         join("127.0.0.1:9", SiteConfig(copy, tmp_path / "x" / "y", 20.0), Tls(insecure=True), wait=0,
              say=lambda _: None)
+    # Set aside by --new-dataset (other data joined in its place, no request yet): still that data's ledger.
+    other = tmp_path / "other.npz"
+    with np.load(site_npz) as z:
+        np.savez(other, images=z["images"][::-1], labels=z["labels"][::-1])
+    with pytest.raises(SapfError, match="could not join"):  # set aside, then the SuperNode finds no SuperLink
+        join("127.0.0.1:9", SiteConfig(other, default, 20.0, new_dataset=True), Tls(insecure=True), wait=0,
+             say=lambda _: None)
+    with pytest.raises(SapfError, match=f"ledger, in {default / 'retired-'}"):
+        join("127.0.0.1:9", SiteConfig(copy, default, 20.0), Tls(insecure=True), wait=0, say=lambda _: None)
 
 
 def test_the_fingerprint_is_the_datas_not_the_plans(tmp_path, site_npz):
