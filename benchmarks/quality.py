@@ -43,6 +43,7 @@ its seeds; the JSON keeps every raw row and the per-(method, ε) `summary` (mean
     python benchmarks/quality.py --quick    # one seed, 20 steps of batch 128, 200 samples, capped fixed costs
     python benchmarks/quality.py --resume   # keep the finished (method, ε, seed) rows made with the same settings
     python benchmarks/quality.py --report   # only rewrite the doc and plots from the results JSON
+    python benchmarks/quality.py --quick --methods saliency --top-fraction 0.1 --out-dir DIR   # fewer matrices
     python benchmarks/quality.py --device cuda --seeds 0 --methods saliency full --out-dir part0   # a part, on a GPU
     python benchmarks/quality.py --merge part0 part1 ...   # the parts' rows (same settings) → one JSON and doc
 
@@ -165,7 +166,7 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
                           public_selection="semantic", semantic_per_label=len(public_pool.class_names())),
     "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
 }
-CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3
+CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3  # TOP_FRACTION: unless --top-fraction overrides it
 METRICS = ("class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall")  # class fidelity first
 # epsilon_pld: ε recomputed from the run's privacy.json by an independent accountant (Google's dp_accounting, PLD)
 # train_time_s: the DP fine-tuning loop alone; row_time_s: the whole row (queries, warm-up, pretraining, training,
@@ -234,6 +235,12 @@ def random_init_model(seed: int, work: Path) -> str:
     return str(out)
 
 
+def top_fraction(prof: dict) -> float:
+    """The share of the candidate matrices the saliency and random rows fine-tune (a profile key only when
+    --top-fraction overrides it, so that results made before the flag still resume)."""
+    return prof.get("top_fraction", TOP_FRACTION)
+
+
 def capped(settings: dict, prof: dict, method: str) -> dict:
     """A method's TrainConfig fields (its SETTINGS entry), with the profile's caps on fixed costs applied where the
     method has that cost (a warm-up is only capped where the method warms up for longer than the cap), and the
@@ -280,7 +287,7 @@ def run_one(method: str, epsilon: float, prof: dict, seed: int, work: Path, devi
     else:
         s = capped(SETTINGS[method], prof, method)
         base = random_init_model(seed, work) if s.pop("init", "shipped") == "random" else None
-        cfg = TrainConfig(epsilon=epsilon, delta=DELTA, top_fraction=TOP_FRACTION, steps=prof["steps"],
+        cfg = TrainConfig(epsilon=epsilon, delta=DELTA, top_fraction=top_fraction(prof), steps=prof["steps"],
                           batch_size=prof["batch_size"], multiplicity=MULTIPLICITY, clip=CLIP, seed=seed,
                           base_model=base, **s)
         summary = train(cfg, run_dir, force=True, show_progress=show_progress, sample_grid=False, device=device)
@@ -604,7 +611,7 @@ re-drawn as pen strokes in MNIST's layout (`sapf.engine.data.pen_strokes`, `mnis
 20×20 box, centred by centre of mass).
 Every DP method: {prof['steps']} DP-SGD steps, expected batch {prof['batch_size']} (Poisson), \
 multiplicity {MULTIPLICITY},
-clip {CLIP}, δ = {DELTA:g}, Adam ({lrs}), LoRA rank 8; saliency/random fine-tune {TOP_FRACTION:.0%} of all
+clip {CLIP}, δ = {DELTA:g}, Adam ({lrs}), LoRA rank 8; saliency/random fine-tune {top_fraction(prof):.0%} of all
 Linear/Conv2d matrices (saliency spends 10% of ε on the noisy query). Evaluation: {prof['samples']} class-balanced
 samples (DDIM, {prof['ddim_steps']} steps, eta {prof['ddim_eta']:g}) against the 1,000 holdout \
 digits.{_largest_only(prof)}
@@ -678,6 +685,9 @@ def main() -> None:
                     help="Rows to run (default: every method; --quick: all but pool-saliency).")
     ap.add_argument("--steps", type=int, help="Override the profile's DP-SGD steps.")
     ap.add_argument("--samples", type=int, help="Override the profile's number of samples.")
+    ap.add_argument("--top-fraction", type=float,
+                    help=f"Override the share of the candidate matrices that the saliency and random rows fine-tune "
+                         f"(default {TOP_FRACTION}).")
     ap.add_argument("--ddim-steps", type=int,
                     help="Override the profile's DDIM sampler steps (e.g. 50, to match rows made before the "
                          "sampler's default moved to 20).")
@@ -715,7 +725,7 @@ def main() -> None:
     out.img_dir.mkdir(parents=True, exist_ok=True)
     out.json.parent.mkdir(parents=True, exist_ok=True)
     prof = {**PROFILES[name], "name": name}
-    overrides = {"steps": a.steps, "samples": a.samples, "ddim_steps": a.ddim_steps}
+    overrides = {"steps": a.steps, "samples": a.samples, "ddim_steps": a.ddim_steps, "top_fraction": a.top_fraction}
     prof.update({k: v for k, v in overrides.items() if v is not None})
     if a.merge:
         merge(a.merge, out, prof, a.epsilons)
@@ -787,7 +797,8 @@ def write_result(out: Outputs, result: dict, epsilons: list[float]) -> None:
     rows = result["rows"]
     summary = summarise(rows)
     result = {**result, "seeds": sorted({r.get("seed", 0) for r in rows}), "settings": SETTINGS, "clip": CLIP,
-              "delta": DELTA, "multiplicity": MULTIPLICITY, "top_fraction": TOP_FRACTION, "summary": summary}
+              "delta": DELTA, "multiplicity": MULTIPLICITY, "top_fraction": top_fraction(result["profile"]),
+              "summary": summary}
     result["plots"] = plots(summary, _plot_epsilons(rows, epsilons), out)
     write_json(out.json, {**result, "rows": [_jsonable(r) for r in rows], "summary": [_jsonable(s) for s in summary]})
     write_doc(result, out)
@@ -831,7 +842,7 @@ def merge(parts: list[Path], out: Outputs, prof: dict, epsilons: list[float]) ->
 
 def _same_setup(old: dict, prof: dict, method: str) -> bool:
     """Whether a row of an earlier run was made exactly as this run would make it (for --resume)."""
-    shared = (("clip", CLIP), ("delta", DELTA), ("multiplicity", MULTIPLICITY), ("top_fraction", TOP_FRACTION))
+    shared = (("clip", CLIP), ("delta", DELTA), ("multiplicity", MULTIPLICITY), ("top_fraction", top_fraction(prof)))
     return (old["profile"] == prof and all(old.get(k) == v for k, v in shared)
             and old["settings"].get(method) == SETTINGS.get(method))
 
