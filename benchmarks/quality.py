@@ -715,6 +715,8 @@ def main() -> None:
         ap.error("give --seeds or --seed, not both")
     if a.jobs is not None and a.jobs < 1:
         ap.error("--jobs must be at least 1")
+    if a.top_fraction is not None and not 0 < a.top_fraction <= 1:
+        ap.error("--top-fraction must lie in (0, 1]")
 
     import torch
 
