@@ -166,7 +166,10 @@ SETTINGS = {  # warm-up explicit: sapf's default (auto) would warm up at ε = 10
                           public_selection="semantic", semantic_per_label=len(public_pool.class_names())),
     "non-private": dict(selection="saliency", candidates="all", lr=LORA_LR, warmup="none"),
 }
-CLIP, MULTIPLICITY, DELTA, TOP_FRACTION = 0.05, 1, 1e-5, 0.3  # TOP_FRACTION: unless --top-fraction overrides it
+# sapf's defaults, not copies (the results JSON keeps their values, so --resume notices a change); δ is the
+# benchmark's own (sapf's default depends on N). TOP_FRACTION: unless --top-fraction overrides it.
+CLIP, MULTIPLICITY, TOP_FRACTION = MethodConfig.clip, MethodConfig.multiplicity, MethodConfig.top_fraction
+DELTA = 1e-5
 METRICS = ("class_fidelity", "downstream_acc", "fid", "kid", "precision", "recall")  # class fidelity first
 # epsilon_pld: ε recomputed from the run's privacy.json by an independent accountant (Google's dp_accounting, PLD)
 # train_time_s: the DP fine-tuning loop alone; row_time_s: the whole row (queries, warm-up, pretraining, training,
